@@ -1,0 +1,29 @@
+# make demo: train micro on the bundled factworld corpus, then generate and answer questions.
+# make test: the whole pytest suite (tiny configs, 8 fake CPU devices).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean proto
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --durations=15 tests
+
+demo: $(STAMP)
+	$(PY) -m mantis_jax.demo
+
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I mantis_jax/memory/proto --python_out=mantis_jax/memory/proto \
+	  --grpc_python_out=mantis_jax/memory/proto mantis_jax/memory/proto/semantic.proto
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,308 @@
+"""Configuration for every part of MANTIS: `default_config()` and `validate(config)`.
+
+A config is an ml_collections `ConfigDict`. Presets in `configs/` start from `default_config()` and change
+fields; the command line overrides fields (`--config.moe.n_experts=8`); `validate()` runs last and raises one
+`ConfigError` naming the offending key and the fix. Nothing here imports jax.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import ml_collections
+
+VOCAB_MULTIPLE = 128
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+# Logical axis name -> mesh axis (or tuple of mesh axes, or None = replicated). The model only speaks logical
+# names; these rules are the only place that knows the mesh. `mantis_jax.parallel.mesh` has presets.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("exp", "expert"),
+    ("layers", None),
+    ("ssm_inner", "tensor"),
+    ("ssm_state", None),
+    ("ssm_rank", None),
+    ("ssm_conv", None),
+)
+
+
+class ConfigError(ValueError):
+    """A config field breaks an invariant; the message names the key and the fix."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """All fields with defaults. Presets change these; they never add keys."""
+    c = ml_collections.ConfigDict()
+    c.name = "default"
+    c.seed = 0
+
+    m = c.model = ml_collections.ConfigDict()
+    m.vocab_size = 50304  # padded to a multiple of 128; the trainer sets it from the tokenizer
+    m.d_model = 256
+    m.n_layers = 4
+    m.n_heads = 4
+    m.n_kv_heads = 2
+    m.d_ff = 1024  # hidden size of each expert's SwiGLU (of the dense FFN when n_experts == 1)
+    m.max_seq_len = 1024
+    m.rope_theta = 10000.0
+    m.norm_eps = 1e-6
+    m.tie_embeddings = True
+    m.dtype = "float32"  # compute dtype: float32 | bfloat16
+    m.param_dtype = "float32"
+    m.scan_layers = True
+    m.remat = "none"  # none | full | dots | dots_no_batch
+    m.init_std = 0.02
+
+    moe = c.moe = ml_collections.ConfigDict()
+    moe.n_experts = 1  # 1 = dense SwiGLU feed-forward
+    moe.top_k = 1
+    moe.impl = "ragged"  # dense | ragged | capacity (see model/moe.py)
+    moe.capacity_factor = 1.25
+    moe.lb_loss_weight = 0.01
+    moe.z_loss_weight = 1e-3
+    moe.router_impl = "reference"  # reference | pallas
+    moe.gmm_impl = "auto"  # backend of the grouped matmul used by impl=ragged (see model/moe.py)
+
+    mem = c.memory = ml_collections.ConfigDict()
+    ep = mem.episodic = ml_collections.ConfigDict()
+    ep.enabled = True
+    ep.d_model = 256  # must equal model.d_model
+    ep.d_state = 16
+    ep.d_conv = 4
+    ep.expand = 2
+    ep.n_layers = 2
+    ep.dt_rank = 0  # 0 = ceil(d_model / 16)
+    ep.dt_min = 0.001
+    ep.dt_max = 0.1
+    ep.window = 8192  # tokens of hidden states compressed into the state
+    ep.scan_impl = "chunked"  # sequential | associative | chunked
+    ep.chunk_size = 256
+    ep.store_capacity = 4096  # entries in the host-side EpisodicStore ring
+
+    sem = mem.semantic = ml_collections.ConfigDict()
+    sem.enabled = True
+    sem.dim = 256  # must equal model.d_model
+    sem.index = "flat"  # flat | ivfpq | hnsw
+    sem.metric = "ip"  # ip | l2
+    sem.nlist = 1024
+    sem.pq_m = 32
+    sem.nprobe = 32
+    sem.hnsw_m = 32
+    sem.ef_search = 128
+    sem.k = 5
+    sem.address = ""  # host:port of a running service; "" = in-process backend
+    sem.data_dir = ""
+
+    con = mem.consolidation = ml_collections.ConfigDict()
+    con.dedup_threshold = 0.95  # cosine above which a new entry merges into a stored one
+    con.recency_weight = 0.4
+    con.novelty_weight = 0.4
+    con.uncertainty_weight = 0.2
+    con.decay_half_life = 10000.0  # in store ticks
+    con.min_importance = 0.1
+    con.queue_size = 1024
+
+    ctl = c.controller = ml_collections.ConfigDict()
+    ctl.d_model = 256  # must equal model.d_model
+    ctl.d_hidden = 128
+    ctl.n_layers = 4  # must equal model.n_layers (one expert-bias row per layer)
+    ctl.n_experts = 1  # must equal moe.n_experts
+    ctl.expert_bias_scale = 1.0
+
+    cr = c.critic = ml_collections.ConfigDict()
+    cr.d_model = 256  # must equal model.d_model
+    cr.d_hidden = 128
+    cr.abstain_threshold = 0.5
+
+    d = c.data = ml_collections.ConfigDict()
+    d.source = "factworld"  # factworld | text | tokenized | tfds | hf
+    d.path = ""
+    d.val_file = ""
+    d.val_split = 0.0
+    d.seq_len = 256
+    d.batch_size = 8
+    d.shuffle_seed = 0
+    d.worker_count = 0
+    d.tokenizer = ""  # path of a tokenizer.json; "" = train one on the corpus
+    d.tokenizer_vocab = 4096
+    d.factworld_seed = 0
+    d.factworld_entities = 2000
+
+    t = c.train = ml_collections.ConfigDict()
+    t.optimizer = "adamw"  # adamw | adamw_bf16 | adafactor
+    t.lr = 3e-4
+    t.min_lr_ratio = 0.1
+    t.warmup_steps = 100
+    t.total_steps = 1000
+    t.steps_per_epoch = 0
+    t.epochs = 0
+    t.weight_decay = 0.1
+    t.b1 = 0.9
+    t.b2 = 0.95
+    t.eps = 1e-8
+    t.grad_clip = 1.0
+    t.grad_accum = 1
+    t.eval_every = 200
+    t.eval_steps = 20
+    t.save_every = 500
+    t.log_every = 10
+    t.patience = 0  # evals without val-loss improvement before stopping; 0 = never
+    t.peak_flops = 0.0  # FLOP/s for MFU; 0 = measure with a matmul probe at start-up
+
+    mesh = c.mesh = ml_collections.ConfigDict()
+    mesh.data = -1  # -1 fills the remaining devices
+    mesh.fsdp = 1
+    mesh.expert = 1
+    mesh.tensor = 1
+    mesh.rules = DEFAULT_RULES
+
+    ck = c.checkpoint = ml_collections.ConfigDict()
+    ck.max_to_keep = 3
+    ck.keep_best = True
+    ck.async_save = True
+
+    lg = c.logging = ml_collections.ConfigDict()
+    lg.tensorboard = True
+    lg.jsonl = True
+    lg.progress = True
+    return c
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive(config: ml_collections.ConfigDict, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        value = _get(config, key)
+        _require(value > 0, f"config.{key} ({value}) must be > 0")
+
+
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _equal(config: ml_collections.ConfigDict, key: str, ref: str) -> None:
+    a, b = _get(config, key), _get(config, ref)
+    _require(a == b, f"config.{key} ({a}) must equal config.{ref} ({b}); set --config.{key}={b}")
+
+
+def _one_of(config: ml_collections.ConfigDict, key: str, choices: tuple[str, ...]) -> None:
+    value = _get(config, key)
+    _require(value in choices, f"config.{key} ({value!r}) must be one of {', '.join(choices)}")
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks every invariant; raises one ConfigError naming the key and the fix. Returns the config."""
+    m, moe = config.model, config.moe
+    _positive(config, (
+        "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads",
+        "model.d_ff", "model.max_seq_len", "model.rope_theta", "model.norm_eps",
+        "moe.n_experts", "moe.top_k", "moe.capacity_factor",
+        "memory.episodic.d_state", "memory.episodic.d_conv", "memory.episodic.expand",
+        "memory.episodic.n_layers", "memory.episodic.window", "memory.episodic.chunk_size",
+        "memory.episodic.store_capacity", "memory.semantic.dim", "memory.semantic.k",
+        "controller.d_hidden", "critic.d_hidden",
+        "data.seq_len", "data.batch_size", "data.tokenizer_vocab",
+        "train.lr", "train.grad_accum", "train.log_every", "train.eval_every", "train.save_every",
+        "checkpoint.max_to_keep",
+    ))
+    _require(m.vocab_size % VOCAB_MULTIPLE == 0,
+             f"config.model.vocab_size ({m.vocab_size}) must be a multiple of {VOCAB_MULTIPLE}; "
+             f"use {-(-m.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE}")
+    _require(m.d_model % m.n_heads == 0,
+             f"config.model.n_heads ({m.n_heads}) must divide config.model.d_model ({m.d_model})")
+    _require((m.d_model // m.n_heads) % 2 == 0,
+             f"head dim config.model.d_model / config.model.n_heads ({m.d_model // m.n_heads}) must be even "
+             "for rotary embeddings")
+    _require(m.n_heads % m.n_kv_heads == 0,
+             f"config.model.n_kv_heads ({m.n_kv_heads}) must divide config.model.n_heads ({m.n_heads})")
+    _require(moe.top_k <= moe.n_experts,
+             f"config.moe.top_k ({moe.top_k}) must be <= config.moe.n_experts ({moe.n_experts})")
+    _require(config.data.seq_len <= m.max_seq_len,
+             f"config.data.seq_len ({config.data.seq_len}) must be <= config.model.max_seq_len "
+             f"({m.max_seq_len}); raise --config.model.max_seq_len")
+    _one_of(config, "model.dtype", ("float32", "bfloat16"))
+    _one_of(config, "model.param_dtype", ("float32", "bfloat16"))
+    _one_of(config, "model.remat", ("none", "full", "dots", "dots_no_batch"))
+    _one_of(config, "moe.impl", ("dense", "ragged", "capacity"))
+    _one_of(config, "moe.router_impl", ("reference", "pallas"))
+    _one_of(config, "memory.episodic.scan_impl", ("sequential", "associative", "chunked"))
+    _one_of(config, "memory.semantic.index", ("flat", "ivfpq", "hnsw"))
+    _one_of(config, "memory.semantic.metric", ("ip", "l2"))
+    _one_of(config, "train.optimizer", ("adamw", "adamw_bf16", "adafactor"))
+    _require(moe.lb_loss_weight >= 0 and moe.z_loss_weight >= 0,
+             "config.moe.lb_loss_weight and config.moe.z_loss_weight must be >= 0")
+    for key in ("memory.episodic.d_model", "memory.semantic.dim", "controller.d_model", "critic.d_model"):
+        _equal(config, key, "model.d_model")
+    _equal(config, "controller.n_layers", "model.n_layers")
+    _equal(config, "controller.n_experts", "moe.n_experts")
+    _require(0.0 <= config.data.val_split < 1.0,
+             f"config.data.val_split ({config.data.val_split}) must be in [0, 1)")
+    _require(not (config.data.val_split > 0 and config.data.val_file),
+             "config.data.val_split and config.data.val_file are both set; use one: "
+             "--config.data.val_split=0 or --config.data.val_file=''")
+    _require(0.0 < config.train.min_lr_ratio <= 1.0 or config.train.min_lr_ratio == 0.0,
+             f"config.train.min_lr_ratio ({config.train.min_lr_ratio}) must be in [0, 1]")
+    sizes = [config.mesh[a] for a in MESH_AXES]
+    _require(all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1,
+             f"config.mesh sizes {dict(zip(MESH_AXES, sizes))} must be positive, with at most one -1")
+    rule_names = [r[0] for r in config.mesh.rules]
+    _require(len(rule_names) == len(set(rule_names)),
+             f"config.mesh.rules names a logical axis twice: {rule_names}")
+    for name, target in config.mesh.rules:
+        targets = target if isinstance(target, (tuple, list)) else (target,)
+        for t in targets:
+            _require(t is None or t in MESH_AXES,
+                     f"config.mesh.rules maps {name!r} to unknown mesh axis {t!r}; use one of {MESH_AXES}")
+    return config
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    """A stable JSON form, stored beside every checkpoint."""
+    return json.dumps(config.to_dict(), sort_keys=True, indent=1)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    raw = json.loads(text)
+
+    def fix(node):  # JSON has no tuples; the rules must come back as tuples to compare and hash.
+        if isinstance(node, dict):
+            return {k: fix(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return tuple(fix(v) for v in node)
+        return node
+
+    return ml_collections.ConfigDict(fix(raw))
+
+
+def set_d_model(config: ml_collections.ConfigDict, d_model: int) -> None:
+    """Sets model.d_model and every field that must equal it (presets use this)."""
+    config.model.d_model = d_model
+    config.memory.episodic.d_model = d_model
+    config.memory.semantic.dim = d_model
+    config.controller.d_model = d_model
+    config.critic.d_model = d_model
+
+
+def set_shape(config: ml_collections.ConfigDict, *, d_model: int, n_layers: int, n_experts: int, top_k: int) -> None:
+    """Sets the model shape and keeps the controller/memory fields aligned with it."""
+    set_d_model(config, d_model)
+    config.model.n_layers = n_layers
+    config.controller.n_layers = n_layers
+    config.moe.n_experts = n_experts
+    config.moe.top_k = top_k
+    config.controller.n_experts = n_experts
