@@ -1,0 +1,1 @@
+"""MANTIS in JAX/Flax."""
