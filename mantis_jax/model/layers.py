@@ -1,0 +1,138 @@
+"""The transformer's building blocks: RMSNorm, rotary embeddings, grouped-query attention with a static KV cache,
+and the SwiGLU feed-forward.
+
+Every parameter is created with logical axis names (`nn.with_logical_partitioning`) and the main activations are
+constrained by logical names (`nn.with_logical_constraint`); the mapping to a device mesh lives in the config
+(`config.mesh.rules`), never here. Parameters are stored in `param_dtype` and cast to the compute `dtype`;
+normalisation, softmax and rotary angles are computed in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+NEG_INF = -1e30  # finite, so a fully masked row gives a uniform softmax instead of NaN
+
+
+def logical_param(module: nn.Module, name: str, init, shape, axes, dtype) -> jax.Array:
+    """`module.param` with logical axis names attached (unboxed when read)."""
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """Logical sharding constraint; a no-op outside a mesh + rules context."""
+    return nn.with_logical_constraint(x, axes)
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * scale, computed in float32, returned in `dtype`."""
+
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = logical_param(self, "scale", nn.initializers.ones, (x.shape[-1],), (self.axis_name,),
+                              self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def apply_rope(x_bthk: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding (rotate-half form) on the last axis of [B, T, H, Dh]."""
+    half = x_bthk.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [Dh/2]
+    angles = positions_bt.astype(jnp.float32)[:, :, None] * inv_freq  # [B, T, Dh/2]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x_bthk.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_bthk.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention with an optional static-size KV cache.
+
+    Without a cache, keys are the T input positions. With a cache ({"k", "v"}: [B, S, G, Dh]), the T new keys are
+    written at slots [index, index + T) and every query attends to cache slots <= its own slot, so a prefill call
+    followed by one-token steps equals the full forward pass. `kv_mask` [B, S] marks valid key slots (left padding).
+    """
+
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    init_std: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_btd, positions_bt, cache=None, cache_index=None, kv_mask_bs=None):
+        B, T, D = x_btd.shape
+        H, G, Dh = self.n_heads, self.n_kv_heads, self.head_dim
+        init = nn.initializers.normal(self.init_std)
+        out_init = nn.initializers.normal(self.init_std / jnp.sqrt(2.0))
+        wq = logical_param(self, "wq", init, (D, H, Dh), ("embed", "heads", "head_dim"), self.param_dtype)
+        wk = logical_param(self, "wk", init, (D, G, Dh), ("embed", "kv_heads", "head_dim"), self.param_dtype)
+        wv = logical_param(self, "wv", init, (D, G, Dh), ("embed", "kv_heads", "head_dim"), self.param_dtype)
+        wo = logical_param(self, "wo", out_init, (H, Dh, D), ("heads", "head_dim", "embed"), self.param_dtype)
+        x = x_btd.astype(self.dtype)
+        q_bthk = jnp.einsum("btd,dhk->bthk", x, wq.astype(self.dtype))
+        k_btgk = jnp.einsum("btd,dgk->btgk", x, wk.astype(self.dtype))
+        v_btgk = jnp.einsum("btd,dgk->btgk", x, wv.astype(self.dtype))
+        q_bthk = constrain(apply_rope(q_bthk, positions_bt, self.rope_theta), ("batch", "length", "heads", "head_dim"))
+        k_btgk = constrain(apply_rope(k_btgk, positions_bt, self.rope_theta),
+                           ("batch", "length", "kv_heads", "head_dim"))
+
+        if cache is None:
+            keys, values, new_cache = k_btgk, v_btgk, None
+            q_slots = jnp.arange(T)
+        else:
+            start = (0, cache_index, 0, 0)
+            keys = jax.lax.dynamic_update_slice(cache["k"], k_btgk.astype(cache["k"].dtype), start)
+            values = jax.lax.dynamic_update_slice(cache["v"], v_btgk.astype(cache["v"].dtype), start)
+            new_cache = {"k": keys, "v": values}
+            keys, values = keys.astype(self.dtype), values.astype(self.dtype)
+            q_slots = cache_index + jnp.arange(T)
+        S = keys.shape[1]
+        mask_ts = jnp.arange(S)[None, :] <= q_slots[:, None]  # causal over slots
+        mask_bts = mask_ts[None] if kv_mask_bs is None else mask_ts[None] & kv_mask_bs[:, None, :].astype(bool)
+
+        q_btgqk = q_bthk.reshape(B, T, G, H // G, Dh)
+        scores = jnp.einsum("btgqk,bsgk->bgqts", q_btgqk, keys, preferred_element_type=jnp.float32)
+        scores = scores * (Dh ** -0.5)
+        scores = jnp.where(mask_bts[:, None, None, :, :], scores, NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out_btgqk = jnp.einsum("bgqts,bsgk->btgqk", probs, values)
+        out_bthk = out_btgqk.reshape(B, T, H, Dh)
+        out_btd = jnp.einsum("bthk,hkd->btd", out_bthk, wo.astype(self.dtype))
+        return constrain(out_btd, ("batch", "length", "embed")), new_cache
+
+
+class SwiGLU(nn.Module):
+    """Dense feed-forward: down(silu(x·W_gate) ⊙ x·W_up)."""
+
+    d_ff: int
+    init_std: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_btd):
+        D, F = x_btd.shape[-1], self.d_ff
+        init = nn.initializers.normal(self.init_std)
+        out_init = nn.initializers.normal(self.init_std / jnp.sqrt(2.0))
+        w_gate = logical_param(self, "w_gate", init, (D, F), ("embed", "mlp"), self.param_dtype)
+        w_up = logical_param(self, "w_up", init, (D, F), ("embed", "mlp"), self.param_dtype)
+        w_down = logical_param(self, "w_down", out_init, (F, D), ("mlp", "embed"), self.param_dtype)
+        x = x_btd.astype(self.dtype)
+        h_btf = jax.nn.silu(x @ w_gate.astype(self.dtype)) * (x @ w_up.astype(self.dtype))
+        h_btf = constrain(h_btf, ("batch", "length", "mlp"))
+        return constrain(h_btf @ w_down.astype(self.dtype), ("batch", "length", "embed"))

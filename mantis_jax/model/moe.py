@@ -1,0 +1,188 @@
+"""Sparse mixture-of-experts feed-forward: route → permute → expert compute → unpermute.
+
+Tokens enter as [B, T, D] and are flattened to [T, D] (T = all tokens). The router gives each token K experts
+with renormalised weights; an optional expert bias [E] (one row of the meta-controller's [L, E]) is added to the
+router logits before the top-k. Each expert is a SwiGLU FFN with weights [E, D, F] / [E, F, D]. Three dispatch
+backends (`impl`), equal whenever no token is dropped:
+  dense     every expert on every token, masked by the combine weights: the reference;
+  ragged    tokens sorted by expert, grouped matmul (`lax.ragged_dot`), dropless;
+  capacity  one-hot dispatch into per-expert buffers of capacity ceil(cf · T·K / E); overflow is dropped.
+Aux outputs (never side channels): Switch load-balancing loss E·Σ_e f_e·P_e, router z-loss, expert load f [E],
+fraction of dropped token slots.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mantis_jax.model.layers import Dtype, constrain, logical_param
+
+
+class Routing(NamedTuple):
+    weights_tk: jax.Array  # renormalised top-k weights, float32
+    ids_tk: jax.Array  # int32 expert ids, distinct per token
+    probs_te: jax.Array  # full softmax over experts, float32
+    logits_te: jax.Array  # raw router logits (before bias), float32
+
+
+def route(logits_te: jax.Array, top_k: int, bias_e: jax.Array | None = None) -> Routing:
+    """Softmax over (logits + bias) in float32, top-k, weights renormalised to sum to 1."""
+    logits_te = logits_te.astype(jnp.float32)
+    biased = logits_te if bias_e is None else logits_te + bias_e.astype(jnp.float32)
+    probs_te = jax.nn.softmax(biased, axis=-1)
+    top_w, ids_tk = jax.lax.top_k(probs_te, top_k)
+    weights_tk = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+    return Routing(weights_tk, ids_tk.astype(jnp.int32), probs_te, logits_te)
+
+
+def load_balancing_loss(probs_te: jax.Array, ids_tk: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Switch loss E · Σ_e f_e · P_e with f_e the share of the T·K assignments that went to e; returns (loss, f)."""
+    n_experts = probs_te.shape[-1]
+    counts_e = jnp.sum(jax.nn.one_hot(ids_tk, n_experts, dtype=jnp.float32), axis=(0, 1))
+    f_e = counts_e / ids_tk.size
+    p_e = jnp.mean(probs_te, axis=0)
+    return n_experts * jnp.sum(f_e * p_e), f_e
+
+
+def router_z_loss(logits_te: jax.Array) -> jax.Array:
+    return jnp.mean(jnp.square(jax.nn.logsumexp(logits_te.astype(jnp.float32), axis=-1)))
+
+
+class Permutation(NamedTuple):
+    sort_idx: jax.Array  # [T*K] flat (token, slot) index of each sorted row
+    group_sizes_e: jax.Array  # [E] rows per expert, int32
+
+
+def permute(x_td: jax.Array, ids_tk: jax.Array, n_experts: int) -> tuple[jax.Array, Permutation]:
+    """Gathers token copies into expert-grouped order: x_sorted [T*K, D]."""
+    top_k = ids_tk.shape[-1]
+    flat_ids = ids_tk.reshape(-1)
+    sort_idx = jnp.argsort(flat_ids, stable=True)
+    group_sizes_e = jnp.bincount(flat_ids, length=n_experts).astype(jnp.int32)
+    x_sorted = jnp.take(x_td, sort_idx // top_k, axis=0)
+    return x_sorted, Permutation(sort_idx, group_sizes_e)
+
+
+def unpermute(y_sorted: jax.Array, perm: Permutation, weights_tk: jax.Array) -> jax.Array:
+    """Inverse of `permute`: back to (token, slot) order, then the weighted sum over the K slots: [T, D]."""
+    T, K = weights_tk.shape
+    inverse = jnp.argsort(perm.sort_idx)
+    y_tkd = jnp.take(y_sorted, inverse, axis=0).reshape(T, K, -1)
+    return jnp.einsum("tkd,tk->td", y_tkd, weights_tk.astype(y_tkd.dtype))
+
+
+def swiglu_grouped(x_md, w_gate_edf, w_up_edf, w_down_efd, group_sizes_e, gmm_impl: str = "auto"):
+    """Each group of rows (sorted by expert) through its expert's SwiGLU, with a grouped matmul."""
+    gmm = _grouped_matmul(gmm_impl)
+    h_mf = jax.nn.silu(gmm(x_md, w_gate_edf, group_sizes_e)) * gmm(x_md, w_up_edf, group_sizes_e)
+    return gmm(h_mf, w_down_efd, group_sizes_e)
+
+
+def _grouped_matmul(impl: str):
+    try:  # the backends of the grouped matmul (issue: kernels) live in model/gmm.py once present
+        from mantis_jax.model import gmm
+    except ImportError:
+        gmm = None
+    if gmm is None:
+        return lambda x, w, gs: jax.lax.ragged_dot(x, w, gs)
+    return lambda x, w, gs: gmm.grouped_matmul(x, w, gs, impl=impl)
+
+
+def expert_compute_dense(x_td, w_gate_edf, w_up_edf, w_down_efd, combine_te):
+    """Every expert on every token; the combine weights (zero off the top-k) mask the sum."""
+    h_tef = jax.nn.silu(jnp.einsum("td,edf->tef", x_td, w_gate_edf)) * jnp.einsum("td,edf->tef", x_td, w_up_edf)
+    y_ted = jnp.einsum("tef,efd->ted", h_tef, w_down_efd)
+    return jnp.einsum("ted,te->td", y_ted, combine_te.astype(y_ted.dtype))
+
+
+def capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
+    return max(1, math.ceil(capacity_factor * n_tokens * top_k / n_experts))
+
+
+def capacity_dispatch(ids_tk, weights_tk, n_experts: int, cap: int):
+    """One-hot dispatch [T, E, C] and combine [T, E, C]; slot k=0 of every token is placed before k=1, and so on.
+
+    Returns (dispatch, combine, dropped_fraction)."""
+    T, K = ids_tk.shape
+    onehot_kte = jax.nn.one_hot(ids_tk.T, n_experts, dtype=jnp.int32)  # [K, T, E]
+    position_kte = jnp.cumsum(onehot_kte.reshape(K * T, n_experts), axis=0).reshape(K, T, n_experts) - 1
+    kept_kte = onehot_kte * (position_kte < cap)
+    slot_kt = jnp.sum(position_kte * kept_kte, axis=-1)  # [K, T]
+    slot_ktc = jax.nn.one_hot(slot_kt, cap, dtype=jnp.float32)
+    dispatch_ktec = kept_kte.astype(jnp.float32)[..., None] * slot_ktc[:, :, None, :]
+    dispatch_tec = jnp.sum(dispatch_ktec, axis=0)
+    combine_tec = jnp.einsum("ktec,tk->tec", dispatch_ktec, weights_tk.astype(jnp.float32))
+    dropped = 1.0 - jnp.sum(kept_kte) / (T * K)
+    return dispatch_tec, combine_tec, dropped
+
+
+def expert_compute_capacity(x_td, w_gate_edf, w_up_edf, w_down_efd, dispatch_tec, combine_tec):
+    x_ecd = jnp.einsum("tec,td->ecd", dispatch_tec.astype(x_td.dtype), x_td)
+    h_ecf = jax.nn.silu(jnp.einsum("ecd,edf->ecf", x_ecd, w_gate_edf)) * jnp.einsum("ecd,edf->ecf", x_ecd, w_up_edf)
+    y_ecd = jnp.einsum("ecf,efd->ecd", h_ecf, w_down_efd)
+    return jnp.einsum("tec,ecd->td", combine_tec.astype(y_ecd.dtype), y_ecd)
+
+
+def _route_impl(impl: str):
+    if impl == "pallas":
+        from kernels import router as router_kernels  # noqa: PLC0415 (optional dependency on the kernels package)
+
+        return router_kernels.route
+    return route
+
+
+class MoEFeedForward(nn.Module):
+    """Top-k of E SwiGLU experts. Returns (y [B, T, D], aux dict)."""
+
+    n_experts: int
+    top_k: int
+    d_ff: int
+    init_std: float
+    impl: str = "ragged"
+    capacity_factor: float = 1.25
+    router_impl: str = "reference"
+    gmm_impl: str = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_btd, expert_bias_e=None):
+        B, T, D = x_btd.shape
+        E, K, F = self.n_experts, self.top_k, self.d_ff
+        init = nn.initializers.normal(self.init_std)
+        out_init = nn.initializers.normal(self.init_std / jnp.sqrt(2.0))
+        w_router = logical_param(self, "router", init, (D, E), ("embed", None), jnp.float32)
+        w_gate = logical_param(self, "w_gate", init, (E, D, F), ("exp", "embed", "mlp"), self.param_dtype)
+        w_up = logical_param(self, "w_up", init, (E, D, F), ("exp", "embed", "mlp"), self.param_dtype)
+        w_down = logical_param(self, "w_down", out_init, (E, F, D), ("exp", "mlp", "embed"), self.param_dtype)
+        w_gate, w_up, w_down = (w.astype(self.dtype) for w in (w_gate, w_up, w_down))
+
+        x_td = x_btd.reshape(B * T, D).astype(self.dtype)
+        logits_te = jnp.einsum("td,de->te", x_td.astype(jnp.float32), w_router)  # router in float32
+        r = _route_impl(self.router_impl)(logits_te, K, expert_bias_e)
+        lb_loss, load_e = load_balancing_loss(r.probs_te, r.ids_tk)
+        dropped = jnp.zeros((), jnp.float32)
+
+        if self.impl == "dense":
+            combine_te = jnp.sum(jax.nn.one_hot(r.ids_tk, E, dtype=jnp.float32) * r.weights_tk[..., None], axis=1)
+            y_td = expert_compute_dense(x_td, w_gate, w_up, w_down, combine_te)
+        elif self.impl == "ragged":
+            x_sorted, perm = permute(x_td, r.ids_tk, E)
+            y_sorted = swiglu_grouped(x_sorted, w_gate, w_up, w_down, perm.group_sizes_e, self.gmm_impl)
+            y_td = unpermute(y_sorted, perm, r.weights_tk)
+        elif self.impl == "capacity":
+            cap = capacity(B * T, K, E, self.capacity_factor)
+            dispatch, combine, dropped = capacity_dispatch(r.ids_tk, r.weights_tk, E, cap)
+            y_td = expert_compute_capacity(x_td, w_gate, w_up, w_down, dispatch, combine)
+        else:
+            raise ValueError(f"config.moe.impl ({self.impl!r}) must be one of dense, ragged, capacity")
+
+        aux = {"lb_loss": lb_loss, "z_loss": router_z_loss(r.logits_te), "expert_load": load_e,
+               "dropped_frac": dropped}
+        y_btd = constrain(y_td.reshape(B, T, D).astype(self.dtype), ("batch", "length", "embed"))
+        return y_btd, aux

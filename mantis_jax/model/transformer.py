@@ -1,0 +1,171 @@
+"""MantisLM: a decoder-only transformer whose feed-forward layers are sparse mixtures of experts.
+
+tokens [B, T] → embedding → L × (RMSNorm → GQA attention → residual → RMSNorm → MoE/SwiGLU → residual)
+→ final RMSNorm → LM head → logits [B, T, V] (float32), plus an aux dict:
+  lb_loss, z_loss       mean over layers of the Switch load-balancing loss and the router z-loss
+  moe_loss              lb_loss_weight·lb_loss + z_loss_weight·z_loss (the term the trainer adds)
+  expert_load [L, E]    share of the top-k assignments each expert received, per layer
+  dropped_frac [L]      share of token slots dropped by the capacity backend (0 otherwise)
+  hidden [B, T, D]      the last layer's output before the final norm (memory and controller read it)
+  cache                 the updated KV cache, when one was passed
+Layers are stacked with `nn.scan` (`scan_layers`) or unrolled; `remat` picks the rematerialisation policy. The
+optional expert bias [L, E] from the meta-controller is added to each layer's router logits. `forward(...,
+exit_layer=k)` runs the first k layers and still produces logits through the final norm and head.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mantis_jax.model.args import ModelArgs
+from mantis_jax.model.layers import Attention, RMSNorm, SwiGLU, constrain, logical_param
+from mantis_jax.model.moe import MoEFeedForward
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Block(nn.Module):
+    """One transformer layer. Signature fits `nn.scan`: (carry, *broadcast, *per-layer) -> (carry, outputs)."""
+
+    args: ModelArgs
+
+    @nn.compact
+    def __call__(self, x_btd, positions_bt, cache_index, kv_mask_bs, layer_cache, expert_bias_e):
+        a = self.args
+        dt, pdt = a.compute_dtype, a.weight_dtype
+        h = RMSNorm(a.norm_eps, dt, pdt, name="attn_norm")(x_btd)
+        attn_out, new_cache = Attention(a.n_heads, a.n_kv_heads, a.head_dim, a.rope_theta, a.init_std, dt, pdt,
+                                        name="attn")(h, positions_bt, layer_cache, cache_index, kv_mask_bs)
+        x_btd = x_btd + attn_out
+        h = RMSNorm(a.norm_eps, dt, pdt, name="ffn_norm")(x_btd)
+        if a.is_moe:
+            ffn_out, aux = MoEFeedForward(a.n_experts, a.top_k, a.d_ff, a.init_std, a.moe_impl, a.capacity_factor,
+                                          a.router_impl, a.gmm_impl, dt, pdt, name="moe")(h, expert_bias_e)
+        else:
+            ffn_out = SwiGLU(a.d_ff, a.init_std, dt, pdt, name="mlp")(h)
+            aux = {"lb_loss": jnp.zeros((), jnp.float32), "z_loss": jnp.zeros((), jnp.float32),
+                   "expert_load": jnp.ones((1,), jnp.float32), "dropped_frac": jnp.zeros((), jnp.float32)}
+        x_btd = constrain(x_btd + ffn_out, ("batch", "length", "embed"))
+        return x_btd, (new_cache, aux)
+
+
+def _block_class(args: ModelArgs):
+    if args.remat == "none":
+        return Block
+    return nn.remat(Block, policy=REMAT_POLICIES[args.remat], prevent_cse=not args.scan_layers)
+
+
+class MantisLM(nn.Module):
+    """Sparse-MoE decoder-only LM. `__call__(tokens, ...) -> (logits [B, T, V] float32, aux)`."""
+
+    args: ModelArgs
+
+    @nn.compact
+    def __call__(self, tokens_bt, *, positions_bt=None, cache=None, kv_mask_bs=None, expert_bias_le=None):
+        a = self.args
+        B, T = tokens_bt.shape
+        cache_index = None if cache is None else cache["index"]
+        if positions_bt is None:
+            start = 0 if cache is None else cache_index
+            positions_bt = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+        embedding = logical_param(self, "embedding", nn.initializers.normal(1.0), (a.vocab_size, a.d_model),
+                                  ("vocab", "embed"), a.weight_dtype)
+        x_btd = jnp.take(embedding, tokens_bt, axis=0).astype(a.compute_dtype)
+        x_btd = constrain(x_btd, ("batch", "length", "embed"))
+        layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+
+        block_cls = _block_class(a)
+        if a.scan_layers:
+            stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0), length=a.n_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x_btd, (new_caches, aux) = stack(a, name="layers")(x_btd, positions_bt, cache_index, kv_mask_bs,
+                                                                layer_caches, expert_bias_le)
+        else:
+            outs = []
+            for i in range(a.n_layers):
+                layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], layer_caches)
+                bias = None if expert_bias_le is None else expert_bias_le[i]
+                x_btd, out = block_cls(a, name=f"layer_{i}")(x_btd, positions_bt, cache_index, kv_mask_bs,
+                                                             layer_cache, bias)
+                outs.append(out)
+            new_caches, aux = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+        hidden_btd = x_btd
+        x_btd = RMSNorm(a.norm_eps, a.compute_dtype, a.weight_dtype, name="final_norm")(x_btd)
+        if a.tie_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x_btd, embedding.astype(a.compute_dtype))
+        else:
+            head = logical_param(self, "lm_head", nn.initializers.normal(a.init_std), (a.d_model, a.vocab_size),
+                                 ("embed", "vocab"), a.weight_dtype)
+            logits = jnp.einsum("btd,dv->btv", x_btd, head.astype(a.compute_dtype))
+        logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+        lb_loss, z_loss = jnp.mean(aux["lb_loss"]), jnp.mean(aux["z_loss"])
+        out_aux: dict[str, Any] = {
+            "lb_loss": lb_loss, "z_loss": z_loss,
+            "moe_loss": a.lb_loss_weight * lb_loss + a.z_loss_weight * z_loss,
+            "expert_load": aux["expert_load"], "dropped_frac": aux["dropped_frac"], "hidden": hidden_btd,
+        }
+        if cache is not None:
+            out_aux["cache"] = {"k": new_caches["k"], "v": new_caches["v"], "index": cache_index + T}
+        return logits, out_aux
+
+
+def init_cache(args: ModelArgs, batch: int, max_len: int | None = None, dtype=None) -> dict:
+    """A zeroed static KV cache: k, v [L, B, S, G, Dh] and the next write slot `index`."""
+    max_len = max_len or args.max_seq_len
+    shape = (args.n_layers, batch, max_len, args.n_kv_heads, args.head_dim)
+    dtype = dtype or args.compute_dtype
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.zeros((), jnp.int32)}
+
+
+def _first_layers(args: ModelArgs, params: dict, k: int) -> dict:
+    """The parameters of a model made of the first k layers (the final norm and head are shared)."""
+    if args.scan_layers:
+        sliced = dict(params)
+        sliced["layers"] = jax.tree.map(lambda p: p[:k], params["layers"])
+        return sliced
+    return {name: value for name, value in params.items()
+            if not name.startswith("layer_") or int(name.split("_")[1]) < k}
+
+
+def forward(args: ModelArgs, params: dict, tokens_bt, *, exit_layer: int | None = None, cache=None,
+            positions_bt=None, kv_mask_bs=None, expert_bias_le=None):
+    """Apply MantisLM, optionally stopping after `exit_layer` layers (static; 1 <= exit_layer <= L).
+
+    `params` is the unboxed "params" collection. With exit_layer = k < L only the first k layers run (their
+    parameters, cache rows and expert-bias rows), then the final norm and head: the early-exit gate's forward.
+    """
+    if exit_layer is not None and exit_layer != args.n_layers:
+        if not 1 <= exit_layer <= args.n_layers:
+            raise ValueError(f"exit_layer ({exit_layer}) must be in [1, {args.n_layers}] (config.model.n_layers)")
+        params = _first_layers(args, params, exit_layer)
+        if cache is not None:
+            cache = {"k": cache["k"][:exit_layer], "v": cache["v"][:exit_layer], "index": cache["index"]}
+        if expert_bias_le is not None:
+            expert_bias_le = expert_bias_le[:exit_layer]
+        args = args.replace(n_layers=exit_layer)
+    return MantisLM(args).apply({"params": params}, tokens_bt, positions_bt=positions_bt, cache=cache,
+                                kv_mask_bs=kv_mask_bs, expert_bias_le=expert_bias_le)
+
+
+def init_params(args: ModelArgs, rng: jax.Array, batch: int = 1, seq_len: int = 8) -> dict:
+    """Unboxed float parameters (for tests and single-device use; sharded init lives in parallel/)."""
+    tokens = jnp.zeros((batch, seq_len), jnp.int32)
+    variables = MantisLM(args).init(rng, tokens)
+    return nn.unbox(variables)["params"]
+
+
+def abstract_params(args: ModelArgs) -> Any:
+    """Parameter shapes and dtypes (boxed with logical names) without allocating: `jax.eval_shape(init)`."""
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    return jax.eval_shape(lambda t: MantisLM(args).init(jax.random.key(0), t), tokens)["params"]
