@@ -136,6 +136,20 @@ def default_config() -> ml_collections.ConfigDict:
     d.tokenizer_vocab = 4096
     d.factworld_seed = 0
     d.factworld_entities = 2000
+    d.factworld_docs = 200000  # training documents per epoch (generated on demand, never stored)
+    d.factworld_val_docs = 256  # validation documents (val-split entities)
+    d.factworld_qa_share = 0.35  # share of a document's lines that are Q/A pairs
+    d.factworld_unknown_share = 0.1  # share of questions about never-stated attributes (answer "unknown")
+    d.factworld_unstated_prob = 0.15  # probability that an entity's attribute is never stated
+    d.answer_loss_weight = 1.0  # loss weight of answer tokens (after "A:" at a line start); 1 = plain LM
+    d.add_bos = True  # each packed document is <bos> tokens <eos>
+    d.doc_separator = "blank_line"  # text files: blank_line | line | file
+    d.cache_dir = ""  # token files made from text/hf data; "" = ~/.cache/mantis_jax/tokens
+    d.split = "train"  # tfds/hf split to train on; for these sources val_file names the validation split
+    d.data_dir = ""  # tfds data_dir
+    d.text_field = "text"  # tfds/hf feature holding the text
+    d.hf_data_files = ""  # hf: comma-separated data files (e.g. local jsonl with path="json")
+    d.hf_config = ""  # hf: dataset config name
 
     t = c.train = ml_collections.ConfigDict()
     t.optimizer = "adamw"  # adamw | adamw_bf16 | adafactor
@@ -255,6 +269,19 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(not (config.data.val_split > 0 and config.data.val_file),
              "config.data.val_split and config.data.val_file are both set; use one: "
              "--config.data.val_split=0 or --config.data.val_file=''")
+    d = config.data
+    _one_of(config, "data.source", ("factworld", "text", "tokenized", "tfds", "hf"))
+    _one_of(config, "data.doc_separator", ("blank_line", "line", "file"))
+    _require(d.factworld_entities >= 30,
+             f"config.data.factworld_entities ({d.factworld_entities}) must be >= 30 (10 per split)")
+    _positive(config, ("data.factworld_docs", "data.factworld_val_docs", "data.answer_loss_weight"))
+    _require(0.0 < d.factworld_qa_share < 1.0,
+             f"config.data.factworld_qa_share ({d.factworld_qa_share}) must be in (0, 1)")
+    _require(0.0 <= d.factworld_unknown_share <= 1.0,
+             f"config.data.factworld_unknown_share ({d.factworld_unknown_share}) must be in [0, 1]")
+    _require(0.0 <= d.factworld_unstated_prob < 1.0,
+             f"config.data.factworld_unstated_prob ({d.factworld_unstated_prob}) must be in [0, 1)")
+    _require(d.worker_count >= 0, f"config.data.worker_count ({d.worker_count}) must be >= 0")
     _require(0.0 < config.train.min_lr_ratio <= 1.0 or config.train.min_lr_ratio == 0.0,
              f"config.train.min_lr_ratio ({config.train.min_lr_ratio}) must be in [0, 1]")
     sizes = [config.mesh[a] for a in MESH_AXES]
