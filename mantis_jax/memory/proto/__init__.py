@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC modules of the semantic memory service; regenerate with `make proto`."""
