@@ -99,8 +99,21 @@ def default_config() -> ml_collections.ConfigDict:
     sem.hnsw_m = 32
     sem.ef_search = 128
     sem.k = 5
-    sem.address = ""  # host:port of a running service; "" = in-process backend
+    sem.address = ""  # host:port of a running service; "h1:p1,h2:p2" = shards by id; "" = in-process backend
     sem.data_dir = ""
+    sem.normalize = True  # L2-normalise vectors and queries (ip scores are then cosines)
+    sem.pq_nbits = 8
+    sem.refine_factor = 8  # ivfpq re-ranks k * refine_factor PQ candidates exactly against the raw vectors
+    sem.train_min = 0  # live vectors before ivfpq trains; 0 = 39 * max(nlist, 2**pq_nbits)
+    sem.train_sample = 131072  # vectors sampled to train ivfpq
+    sem.ef_construction = 80
+    sem.compact_ratio = 0.2  # rebuild index + raw rows when more than this fraction is deleted/stale
+    sem.max_k = 1024
+    sem.max_batch = 65536  # rows per request
+    sem.max_request_mb = 64
+    sem.snapshot_interval_s = 300.0  # service snapshots (and truncates its log) this often; 0 = never
+    sem.token_env = "MANTIS_SEMANTIC_TOKEN"  # env var holding the service token (required off loopback)
+    sem.timeout_s = 30.0  # client deadline per call
 
     con = mem.consolidation = ml_collections.ConfigDict()
     con.dedup_threshold = 0.95  # cosine above which a new entry merges into a stored one
@@ -110,6 +123,9 @@ def default_config() -> ml_collections.ConfigDict:
     con.decay_half_life = 10000.0  # in store ticks
     con.min_importance = 0.1
     con.queue_size = 1024
+    con.batch_size = 64  # evicted entries consolidated per service round trip
+    con.namespace = "episodic"
+    con.spool_dir = ""  # fsynced spool of accepted evictions, replayed after a crash; "" = none
 
     ctl = c.controller = ml_collections.ConfigDict()
     ctl.d_model = 256  # must equal model.d_model
@@ -257,6 +273,22 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _one_of(config, "memory.episodic.scan_impl", ("sequential", "associative", "chunked"))
     _one_of(config, "memory.semantic.index", ("flat", "ivfpq", "hnsw"))
     _one_of(config, "memory.semantic.metric", ("ip", "l2"))
+    _positive(config, (
+        "memory.semantic.nlist", "memory.semantic.pq_m", "memory.semantic.nprobe", "memory.semantic.hnsw_m",
+        "memory.semantic.ef_search", "memory.semantic.refine_factor", "memory.semantic.max_k",
+        "memory.semantic.max_batch", "memory.semantic.max_request_mb", "memory.semantic.timeout_s",
+        "memory.consolidation.queue_size", "memory.consolidation.batch_size",
+        "memory.consolidation.decay_half_life",
+    ))
+    sem = config.memory.semantic
+    _require(sem.index != "ivfpq" or sem.dim % sem.pq_m == 0,
+             f"config.memory.semantic.pq_m ({sem.pq_m}) must divide config.memory.semantic.dim ({sem.dim})")
+    _require(1 <= sem.pq_nbits <= 16, f"config.memory.semantic.pq_nbits ({sem.pq_nbits}) must be in [1, 16]")
+    _require(0.0 < sem.compact_ratio < 1.0,
+             f"config.memory.semantic.compact_ratio ({sem.compact_ratio}) must be in (0, 1)")
+    _require(-1.0 <= config.memory.consolidation.dedup_threshold <= 1.0,
+             f"config.memory.consolidation.dedup_threshold ({config.memory.consolidation.dedup_threshold}) "
+             "is a cosine and must be in [-1, 1]")
     _one_of(config, "train.optimizer", ("adamw", "adamw_bf16", "adafactor"))
     _require(moe.lb_loss_weight >= 0 and moe.z_loss_weight >= 0,
              "config.moe.lb_loss_weight and config.moe.z_loss_weight must be >= 0")
