@@ -1,0 +1,124 @@
+"""Grouped matmul: the expert computation of a dropless MoE, one function with several backends.
+
+Concept: the M = T*K routed token rows arrive sorted by expert, `group_sizes_e[e]` rows for expert e; row i of
+group e is multiplied by that expert's weight `w_edf[e]`: `y_mf[i] = x_md[i] @ w_edf[group(i)]`. Rows past
+`sum(group_sizes_e)` give zeros. Nothing is dropped, whatever the imbalance.
+
+Backends (`impl`), all differentiable in x and w:
+- "ragged_dot": `jax.lax.ragged_dot`, XLA's own grouped matmul (a real grouped GEMM on GPU).
+- "megablox": the Pallas TPU kernel `jax.experimental.pallas.ops.tpu.megablox.gmm` (TPU only; `interpret=True`
+  runs it anywhere, slowly, for tests).
+- "padded": block-sparse dense einsum. Each group is padded up to a multiple of `block_rows`, so every block of
+  rows belongs to one expert; the blocks run as one batched einsum "nbd,ndf->nbf" against their experts'
+  weights. The block count has a static bound (M + E*(block_rows-1)) // block_rows, so shapes are static and no
+  row is ever dropped; the padding costs at most E*(block_rows-1) extra rows.
+- "auto": the fastest measured on this platform (`AUTO_IMPL`, numbers in docs/perf/moe.md).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+GMM_IMPLS = ("ragged_dot", "megablox", "padded", "auto")
+# Chosen by benchmarks/moe.py (docs/perf/moe.md). GPU and TPU are the documented defaults of those stacks until
+# a measurement on that hardware replaces them.
+AUTO_IMPL = {"cpu": "padded", "gpu": "ragged_dot", "tpu": "megablox"}
+
+
+def resolve_impl(impl: str) -> str:
+    if impl not in GMM_IMPLS:
+        raise ValueError(f"grouped_matmul: impl={impl!r} is unknown; use one of {', '.join(GMM_IMPLS)} "
+                         "(config.moe.gmm_impl)")
+    if impl == "auto":
+        return AUTO_IMPL.get(jax.default_backend(), "ragged_dot")
+    return impl
+
+
+def default_block_rows(n_rows: int, n_experts: int) -> int:
+    """Rows per block of the padded backend: ~ half an expert's fair share, a power of two in [8, 128]."""
+    share = max(1, n_rows // (2 * n_experts))
+    return max(8, min(128, 1 << (share.bit_length() - 1)))
+
+
+def _padded(x_md, w_edf, group_sizes_e, block_rows: int):
+    n_rows, d = x_md.shape
+    n_experts = w_edf.shape[0]
+    b = block_rows
+    n_blocks = max(1, (n_rows + n_experts * (b - 1)) // b)  # static bound on sum_e ceil(size_e / b)
+    sizes_e = group_sizes_e.astype(jnp.int32)
+    start_e = jnp.cumsum(sizes_e) - sizes_e  # first row of each group in x
+    blocks_e = -(-sizes_e // b)
+    pend_e = jnp.cumsum(blocks_e) * b  # end row of each padded group
+    pstart_e = pend_e - blocks_e * b
+
+    # Padded row j takes x row start[e] + (j - pstart[e]) of its group, or the appended zero row.
+    rows_j = jnp.arange(n_blocks * b, dtype=jnp.int32)
+    e_j = jnp.searchsorted(pend_e, rows_j, side="right").astype(jnp.int32)
+    e_jc = jnp.minimum(e_j, n_experts - 1)
+    within_j = rows_j - pstart_e[e_jc]
+    valid_j = (e_j < n_experts) & (within_j < sizes_e[e_jc])
+    src_j = jnp.where(valid_j, start_e[e_jc] + within_j, n_rows)
+    x_ext = jnp.concatenate([x_md, jnp.zeros((1, d), x_md.dtype)], axis=0)
+    xp_nbd = x_ext[src_j].reshape(n_blocks, b, d)  # [N, b, D]
+    w_ndf = w_edf[e_jc[::b]]  # [N, D, F] each block's expert
+    yp_nbf = jnp.einsum("nbd,ndf->nbf", xp_nbd, w_ndf, preferred_element_type=jnp.float32)
+
+    # Row i of x comes back from padded row pstart[e] + (i - start[e]); rows past the groups are zero.
+    rows_i = jnp.arange(n_rows, dtype=jnp.int32)
+    e_i = jnp.searchsorted(jnp.cumsum(sizes_e), rows_i, side="right").astype(jnp.int32)
+    e_ic = jnp.minimum(e_i, n_experts - 1)
+    dest_i = pstart_e[e_ic] + rows_i - start_e[e_ic]
+    y_mf = yp_nbf.reshape(n_blocks * b, -1)[jnp.minimum(dest_i, n_blocks * b - 1)]
+    return jnp.where((e_i < n_experts)[:, None], y_mf, 0.0).astype(x_md.dtype)
+
+
+def _megablox(x_md, w_edf, group_sizes_e, interpret: bool):
+    if jax.default_backend() != "tpu" and not interpret:
+        raise ValueError(f"grouped_matmul: impl='megablox' is a TPU kernel and this backend is "
+                         f"{jax.default_backend()!r}; use --config.moe.gmm_impl=auto (or ragged_dot / padded)")
+    from jax.experimental.pallas.ops.tpu import megablox
+
+    n_rows, d = x_md.shape
+    f = w_edf.shape[2]
+    tm = 128 if n_rows >= 128 else max(8, 1 << (n_rows - 1).bit_length())
+    m_pad = -(-n_rows // tm) * tm
+    x_pad = jnp.pad(x_md, ((0, m_pad - n_rows), (0, 0)))
+    tiling = (tm, min(d, 128), min(f, 128))
+    sizes_e = group_sizes_e.astype(jnp.int32)
+    # megablox leaves rows past the last group unwritten (forward and backward); give them to the last group so
+    # every row is defined, then zero them: the contract here is zeros with zero gradient.
+    covered_e = sizes_e.at[-1].add(m_pad - jnp.sum(sizes_e))
+    y = megablox.gmm(x_pad, w_edf, covered_e, x_md.dtype, tiling, None, None, False, interpret)
+    live = jnp.arange(n_rows) < jnp.sum(sizes_e)
+    return jnp.where(live[:, None], y[:n_rows], 0.0).astype(x_md.dtype)
+
+
+def grouped_matmul(x_md: jax.Array, w_edf: jax.Array, group_sizes_e: jax.Array, *, impl: str = "auto",
+                   block_rows: int | None = None, interpret: bool = False) -> jax.Array:
+    """y_mf[i] = x_md[i] @ w_edf[group(i)] for expert-sorted rows; see the module docstring for backends."""
+    if x_md.ndim != 2 or w_edf.ndim != 3 or x_md.shape[1] != w_edf.shape[1]:
+        raise ValueError(f"grouped_matmul: need x [M, D] and w [E, D, F] with equal D; got x {x_md.shape}, "
+                         f"w {w_edf.shape}")
+    if group_sizes_e.shape != (w_edf.shape[0],):
+        raise ValueError(f"grouped_matmul: group_sizes must be [E]=({w_edf.shape[0]},), got {group_sizes_e.shape}")
+    impl = resolve_impl(impl)
+    if impl == "ragged_dot":
+        return jax.lax.ragged_dot(x_md, w_edf, group_sizes_e.astype(jnp.int32))
+    if impl == "megablox":
+        return _megablox(x_md, w_edf, group_sizes_e, interpret)
+    b = block_rows or default_block_rows(x_md.shape[0], w_edf.shape[0])
+    if b < 1:
+        raise ValueError(f"grouped_matmul: block_rows={b} must be >= 1")
+    return _padded(x_md, w_edf, group_sizes_e, b)
+
+
+def grouped_matmul_reference(x_md: jax.Array, w_edf: jax.Array, group_sizes_e: jax.Array) -> jax.Array:
+    """A loop over experts with row masks: the plain definition the backends are tested against."""
+    rows_i = jnp.arange(x_md.shape[0])
+    end_e = jnp.cumsum(group_sizes_e)
+    y = jnp.zeros((x_md.shape[0], w_edf.shape[2]), jnp.float32)
+    for e in range(w_edf.shape[0]):
+        mask = (rows_i >= end_e[e] - group_sizes_e[e]) & (rows_i < end_e[e])
+        y = y + jnp.where(mask[:, None], x_md.astype(jnp.float32) @ w_edf[e].astype(jnp.float32), 0.0)
+    return y.astype(x_md.dtype)
