@@ -293,9 +293,11 @@ class World:
         else:  # far / cross_session: evidence first, then at least `distance` tokens of filler before the question
             sentences.remove(evidence)
             fill, n_tok = [], 0
-            while n_tok < distance:
+            while n_tok < distance:  # sentences are joined by spaces: count each with its leading space
                 fill.append(self.filler(r))
-                n_tok += count_tokens(fill[-1]) + 1
+                n_tok += count_tokens(" " + fill[-1])
+            while count_tokens(" ".join(fill)) < distance:  # a tokenizer may merge across sentence ends
+                fill.append(self.filler(r))
             rest = " ".join(sentences + fill)
             if kind == "far":
                 body = evidence + " " + rest
