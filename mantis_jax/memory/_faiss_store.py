@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import sqlite3
 import struct
@@ -310,8 +311,9 @@ class SemanticStore:
         self._vectors_name = manifest["vectors"]
         keep = {"MANIFEST.json", "payloads.sqlite", "payloads.sqlite-wal", "payloads.sqlite-shm",
                 f"snap.{self.generation}", f"wal.{self.generation}.log", self._vectors_name}
+        ours = re.compile(r"^(snap\.\d+(\.tmp)?|wal\.\d+\.log|vectors\.\d+\.f32|MANIFEST\.json\.tmp)$")
         for name in os.listdir(data_dir):  # leftovers of a snapshot that crashed before its commit
-            if name not in keep:
+            if ours.match(name) and name not in keep:
                 path = self._path(name)
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         self.payloads = _SqlitePayloads(self._path("payloads.sqlite"))
