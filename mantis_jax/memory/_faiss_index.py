@@ -141,7 +141,7 @@ class VectorIndex:
             index.hnsw.efConstruction = s.ef_construction
             return index
         if s.kind == "ivfpq" and self.trained:
-            index = faiss.index_factory(s.dim, f"IVF{s.nlist},PQ{s.pq_m}x{s.pq_nbits}", self._faiss_metric())
+            index = faiss.index_factory(s.dim, f"IVF{s.nlist},PQ{s.pq_m}x{s.pq_nbits}np", self._faiss_metric())
             faiss.extract_index_ivf(index).cp.seed = s.seed
             return index
         return faiss.IndexFlat(s.dim, self._faiss_metric())

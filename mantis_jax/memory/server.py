@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 
+import faiss
 import grpc
 
 from mantis_jax.config import default_config
@@ -172,6 +173,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--token-file", default="", help="file holding the token (else the --token-env variable)")
     p.add_argument("--token-env", default=sem.token_env)
     p.add_argument("--workers", type=int, default=8, help="gRPC handler threads (searches run in parallel)")
+    p.add_argument("--threads", type=int, default=0, help="FAISS OpenMP threads per call; 0 = FAISS default")
     return p.parse_args(argv)
 
 
@@ -205,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     token = read_token(args.token_file, args.token_env)
     if args.host not in LOOPBACK and not token:  # fail before loading a possibly large index
         build_server(None, host=args.host, token=token)
+    if args.threads > 0:
+        faiss.omp_set_num_threads(args.threads)
     try:
         spec = IndexSpec(dim=args.dim, kind=args.index, metric=args.metric, normalize=not args.no_normalize,
                          nlist=args.nlist, pq_m=args.pq_m, pq_nbits=args.pq_nbits, nprobe=args.nprobe,

@@ -1,0 +1,230 @@
+"""In-process semantic memory (the same store the service runs): every index kind against an exact numpy
+reference, deletions, IVF training, compaction, durability (snapshot + log replay, torn log tail), bad input."""
+
+import os
+import threading
+
+import faiss
+import numpy as np
+import pytest
+
+from mantis_jax.config import default_config
+from mantis_jax.memory import _faiss_store
+from mantis_jax.memory.semantic import InvalidArgument, NotFound, Payload, SemanticMemory
+
+D = 16
+SPEC = dict(nlist=8, pq_m=8, pq_nbits=4, nprobe=8, hnsw_m=16, ef_search=64)  # ivfpq trains at 39*16 = 624
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_faiss_thread():
+    """Tiny indexes: OpenMP threads only contend on a shared 2-core machine (and spin while they wait)."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+def clustered(n, seed, d=D, centers=12):
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(centers, d))
+    return (c[rng.integers(0, centers, n)] + 0.35 * rng.normal(size=(n, d))).astype(np.float32)
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def exact_topk(ref: dict, q, k):
+    """Reference: brute-force cosine top-k over the live {id: vector} dict."""
+    ids = np.array(sorted(ref))
+    s = unit(q) @ unit(np.stack([ref[i] for i in ids])).T
+    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return ids[order], np.take_along_axis(s, order, 1)
+
+
+def check_against_reference(mem, ref, q, k, min_recall):
+    r = mem.search(q, k)
+    want_ids, want_scores = exact_topk(ref, q, k)
+    live = set(ref)
+    assert all(int(i) in live for i in r.ids.ravel()), "a deleted or unknown id came back"
+    for row_ids, row_pay in zip(r.ids, r.payloads):
+        assert [p.text for p in row_pay] == [f"fact {i}" for i in row_ids], "payload does not belong to its id"
+    recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(r.ids, want_ids)])
+    assert recall >= min_recall, recall
+    if min_recall == 1.0:
+        np.testing.assert_allclose(r.scores, want_scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,min_recall", [("flat", 1.0), ("ivfpq", 0.9), ("hnsw", 0.9)])
+def test_round_trip_with_deletions_matches_exact_reference(kind, min_recall):
+    mem = SemanticMemory.in_process(D, index=kind, **SPEC)
+    x = clustered(900, seed=1)
+    ids = np.random.default_rng(2).choice(2 ** 62, 900, replace=False).astype(np.int64)  # arbitrary 64-bit ids
+    for lo in range(0, 900, 300):  # ivfpq crosses its training threshold on the third batch
+        mem.add(x[lo:lo + 300], [Payload(f"fact {i}") for i in ids[lo:lo + 300]], ids=ids[lo:lo + 300])
+    ref = dict(zip(ids.tolist(), x))
+    q = clustered(40, seed=3)
+    check_against_reference(mem, ref, q, 5, min_recall)
+    gone = ids[::7]
+    assert mem.remove(gone) == len(gone)
+    for i in gone.tolist():
+        del ref[i]
+    check_against_reference(mem, ref, q, 5, min_recall)
+    r = mem.search(x[::7], 5)  # the deleted vectors themselves as queries
+    assert not np.isin(r.ids, gone).any()
+    vecs, pays = mem.get(ids[1:4])
+    np.testing.assert_allclose(vecs, unit(x[1:4]), atol=1e-6)
+    assert [p.text for p in pays] == [f"fact {i}" for i in ids[1:4]]
+    with pytest.raises(NotFound):
+        mem.get(gone[:2])
+    # Upsert: same id, new vector and payload.
+    mem.add(x[500:501] * -1, [Payload(f"fact {ids[1]}", source="updated")], ids=ids[1:2])
+    _, pays = mem.get(ids[1:2])
+    assert pays[0].source == "updated"
+    assert mem.search(-x[500:501], 1).ids[0, 0] == ids[1]
+    assert mem.stats()["count"] == len(ref)
+
+
+def test_ivf_training_keeps_every_vector_searchable():
+    mem = SemanticMemory.in_process(D, index="ivfpq", **SPEC)
+    x = clustered(700, seed=4)
+    mem.add(x[:600], [Payload(f"fact {i}") for i in range(600)], ids=np.arange(600))
+    assert not mem.stats()["trained"]  # below 624: exact search over the buffer
+    np.testing.assert_array_equal(mem.search(x[:600], 1).ids[:, 0], np.arange(600))
+    mem.add(x[600:], [Payload(f"fact {i}") for i in range(600, 700)], ids=np.arange(600, 700))
+    stats = mem.stats()
+    assert stats["trained"] and stats["count"] == 700
+    index = mem._backend.store.index.index  # the trained FAISS index holds every stored row
+    assert index.ntotal == 700 and index.is_trained
+    # Every list probed and 40 * refine_factor PQ candidates re-ranked exactly: each vector finds itself first.
+    top1 = mem.search(x, 40, nprobe=SPEC["nlist"]).ids[:, 0]
+    np.testing.assert_array_equal(top1, np.arange(700))
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_compaction_after_many_deletions(kind):
+    mem = SemanticMemory.in_process(D, index=kind, **SPEC)
+    x = clustered(300, seed=5)
+    mem.add(x, [Payload(f"fact {i}") for i in range(300)], ids=np.arange(300))
+    mem.remove(np.arange(0, 300, 2)[:40])  # 13% stale: tombstones
+    assert mem.stats()["rows"] == 300
+    mem.remove(np.arange(0, 300, 2)[40:])  # 50% stale: rebuilt from the live rows
+    stats = mem.stats()
+    assert stats["rows"] == stats["count"] == 150 and stats["stale_fraction"] == 0.0
+    check_against_reference(mem, {i: x[i] for i in range(1, 300, 2)}, clustered(20, seed=6), 4,
+                            1.0 if kind == "flat" else 0.9)
+
+
+def test_namespace_filter_and_l2_metric():
+    mem = SemanticMemory.in_process(D, index="flat", metric="l2", normalize=False)
+    x = clustered(200, seed=7)
+    mem.add(x, [Payload(f"fact {i}", namespace="even" if i % 2 == 0 else "odd") for i in range(200)],
+            ids=np.arange(200))
+    r = mem.search(x[:10], 3, namespace="odd")
+    assert (r.ids % 2 == 1).all()
+    d2 = ((x[1::2][None] - x[:10, None]) ** 2).sum(-1)  # reference: brute force over the odd rows
+    np.testing.assert_array_equal(r.ids, np.arange(1, 200, 2)[np.argsort(d2, axis=1)[:, :3]])
+    np.testing.assert_allclose(r.scores, -np.sort(d2, axis=1)[:, :3], rtol=1e-4)
+    assert (mem.search(x[:2], 3, namespace="nobody").ids == -1).all()
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivfpq", "hnsw"])
+def test_snapshot_and_log_replay(tmp_path, kind):
+    x = clustered(800, seed=8)
+    mem = SemanticMemory.in_process(D, index=kind, data_dir=str(tmp_path), **SPEC)
+    mem.add(x[:400], [Payload(f"fact {i}") for i in range(400)], ids=np.arange(400))
+    assert mem.snapshot() == 1
+    mem.add(x[400:], [Payload(f"fact {i}") for i in range(400, 800)], ids=np.arange(400, 800))  # log only
+    mem.remove(np.arange(0, 800, 10))
+    before = mem.search(x[:50], 5)
+    mem.close()  # no final snapshot: the next open loads snapshot 1 and replays the log
+    again = SemanticMemory.in_process(D, index=kind, data_dir=str(tmp_path), **SPEC)
+    assert again.stats()["count"] == 720 and again.stats()["generation"] == 1
+    after = again.search(x[:50], 5)
+    np.testing.assert_array_equal(after.ids, before.ids)
+    assert [[p.text for p in row] for row in after.payloads] == [[f"fact {i}" for i in row] for row in before.ids]
+    assert again.snapshot() == 2
+    again.close()
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith(("wal", "snap"))) == ["snap.2", "wal.2.log"]
+
+
+def test_torn_log_tail_is_dropped(tmp_path):
+    mem = SemanticMemory.in_process(D, data_dir=str(tmp_path))
+    x = clustered(20, seed=9)
+    mem.add(x[:10], [Payload(f"fact {i}") for i in range(10)], ids=np.arange(10))
+    mem.close()
+    with open(tmp_path / "wal.0.log", "ab") as f:  # a crash in the middle of writing an (unacknowledged) record
+        f.write(_faiss_store._HEADER.pack(_faiss_store._MAGIC, 1000, 0) + b"partial")
+    again = SemanticMemory.in_process(D, data_dir=str(tmp_path))
+    assert again.stats()["count"] == 10
+    again.add(x[10:], [Payload(f"fact {i}") for i in range(10, 20)], ids=np.arange(10, 20))
+    again.close()
+    assert SemanticMemory.in_process(D, data_dir=str(tmp_path)).stats()["count"] == 20
+
+
+def test_bad_input_is_rejected_and_changes_nothing():
+    mem = SemanticMemory.in_process(D, max_k=64, max_batch=100)
+    x = clustered(10, seed=10)
+    mem.add(x, [Payload(f"fact {i}") for i in range(10)], ids=np.arange(10))
+    nan = x[:2].copy()
+    nan[1, 3] = np.nan
+    bad = [
+        (lambda: mem.add(x[:, :5], ["a"] * 10), InvalidArgument, "dimension 5"),
+        (lambda: mem.add(nan, ["a", "b"]), InvalidArgument, "NaN or inf"),
+        (lambda: mem.add(np.full((1, D), np.inf), ["a"]), InvalidArgument, "NaN or inf"),
+        (lambda: mem.add(np.zeros((0, D)), []), InvalidArgument, "non-empty"),
+        (lambda: mem.add(x[:2], ["a"]), InvalidArgument, "payloads"),
+        (lambda: mem.add(x[:2], ["a", "b"], ids=[5, 5]), InvalidArgument, "duplicates"),
+        (lambda: mem.add(x[:1], ["a"], ids=[-1]), InvalidArgument, "-1"),
+        (lambda: mem.add(np.ones((101, D)), ["a"] * 101), _faiss_store.ResourceExhausted, "limit"),
+        (lambda: mem.search(x, 0), InvalidArgument, "k (0)"),
+        (lambda: mem.search(x, 10 ** 9), InvalidArgument, "k (1000000000)"),
+        (lambda: mem.search(x[:, :3], 2), InvalidArgument, "dimension 3"),
+        (lambda: mem.search(nan, 2), InvalidArgument, "NaN"),
+        (lambda: mem.search(np.zeros((0, D)), 2), InvalidArgument, "non-empty"),
+        (lambda: mem.remove([3, 999]), NotFound, "999"),
+        (lambda: mem.remove([]), InvalidArgument, "non-empty"),
+        (lambda: mem.get([77]), NotFound, "77"),
+    ]
+    for call, error, words in bad:
+        with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")):
+            call()
+    assert mem.stats()["count"] == 10  # the remove with one unknown id removed nothing
+    np.testing.assert_array_equal(mem.search(x, 1).ids[:, 0], np.arange(10))
+
+
+def test_concurrent_readers_during_writes():
+    mem = SemanticMemory.in_process(D, index="flat")
+    base = clustered(200, seed=11)
+    mem.add(base, [Payload(f"fact {i}") for i in range(200)], ids=np.arange(200))
+    errors, stop = [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            r = mem.search(base[:8], 1)
+            if not (r.ids[:, 0] == np.arange(8)).all() or r.payloads[0][0].text != "fact 0":
+                errors.append(r.ids[:, 0])
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    extra = clustered(400, seed=12) * 0.01 - 5.0  # far from the base rows: never a better match
+    for lo in range(0, 400, 20):
+        ids = np.arange(1000 + lo, 1020 + lo)
+        mem.add(extra[lo:lo + 20], [Payload(f"fact {i}") for i in ids], ids=ids)
+        mem.remove(ids[:5])
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert mem.stats()["count"] == 200 + 300
+
+
+def test_from_config_builds_in_process_memory():
+    cfg = default_config().memory.semantic
+    cfg.dim, cfg.k = D, 3
+    mem = SemanticMemory.from_config(cfg)
+    x = clustered(5, seed=13)
+    mem.add(x, ["a", "b", "c", "d", "e"])
+    assert mem.search(x[:1]).ids.shape == (1, 3) and mem.search(x[:1]).payloads[0][0].text == "a"
