@@ -92,7 +92,10 @@ def pad_batch(batch: Batch, batch_size: int) -> Batch:
 def pack(docs: grain.MapDataset, *, tokenizer: Tokenizer, seq_len: int, add_bos: bool,
          answer_weight: float) -> grain.IterDataset:
     """Token-id documents -> rows of seq_len (concat-then-split packing into windows of seq_len + 1)."""
-    examples = docs.map(DocumentToExample(tokenizer, add_bos)).to_iter_dataset()
+    # grain's default (16 threads, 500 documents ahead) would starve the training step on a small host; a
+    # batch needs tens of documents, so a short buffer keeps up.
+    read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=128)
+    examples = docs.map(DocumentToExample(tokenizer, add_bos)).to_iter_dataset(read)
     window = seq_len + 1
     packed = ConcatThenSplitIterDataset(examples, length_struct={"tokens": window, "answer": window})
     return packed.map(WindowToBatchRow(tokenizer.pad_id, tokenizer.bos_id if add_bos else -1, answer_weight))

@@ -112,13 +112,14 @@ class TokenFileSource:
         self._maps: list | None = None
 
     def _open(self):
-        self._maps = []
+        maps = []  # assigned whole at the end: grain reads from several threads at once
         for p, h in zip(self.paths, self.headers):
             n = h["n_tokens"]
             tokens = (np.memmap(p, np.dtype(h["dtype"]), "r", offset=HEADER_BYTES, shape=(n,)) if n
                       else np.zeros((0,), np.uint16))
             offsets = np.memmap(p, np.int64, "r", offset=h["offsets_at"], shape=(h["n_docs"] + 1,))
-            self._maps.append((tokens, offsets))
+            maps.append((tokens, offsets))
+        self._maps = maps
 
     def __len__(self) -> int:
         return int(self._starts[-1])
