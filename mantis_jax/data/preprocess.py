@@ -92,11 +92,7 @@ def split(args) -> dict[str, int]:
     return counts
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "factworld":  # its own parser owns every option after the command
-        factworld.main(argv[1:])
-        return
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mantis_jax.data.preprocess", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     pt = sub.add_parser("pretokenize", help="text or an HF dataset -> token files + tokenizer.json")
@@ -119,7 +115,15 @@ def main(argv: list[str] | None = None) -> None:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--separator", default="blank_line", choices=sources.SEPARATORS)
     sub.add_parser("factworld", help="write a factworld corpus (options: python -m mantis_jax.data.factworld -h)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "factworld":  # its own parser owns every option after the command
+        factworld.main(argv[1:])
+        return
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "pretokenize":
             pretokenize(args)
