@@ -117,7 +117,7 @@ def capacity_dispatch(ids_tk, weights_tk, n_experts: int, cap: int):
     dispatch_ktec = kept_kte.astype(jnp.float32)[..., None] * slot_ktc[:, :, None, :]
     dispatch_tec = jnp.sum(dispatch_ktec, axis=0)
     combine_tec = jnp.einsum("ktec,tk->tec", dispatch_ktec, weights_tk.astype(jnp.float32))
-    dropped = 1.0 - jnp.sum(kept_kte) / (T * K)
+    dropped = (T * K - jnp.sum(kept_kte)).astype(jnp.float32) / (T * K)
     return dispatch_tec, combine_tec, dropped
 
 
