@@ -455,6 +455,9 @@ class SemanticStore:
         self._lock.acquire_write()
         try:
             if ids is None:
+                if self.next_id + len(x_nd) >= 2 ** 63:
+                    raise InvalidArgument("the id counter would pass 2^63 - 1 (explicit ids near the top of the "
+                                          "int64 range were stored); pass explicit ids")
                 ids = np.arange(self.next_id, self.next_id + len(x_nd), dtype=np.int64)
             if self._wal is not None:
                 self._wal.append(_encode_add(ids, x_nd, payloads))

@@ -228,3 +228,21 @@ def test_from_config_builds_in_process_memory():
     x = clustered(5, seed=13)
     mem.add(x, ["a", "b", "c", "d", "e"])
     assert mem.search(x[:1]).ids.shape == (1, 3) and mem.search(x[:1]).payloads[0][0].text == "a"
+
+
+def test_durable_compaction_survives_restart(tmp_path):
+    x = clustered(200, seed=14)
+    mem = SemanticMemory.in_process(D, index="hnsw", data_dir=str(tmp_path), **SPEC)
+    mem.add(x, [Payload(f"fact {i}") for i in range(200)], ids=np.arange(200))
+    mem.remove(np.arange(0, 200, 2))  # 50% stale: compaction writes a new vectors file in a new snapshot
+    stats = mem.stats()
+    assert stats["generation"] == 1 and stats["rows"] == 100 and stats["wal_bytes"] == 0
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("vectors")) == ["vectors.1.f32"]
+    mem.add(x[:2] * -1, ["late a", "late b"], ids=[1000, 1001])  # logged after the compacted snapshot
+    before = mem.search(x[:30], 4)
+    mem.close()
+    again = SemanticMemory.in_process(D, index="hnsw", data_dir=str(tmp_path), **SPEC)
+    after = again.search(x[:30], 4)
+    np.testing.assert_array_equal(after.ids, before.ids)
+    assert not np.isin(after.ids, np.arange(0, 200, 2)).any()
+    assert again.get([1001])[1][0].text == "late b"
