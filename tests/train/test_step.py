@@ -1,0 +1,97 @@
+"""Train step: it learns (overfits a tiny batch), accumulation equals one big batch, optimizers' memory."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mantis_jax.config import default_config, set_shape
+from mantis_jax.model.args import ModelArgs
+from mantis_jax.train import state as st
+from mantis_jax.train.step import make_eval_step, make_train_step, token_cross_entropy
+
+
+def _config(**train):
+    c = default_config()
+    set_shape(c, d_model=32, n_layers=2, n_experts=4, top_k=2)
+    c.model.vocab_size, c.model.n_heads, c.model.n_kv_heads, c.model.d_ff = 128, 4, 2, 64
+    c.train.lr, c.train.warmup_steps, c.train.total_steps = 1e-2, 5, 100
+    for k, v in train.items():
+        c.train[k] = v
+    return c
+
+
+def _batch(B=4, T=16, seed=0):
+    rng = np.random.default_rng(seed)
+    seq = rng.integers(0, 128, (B, T + 1)).astype(np.int32)
+    return {"inputs": seq[:, :-1], "targets": seq[:, 1:], "loss_mask": np.ones((B, T), np.float32)}
+
+
+def _init(config):
+    args = ModelArgs.from_config(config)
+    tx = st.make_optimizer(config)
+    state = jax.tree.map(lambda x: x, st.init_state_fn(args, tx)(jax.random.key(0)))
+    import flax.linen as nn
+
+    return args, tx, nn.unbox(state)
+
+
+def test_cross_entropy_matches_log_softmax():
+    logits = jax.random.normal(jax.random.key(0), (2, 3, 7))
+    targets = jnp.array([[0, 6, 3], [1, 1, 2]])
+    ref = -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), np.asarray(targets)[..., None], -1)[..., 0]
+    np.testing.assert_allclose(token_cross_entropy(logits, targets), ref, rtol=1e-5)
+
+
+def test_overfits_a_tiny_batch():
+    config = _config()
+    args, tx, state = _init(config)
+    step = jax.jit(make_train_step(args, tx, st.lr_schedule(config)), donate_argnums=0)
+    batch = _batch()
+    losses = []
+    for i in range(60):
+        state, m = step(state, batch, jax.random.key(i))
+        losses.append(float(m["ce"]))
+    assert losses[-1] < 0.2 * losses[0], losses[::10]
+    assert int(state.step) == 60
+    ev = jax.jit(make_eval_step(args))(state.params, batch)
+    assert float(ev["accuracy"]) > 0.9
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    config = _config()
+    args, tx, state = _init(config)
+    schedule = st.lr_schedule(config)
+    batch = _batch(B=4)
+    one, m1 = jax.jit(make_train_step(args, tx, schedule, 1))(state, batch, jax.random.key(0))
+    acc, m2 = jax.jit(make_train_step(args, tx, schedule, 2))(state, batch, jax.random.key(0))
+    chex.assert_trees_all_close(acc.params, one.params, atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], rtol=1e-4)
+    assert float(m2["tokens"]) == float(m1["tokens"]) == 64
+
+
+def test_answer_weights_change_the_loss_not_the_reported_ce():
+    config = _config()
+    args, tx, state = _init(config)
+    step = jax.jit(make_train_step(args, tx, st.lr_schedule(config)))
+    batch = _batch()
+    weighted = dict(batch, loss_mask=batch["loss_mask"] * np.where(np.arange(16) % 4 == 0, 5.0, 1.0))
+    _, m1 = step(state, batch, jax.random.key(0))
+    _, m2 = step(state, weighted, jax.random.key(0))
+    np.testing.assert_allclose(m1["ce"], m2["ce"], rtol=1e-6)
+    assert abs(float(m1["loss"]) - float(m2["loss"])) > 1e-4
+
+
+@pytest.mark.parametrize("optimizer, max_bytes", [("adamw", 8.01), ("adamw_bf16", 4.01), ("adafactor", 3.99)])
+def test_optimizers_learn_and_report_memory(optimizer, max_bytes):
+    config = _config(optimizer=optimizer)
+    args, tx, state = _init(config)
+    assert st.bytes_per_param(state) <= max_bytes
+    step = jax.jit(make_train_step(args, tx, st.lr_schedule(config)))
+    batch = _batch()
+    first = None
+    for i in range(15):
+        state, m = step(state, batch, jax.random.key(i))
+        first = first if first is not None else float(m["ce"])
+    assert float(m["ce"]) < first
