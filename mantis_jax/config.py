@@ -187,6 +187,8 @@ def default_config() -> ml_collections.ConfigDict:
     t.log_every = 10
     t.patience = 0  # evals without val-loss improvement before stopping; 0 = never
     t.peak_flops = 0.0  # FLOP/s for MFU; 0 = measure with a matmul probe at start-up
+    t.max_minutes = 0.0  # wall-clock budget of a run (saves and stops when spent); 0 = none
+    t.min_delta = 0.0  # a val loss counts as an improvement (early stopping) when below best - min_delta
 
     mesh = c.mesh = ml_collections.ConfigDict()
     mesh.data = -1  # -1 fills the remaining devices
@@ -290,6 +292,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              f"config.memory.consolidation.dedup_threshold ({config.memory.consolidation.dedup_threshold}) "
              "is a cosine and must be in [-1, 1]")
     _one_of(config, "train.optimizer", ("adamw", "adamw_bf16", "adafactor"))
+    for key in ("train.max_minutes", "train.min_delta", "train.peak_flops", "train.patience"):
+        _require(_get(config, key) >= 0, f"config.{key} ({_get(config, key)}) must be >= 0")
     _require(moe.lb_loss_weight >= 0 and moe.z_loss_weight >= 0,
              "config.moe.lb_loss_weight and config.moe.z_loss_weight must be >= 0")
     for key in ("memory.episodic.d_model", "memory.semantic.dim", "controller.d_model", "critic.d_model"):
