@@ -35,6 +35,10 @@ DEFAULT_RULES = (
 )
 
 
+# Names of the rule presets in `mantis_jax.parallel.rules.PRESETS` ("" = use mesh.rules as given).
+RULE_PRESETS = ("", "dp", "fsdp", "fsdp_ep", "fsdp_tp")
+
+
 class ConfigError(ValueError):
     """A config field breaks an invariant; the message names the key and the fix."""
 
@@ -71,6 +75,10 @@ def default_config() -> ml_collections.ConfigDict:
     moe.z_loss_weight = 1e-3
     moe.router_impl = "reference"  # reference | pallas
     moe.gmm_impl = "auto"  # backend of the grouped matmul used by impl=ragged (see model/moe.py)
+    # Expert parallelism (parallel/expert.py): under a mesh whose `expert` axis is > 1, the dispatch exchanges
+    # tokens with all_to_all and each device computes only its own experts; impl=capacity bounds the exchange
+    # buffers (and drops overflow), other impls exchange dropless.
+    moe.expert_parallel = False
 
     mem = c.memory = ml_collections.ConfigDict()
     ep = mem.episodic = ml_collections.ConfigDict()
@@ -196,6 +204,7 @@ def default_config() -> ml_collections.ConfigDict:
     mesh.expert = 1
     mesh.tensor = 1
     mesh.rules = DEFAULT_RULES
+    mesh.rules_preset = ""  # dp | fsdp | fsdp_ep | fsdp_tp (parallel/rules.py); "" = use mesh.rules as given
 
     ck = c.checkpoint = ml_collections.ConfigDict()
     ck.max_to_keep = 3
@@ -323,6 +332,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     sizes = [config.mesh[a] for a in MESH_AXES]
     _require(all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1,
              f"config.mesh sizes {dict(zip(MESH_AXES, sizes))} must be positive, with at most one -1")
+    _one_of(config, "mesh.rules_preset", RULE_PRESETS)
+    _require(isinstance(config.moe.expert_parallel, bool),
+             f"config.moe.expert_parallel ({config.moe.expert_parallel!r}) must be True or False")
+    _require(not config.moe.expert_parallel or config.mesh.expert == -1
+             or moe.n_experts % config.mesh.expert == 0,
+             f"config.moe.n_experts ({moe.n_experts}) must be a multiple of config.mesh.expert "
+             f"({config.mesh.expert}) for expert parallelism; set --config.mesh.expert to a divisor")
     rule_names = [r[0] for r in config.mesh.rules]
     _require(len(rule_names) == len(set(rule_names)),
              f"config.mesh.rules names a logical axis twice: {rule_names}")

@@ -19,6 +19,7 @@ import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mantis_jax.config import MESH_AXES, ConfigError
+from mantis_jax.parallel import rules as rule_presets
 
 
 def mesh_shape(config: ml_collections.ConfigDict, n_devices: int) -> tuple[int, ...]:
@@ -44,6 +45,10 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.M
 
 
 def logical_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
+    """The rules to trace under: the named preset when `config.mesh.rules_preset` is set, else `mesh.rules`."""
+    preset = config.mesh.get("rules_preset", "")
+    if preset:
+        return rule_presets.preset(preset)
     return tuple((name, tuple(t) if isinstance(t, list) else t) for name, t in config.mesh.rules)
 
 
