@@ -93,7 +93,7 @@ def default_config() -> ml_collections.ConfigDict:
     ep.dt_max = 0.1
     ep.window = 8192  # tokens of hidden states compressed into the state
     ep.scan_impl = "chunked"  # sequential | associative | chunked
-    ep.chunk_size = 256
+    ep.chunk_size = 8  # chunked scan: tokens per associative-scan chunk (8 is fastest on CPU, docs/perf/ssm.md)
     ep.store_capacity = 4096  # entries in the host-side EpisodicStore ring
 
     sem = mem.semantic = ml_collections.ConfigDict()
@@ -282,6 +282,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _one_of(config, "moe.impl", ("dense", "ragged", "capacity"))
     _one_of(config, "moe.router_impl", ("reference", "pallas"))
     _one_of(config, "memory.episodic.scan_impl", ("sequential", "associative", "chunked"))
+    ep = config.memory.episodic
+    _require(0.0 < ep.dt_min <= ep.dt_max,
+             f"config.memory.episodic.dt_min ({ep.dt_min}) must be > 0 and <= config.memory.episodic.dt_max "
+             f"({ep.dt_max})")
+    _require(ep.dt_rank >= 0, f"config.memory.episodic.dt_rank ({ep.dt_rank}) must be >= 0 (0 = ceil(d_model / 16))")
     _one_of(config, "memory.semantic.index", ("flat", "ivfpq", "hnsw"))
     _one_of(config, "memory.semantic.metric", ("ip", "l2"))
     _positive(config, (
