@@ -16,80 +16,19 @@ Concurrency: a readers-writer lock; searches run in parallel (FAISS releases the
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
 import shutil
-import sqlite3
-import struct
 import threading
-import zlib
 
 import numpy as np
 
 from mantis_jax.memory._faiss_index import IndexSpec, VectorIndex, normalize_rows
-
-_MAGIC = b"MWAL"
-_HEADER = struct.Struct("<4sQI")  # magic, body length, crc32 of body
-_OP_ADD, _OP_REMOVE = 1, 2
-
-
-class SemanticMemoryError(Exception):
-    """Base class; `code` is the gRPC status name the service answers with."""
-
-    code = "INTERNAL"
-
-
-class InvalidArgument(SemanticMemoryError, ValueError):
-    code = "INVALID_ARGUMENT"
-
-
-class NotFound(SemanticMemoryError, LookupError):
-    code = "NOT_FOUND"
-
-
-class ResourceExhausted(SemanticMemoryError):
-    code = "RESOURCE_EXHAUSTED"
-
-
-class Unauthenticated(SemanticMemoryError):
-    code = "UNAUTHENTICATED"
-
-
-class Unavailable(SemanticMemoryError):
-    code = "UNAVAILABLE"
-
-
-ERRORS = {cls.code: cls for cls in (InvalidArgument, NotFound, ResourceExhausted, Unauthenticated, Unavailable)}
-
-
-@dataclasses.dataclass
-class Payload:
-    """What a stored fact carries: the real text span and its metadata (provenance goes in `metadata`)."""
-
-    text: str
-    source: str = ""
-    timestamp: float = 0.0
-    importance: float = 0.0
-    namespace: str = ""
-    metadata: dict = dataclasses.field(default_factory=dict)
-
-    def to_row(self) -> list:
-        return [self.text, self.source, self.timestamp, self.importance, self.namespace, self.metadata]
-
-    @classmethod
-    def from_row(cls, row) -> "Payload":
-        text, source, timestamp, importance, namespace, metadata = row
-        meta = json.loads(metadata) if isinstance(metadata, str) else metadata
-        return cls(text, source, float(timestamp), float(importance), namespace, meta)
-
-
-@dataclasses.dataclass
-class SearchResult:
-    ids: np.ndarray  # [B, K] int64, -1 where fewer than K live entries matched
-    scores: np.ndarray  # [B, K] float32, higher is better; -inf where the id is -1
-    payloads: list | None  # B lists of K Payload-or-None (None when with_payloads=False)
+from mantis_jax.memory._faiss_log import (_OP_ADD, _MemoryPayloads, _SqlitePayloads, _Wal, _decode, _encode_add,
+                                          _encode_remove, _fsync_dir)
+from mantis_jax.memory._faiss_types import (ERRORS, InvalidArgument, NotFound, Payload, ResourceExhausted,  # noqa: F401
+                                            SearchResult, SemanticMemoryError, Unauthenticated, Unavailable)
 
 
 class RWLock:
@@ -127,151 +66,6 @@ class RWLock:
             self._cond.notify_all()
 
 
-class _MemoryPayloads:
-    def __init__(self):
-        self._rows: dict[int, Payload] = {}
-
-    def put(self, ids, payloads):
-        self._rows.update(zip(ids, payloads))
-
-    def delete(self, ids):
-        for i in ids:
-            self._rows.pop(i, None)
-
-    def get(self, ids) -> list:
-        return [self._rows.get(i) for i in ids]
-
-    def checkpoint(self):
-        pass
-
-    def close(self):
-        pass
-
-
-class _SqlitePayloads:
-    """One connection per thread; writes happen under the store's write lock only."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
-        self._guard = threading.Lock()
-        self._conn().execute(
-            "CREATE TABLE IF NOT EXISTS payloads (id INTEGER PRIMARY KEY, text TEXT, source TEXT, timestamp REAL,"
-            " importance REAL, namespace TEXT, metadata TEXT)")
-
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")  # the store's own fsynced log is the durability point
-            self._local.conn = conn
-            with self._guard:
-                self._all.append(conn)
-        return conn
-
-    def put(self, ids, payloads):
-        rows = [(i, p.text, p.source, p.timestamp, p.importance, p.namespace, json.dumps(p.metadata))
-                for i, p in zip(ids, payloads)]
-        conn = self._conn()
-        with conn:
-            conn.execute("BEGIN")
-            conn.executemany("INSERT OR REPLACE INTO payloads VALUES (?,?,?,?,?,?,?)", rows)
-
-    def delete(self, ids):
-        conn = self._conn()
-        with conn:
-            conn.execute("BEGIN")
-            conn.executemany("DELETE FROM payloads WHERE id = ?", [(i,) for i in ids])
-
-    def get(self, ids) -> list:
-        found = {}
-        conn = self._conn()
-        for lo in range(0, len(ids), 30000):  # below SQLite's bound-parameter limit
-            part = ids[lo:lo + 30000]
-            query = f"SELECT * FROM payloads WHERE id IN ({','.join('?' * len(part))})"
-            for row in conn.execute(query, part):
-                found[row[0]] = Payload.from_row(row[1:])
-        return [found.get(i) for i in ids]
-
-    def checkpoint(self):
-        self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")  # syncs the database file
-
-    def close(self):
-        with self._guard:
-            for conn in self._all:
-                conn.close()
-            self._all.clear()
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
-
-
-def _encode_add(ids: np.ndarray, vectors_nd: np.ndarray, payloads: list[Payload]) -> bytes:
-    n, d = vectors_nd.shape
-    rows = json.dumps([p.to_row() for p in payloads]).encode()
-    return struct.pack("<BII", _OP_ADD, n, d) + ids.astype("<i8").tobytes() + vectors_nd.astype("<f4").tobytes() + rows
-
-
-def _encode_remove(ids: np.ndarray) -> bytes:
-    return struct.pack("<BII", _OP_REMOVE, len(ids), 0) + ids.astype("<i8").tobytes()
-
-
-def _decode(body: bytes):
-    op, n, d = struct.unpack_from("<BII", body)
-    at = 9
-    ids = np.frombuffer(body, "<i8", n, at).astype(np.int64)
-    at += 8 * n
-    if op == _OP_REMOVE:
-        return op, ids, None, None
-    vectors = np.frombuffer(body, "<f4", n * d, at).reshape(n, d).astype(np.float32)
-    payloads = [Payload.from_row(r) for r in json.loads(body[at + 4 * n * d:])]
-    return op, ids, vectors, payloads
-
-
-class _Wal:
-    """Append-only log of framed records; `append` returns only after fsync."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-
-    def append(self, body: bytes) -> None:
-        record = _HEADER.pack(_MAGIC, len(body), zlib.crc32(body)) + body
-        view = memoryview(record)
-        while view:
-            view = view[os.write(self._fd, view):]
-        os.fsync(self._fd)
-
-    def size(self) -> int:
-        return os.fstat(self._fd).st_size
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-    @staticmethod
-    def records(path: str):
-        """Yields record bodies; cuts the file at the first torn or corrupt record (it was never acknowledged)."""
-        if not os.path.exists(path):
-            return
-        with open(path, "rb") as f:
-            data = f.read()
-        at = 0
-        while at + _HEADER.size <= len(data):
-            magic, length, crc = _HEADER.unpack_from(data, at)
-            body = data[at + _HEADER.size: at + _HEADER.size + length]
-            if magic != _MAGIC or len(body) != length or zlib.crc32(body) != crc:
-                break
-            yield body
-            at += _HEADER.size + length
-        if at != len(data):
-            with open(path, "r+b") as f:
-                f.truncate(at)
-                os.fsync(f.fileno())
 
 
 class SemanticStore:
@@ -548,4 +342,3 @@ class SemanticStore:
                     "durable": self.data_dir is not None}
         finally:
             self._lock.release_read()
-

@@ -21,14 +21,16 @@ import grpc
 import numpy as np
 
 from mantis_jax.memory._faiss_index import IndexSpec
-from mantis_jax.memory._faiss_store import (ERRORS, InvalidArgument, NotFound, Payload, SearchResult,
-                                            SemanticMemoryError, SemanticStore)
+from mantis_jax.memory._faiss_store import SemanticStore
+from mantis_jax.memory._faiss_types import (ERRORS, InvalidArgument, NotFound, Payload, ResourceExhausted,
+                                            SearchResult, SemanticMemoryError, Unauthenticated, Unavailable)
 from mantis_jax.memory._faiss_wire import (bytes_to_ids, ids_to_bytes, matrix_to_proto, payload_to_proto,
                                            proto_to_matrix, proto_to_payload)
 from mantis_jax.memory.proto import semantic_pb2 as pb
 from mantis_jax.memory.proto import semantic_pb2_grpc as pb_grpc
 
-__all__ = ["SemanticMemory", "Payload", "SearchResult", "SemanticMemoryError", "InvalidArgument", "NotFound"]
+__all__ = ["SemanticMemory", "Payload", "SearchResult", "SemanticMemoryError", "InvalidArgument", "NotFound",
+           "ResourceExhausted", "Unauthenticated", "Unavailable"]
 
 _HINTS = {
     "RESOURCE_EXHAUSTED": "split the batch into smaller requests or start the service with a larger "

@@ -8,8 +8,7 @@ import pytest
 
 from mantis_jax.config import default_config
 from mantis_jax.memory.consolidation import Consolidator, decayed, entry_key
-from mantis_jax.memory.semantic import SemanticMemory
-from mantis_jax.memory._faiss_store import Unavailable
+from mantis_jax.memory.semantic import SemanticMemory, Unavailable
 
 D = 16
 

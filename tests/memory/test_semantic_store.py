@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mantis_jax.config import default_config
-from mantis_jax.memory import _faiss_store
+from mantis_jax.memory import _faiss_log, _faiss_store
 from mantis_jax.memory.semantic import InvalidArgument, NotFound, Payload, SemanticMemory
 
 D = 16
@@ -155,7 +155,7 @@ def test_torn_log_tail_is_dropped(tmp_path):
     mem.add(x[:10], [Payload(f"fact {i}") for i in range(10)], ids=np.arange(10))
     mem.close()
     with open(tmp_path / "wal.0.log", "ab") as f:  # a crash in the middle of writing an (unacknowledged) record
-        f.write(_faiss_store._HEADER.pack(_faiss_store._MAGIC, 1000, 0) + b"partial")
+        f.write(_faiss_log._HEADER.pack(_faiss_log._MAGIC, 1000, 0) + b"partial")
     again = SemanticMemory.in_process(D, data_dir=str(tmp_path))
     assert again.stats()["count"] == 10
     again.add(x[10:], [Payload(f"fact {i}") for i in range(10, 20)], ids=np.arange(10, 20))

@@ -1,0 +1,66 @@
+"""Types shared by the semantic store, its service and its client: errors (each maps to one gRPC status),
+the Payload of a stored fact, and the SearchResult of a query batch."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+
+
+class SemanticMemoryError(Exception):
+    """Base class; `code` is the gRPC status name the service answers with."""
+
+    code = "INTERNAL"
+
+
+class InvalidArgument(SemanticMemoryError, ValueError):
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(SemanticMemoryError, LookupError):
+    code = "NOT_FOUND"
+
+
+class ResourceExhausted(SemanticMemoryError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Unauthenticated(SemanticMemoryError):
+    code = "UNAUTHENTICATED"
+
+
+class Unavailable(SemanticMemoryError):
+    code = "UNAVAILABLE"
+
+
+ERRORS = {cls.code: cls for cls in (InvalidArgument, NotFound, ResourceExhausted, Unauthenticated, Unavailable)}
+
+
+@dataclasses.dataclass
+class Payload:
+    """What a stored fact carries: the real text span and its metadata (provenance goes in `metadata`)."""
+
+    text: str
+    source: str = ""
+    timestamp: float = 0.0
+    importance: float = 0.0
+    namespace: str = ""
+    metadata: dict = dataclasses.field(default_factory=dict)
+
+    def to_row(self) -> list:
+        return [self.text, self.source, self.timestamp, self.importance, self.namespace, self.metadata]
+
+    @classmethod
+    def from_row(cls, row) -> "Payload":
+        text, source, timestamp, importance, namespace, metadata = row
+        meta = json.loads(metadata) if isinstance(metadata, str) else metadata
+        return cls(text, source, float(timestamp), float(importance), namespace, meta)
+
+
+@dataclasses.dataclass
+class SearchResult:
+    ids: np.ndarray  # [B, K] int64, -1 where fewer than K live entries matched
+    scores: np.ndarray  # [B, K] float32, higher is better; -inf where the id is -1
+    payloads: list | None  # B lists of K Payload-or-None (None when with_payloads=False)
