@@ -73,7 +73,7 @@ def default_config() -> ml_collections.ConfigDict:
     moe.capacity_factor = 1.25
     moe.lb_loss_weight = 0.01
     moe.z_loss_weight = 1e-3
-    moe.router_impl = "reference"  # reference | pallas
+    moe.router_impl = "reference"  # reference | pallas | pallas_interpret (the kernels in the Pallas interpreter)
     moe.gmm_impl = "auto"  # backend of the grouped matmul used by impl=ragged (see model/moe.py)
     # Expert parallelism (parallel/expert.py): under a mesh whose `expert` axis is > 1, the dispatch exchanges
     # tokens with all_to_all and each device computes only its own experts; impl=capacity bounds the exchange
@@ -165,6 +165,8 @@ def default_config() -> ml_collections.ConfigDict:
     d.factworld_qa_share = 0.35  # share of a document's lines that are Q/A pairs
     d.factworld_unknown_share = 0.1  # share of questions about never-stated attributes (answer "unknown")
     d.factworld_unstated_prob = 0.15  # probability that an entity's attribute is never stated
+    d.factworld_filler_ratio = 0.3  # filler sentences per fact sentence (on average)
+    d.factworld_paraphrase = 0.0  # probability of an alternative wording of a fact sentence (0 = canonical only)
     d.answer_loss_weight = 1.0  # loss weight of answer tokens (after "A:" at a line start); 1 = plain LM
     d.add_bos = True  # each packed document is <bos> tokens <eos>
     d.doc_separator = "blank_line"  # text files: blank_line | line | file
@@ -280,7 +282,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _one_of(config, "model.param_dtype", ("float32", "bfloat16"))
     _one_of(config, "model.remat", ("none", "full", "dots", "dots_no_batch"))
     _one_of(config, "moe.impl", ("dense", "ragged", "capacity"))
-    _one_of(config, "moe.router_impl", ("reference", "pallas"))
+    _one_of(config, "moe.router_impl", ("reference", "pallas", "pallas_interpret"))
+    _one_of(config, "moe.gmm_impl", ("auto", "ragged_dot", "megablox", "padded"))
     _one_of(config, "memory.episodic.scan_impl", ("sequential", "associative", "chunked"))
     ep = config.memory.episodic
     _require(0.0 < ep.dt_min <= ep.dt_max,
@@ -331,6 +334,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              f"config.data.factworld_unknown_share ({d.factworld_unknown_share}) must be in [0, 1]")
     _require(0.0 <= d.factworld_unstated_prob < 1.0,
              f"config.data.factworld_unstated_prob ({d.factworld_unstated_prob}) must be in [0, 1)")
+    _require(0.0 <= d.factworld_paraphrase <= 1.0 and d.factworld_filler_ratio >= 0.0,
+             f"config.data.factworld_paraphrase ({d.factworld_paraphrase}) must be in [0, 1] and "
+             f"config.data.factworld_filler_ratio ({d.factworld_filler_ratio}) >= 0")
     _require(d.worker_count >= 0, f"config.data.worker_count ({d.worker_count}) must be >= 0")
     _require(0.0 < config.train.min_lr_ratio <= 1.0 or config.train.min_lr_ratio == 0.0,
              f"config.train.min_lr_ratio ({config.train.min_lr_ratio}) must be in [0, 1]")

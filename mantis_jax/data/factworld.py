@@ -93,9 +93,11 @@ class Fact:
     attribute: str
     value: str | None  # None: never stated anywhere in the world
 
-    def sentence(self, rng: random.Random) -> str:
+    def sentence(self, rng: random.Random, paraphrase: float = 0.0) -> str:
+        """The canonical fact sentence; with probability `paraphrase` an alternative wording."""
         templates = ATTRIBUTES[self.attribute][0]
-        return rng.choice(templates).format(n=self.entity, v=self.value)
+        template = rng.choice(templates[1:]) if paraphrase and rng.random() < paraphrase else templates[0]
+        return template.format(n=self.entity, v=self.value)
 
     def question(self) -> str:
         return ATTRIBUTES[self.attribute][1].format(n=self.entity)
@@ -116,16 +118,19 @@ class World:
     """The seeded world. Entities, documents and QA records are pure functions of (seed, split, index)."""
 
     def __init__(self, seed: int = 0, n_entities: int = 2000, *, qa_share: float = 0.35,
-                 unknown_share: float = 0.1, unstated_prob: float = 0.15, filler_ratio: float = 0.3):
+                 unknown_share: float = 0.1, unstated_prob: float = 0.15, filler_ratio: float = 0.3,
+                 paraphrase: float = 0.0):
         if n_entities < 30:
             raise ValueError(f"factworld needs >= 30 entities (10 per split), got {n_entities}; "
                              "raise --config.data.factworld_entities")
         if not 0.0 < qa_share < 1.0:
             raise ValueError(f"factworld qa_share ({qa_share}) must be in (0, 1); "
                              "set --config.data.factworld_qa_share")
-        if not (0.0 <= unknown_share <= 1.0 and 0.0 <= unstated_prob < 1.0 and filler_ratio >= 0.0):
-            raise ValueError("factworld unknown_share and unstated_prob must be in [0, 1), filler_ratio >= 0")
-        self.seed, self.n_entities = seed, n_entities
+        if not (0.0 <= unknown_share <= 1.0 and 0.0 <= unstated_prob < 1.0 and filler_ratio >= 0.0
+                and 0.0 <= paraphrase <= 1.0):
+            raise ValueError("factworld unknown_share, paraphrase and unstated_prob must be in [0, 1], "
+                             "filler_ratio >= 0")
+        self.seed, self.n_entities, self.paraphrase = seed, n_entities, paraphrase
         self.qa_share, self.unknown_share = qa_share, unknown_share
         self.unstated_prob, self.filler_ratio = unstated_prob, filler_ratio
         s = len(SYLLABLES)
@@ -202,7 +207,7 @@ class World:
             mentioned += r.sample(stated, r.randint(min(2, len(stated)), min(5, len(stated))))
             unstated += [f for f in facts if f.value is None]
         r.shuffle(mentioned)
-        narrative: list[tuple[str, Fact | None]] = [(f.sentence(r), f) for f in mentioned]
+        narrative: list[tuple[str, Fact | None]] = [(f.sentence(r, self.paraphrase), f) for f in mentioned]
         for _ in range(round(len(mentioned) * self.filler_ratio * 2 * r.random())):
             narrative.insert(r.randrange(len(narrative) + 1), (self.filler(r), None))
         n_qa = max(1, round(len(narrative) * self.qa_share / (1.0 - self.qa_share)))
@@ -259,7 +264,7 @@ class World:
         rare, so BPE learns syllable pieces rather than whole names. Test entities then tokenize like training
         ones (whole-name tokens would be train-only and their test counterparts unseen pieces)."""
         crowd = World(self.seed + 1, len(SYLLABLES) ** self._n_syll // 4, qa_share=self.qa_share,
-                      unknown_share=self.unknown_share, unstated_prob=self.unstated_prob)
+                      unknown_share=self.unknown_share, unstated_prob=self.unstated_prob, paraphrase=0.5)
         return crowd.iter_documents("train", 0, n_docs)
 
     # ---- QA records -----------------------------------------------------------------------------------------
@@ -280,9 +285,10 @@ class World:
         sentences: list[str] = []
         for facts in entities:
             stated = [f for f in facts if f.value is not None and f is not fact]
-            sentences += [f.sentence(r) for f in r.sample(stated, min(len(stated), r.randint(1, 3)))]
+            picked = r.sample(stated, min(len(stated), r.randint(1, 3)))
+            sentences += [f.sentence(r, self.paraphrase) for f in picked]
         r.shuffle(sentences)
-        evidence = None if want_unknown else fact.sentence(r)
+        evidence = None if want_unknown else fact.sentence(r, self.paraphrase)
         if evidence is not None:
             sentences.insert(r.randrange(len(sentences) + 1), evidence)
         sessions: list[str] = []
@@ -303,7 +309,7 @@ class World:
                 body = evidence + " " + rest
             else:
                 later = self._random_entities(r, split, 1)[0]
-                later_facts = [f.sentence(r) for f in later if f.value is not None][:2]
+                later_facts = [f.sentence(r, self.paraphrase) for f in later if f.value is not None][:2]
                 sessions = [evidence + " " + " ".join(sentences), " ".join(fill + later_facts)]
                 body = SESSION_BREAK.join(sessions)
         record = {
@@ -356,7 +362,8 @@ def exact_match(pred: str, answer: str) -> bool:
 def world_from_config(config) -> World:
     d = config.data
     return World(d.factworld_seed, d.factworld_entities, qa_share=d.factworld_qa_share,
-                 unknown_share=d.factworld_unknown_share, unstated_prob=d.factworld_unstated_prob)
+                 unknown_share=d.factworld_unknown_share, unstated_prob=d.factworld_unstated_prob,
+                 filler_ratio=d.factworld_filler_ratio, paraphrase=d.factworld_paraphrase)
 
 
 def write_corpus(out_dir: str, world: World, *, docs: dict[str, int], qa_per_kind: int = 100,

@@ -134,6 +134,14 @@ def test_eval_questions_and_exact_match():
     assert fw.exact_match(" unknown", fw.UNKNOWN)
 
 
+def test_paraphrase_controls_fact_wording():
+    canonical, alternative = " has a pet ", " keeps a "  # the two wordings of the `pet` fact
+    text0 = "\n".join(fw.World(2, N_ENT).iter_documents("train", 0, 100))
+    text1 = "\n".join(fw.World(2, N_ENT, paraphrase=1.0).iter_documents("train", 0, 100))
+    assert canonical in text0 and alternative not in text0
+    assert alternative in text1 and canonical not in text1
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="factworld_entities"):
         fw.World(0, 10)

@@ -24,8 +24,8 @@ def corpus(tmp_path_factory):
 def test_pretokenize_text_into_shards(tmp_path, corpus):
     d, docs = corpus
     out = tmp_path / "tokens"
-    paths = preprocess.pretokenize(preprocess.build_parser().parse_args(["pretokenize", "--input", str(d), "--out", str(out),
-                                                    "--vocab", "300", "--shard_docs", "12"]))
+    argv = ["pretokenize", "--input", str(d), "--out", str(out), "--vocab", "300", "--shard_docs", "12"]
+    paths = preprocess.pretokenize(preprocess.build_parser().parse_args(argv))
     assert [os.path.basename(p) for p in paths] == ["part-00000.tok", "part-00001.tok", "part-00002.tok"]
     tok = Tokenizer.load(str(out))
     assert tok.vocab_size <= 300
