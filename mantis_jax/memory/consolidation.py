@@ -59,7 +59,7 @@ class SpooledEntry:
 
 def entry_key(entry) -> int:
     """A 62-bit id from the entry's content: re-consolidating the same entry upserts instead of duplicating."""
-    text = json.dumps([entry.text, list(entry.token_range), int(entry.timestamp), getattr(entry, "source", "")])
+    text = json.dumps([entry.text, [int(t) for t in entry.token_range], int(entry.timestamp), _source(entry)])
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 2
 
 
@@ -70,6 +70,10 @@ def decayed(importance: float, age: float, half_life: float) -> float:
 
 def _unit(x_nd: np.ndarray) -> np.ndarray:
     return x_nd / np.maximum(np.linalg.norm(x_nd, axis=-1, keepdims=True), 1e-30)
+
+
+def _source(entry) -> str:
+    return getattr(entry, "source", "") or "episodic"
 
 
 def _default_embed(entries: Sequence[EvictedEntry]) -> np.ndarray:
@@ -174,7 +178,7 @@ class Consolidator:
             lines.append(json.dumps({
                 "text": e.text, "token_range": [int(t) for t in e.token_range], "timestamp": int(e.timestamp),
                 "importance": float(e.importance), "uncertainty": float(getattr(e, "uncertainty", 0.0)),
-                "source": getattr(e, "source", "episodic"), "embedding": base64.b64encode(emb.tobytes()).decode(),
+                "source": _source(e), "embedding": base64.b64encode(emb.tobytes()).decode(),
             }).encode() + b"\n")
         with self._spool_lock:
             os.makedirs(os.path.dirname(self._spool), exist_ok=True)
@@ -270,7 +274,7 @@ class Consolidator:
             elif score[n] < cfg.min_importance:
                 counts["dropped"] += 1
             else:
-                payload = Payload(text=e.text, source=getattr(e, "source", "episodic"), timestamp=float(e.timestamp),
+                payload = Payload(text=e.text, source=_source(e), timestamp=float(e.timestamp),
                                   importance=float(score[n]), namespace=cfg.namespace,
                                   metadata={"token_range": [int(t) for t in e.token_range], "provenance": [record]})
                 new.append([entry_key(e), unit[n], vectors[n], payload])
@@ -287,7 +291,7 @@ class Consolidator:
     @staticmethod
     def _provenance(e, score: float) -> dict:
         return {"key": str(entry_key(e)), "text": e.text, "token_range": [int(t) for t in e.token_range],
-                "timestamp": int(e.timestamp), "source": getattr(e, "source", "episodic"),
+                "timestamp": int(e.timestamp), "source": _source(e),
                 "importance": float(e.importance), "uncertainty": float(getattr(e, "uncertainty", 0.0)),
                 "score": score}
 
