@@ -3,6 +3,7 @@ reference, deletions, IVF training, compaction, durability (snapshot + log repla
 
 import os
 import threading
+import time
 
 import faiss
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from mantis_jax.config import default_config
 from mantis_jax.memory import _faiss_log, _faiss_store
+from mantis_jax.memory._faiss_index import IndexSpec
 from mantis_jax.memory.semantic import InvalidArgument, NotFound, Payload, SemanticMemory
 
 D = 16
@@ -246,3 +248,14 @@ def test_durable_compaction_survives_restart(tmp_path):
     np.testing.assert_array_equal(after.ids, before.ids)
     assert not np.isin(after.ids, np.arange(0, 200, 2)).any()
     assert again.get([1001])[1][0].text == "late b"
+
+
+def test_periodic_snapshot_timer(tmp_path):
+    store = _faiss_store.SemanticStore(IndexSpec(dim=D), str(tmp_path), snapshot_interval_s=0.1)
+    store.add(clustered(5, seed=15), [Payload("a")] * 5)
+    deadline = time.monotonic() + 20
+    while store.stats()["generation"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stats = store.stats()
+    assert stats["generation"] >= 1 and stats["wal_bytes"] == 0
+    store.close()

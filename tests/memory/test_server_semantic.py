@@ -272,3 +272,15 @@ def test_sharded_client_equals_one_big_index(tmp_path):
     finally:
         for proc, _ in shards:
             stop(proc)
+
+
+def test_token_from_file_or_environment(tmp_path, monkeypatch):
+    from mantis_jax.memory.server import read_token
+
+    monkeypatch.setenv("MY_TOKEN", "from-env")
+    assert read_token("", "MY_TOKEN") == "from-env"
+    (tmp_path / "token").write_text("from-file\n")
+    assert read_token(str(tmp_path / "token"), "MY_TOKEN") == "from-file"  # the file wins
+    (tmp_path / "empty").write_text("")
+    with pytest.raises(SystemExit, match="empty"):
+        read_token(str(tmp_path / "empty"), "MY_TOKEN")
