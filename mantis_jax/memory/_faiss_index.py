@@ -211,6 +211,9 @@ class VectorIndex:
 
     def compact(self, new_vectors_path: str | None = None) -> None:
         """Drops dead rows: a fresh raw matrix (a new file when durable) and an index rebuilt from live rows."""
+        if self.vectors_path is not None and new_vectors_path in (None, self.vectors_path):
+            raise ValueError("compacting a file-backed index needs a new vectors file: the old rows must stay "
+                             "intact until the snapshot that stops using them is committed")
         rows = self.live_rows()
         old_raw, old_ids, old_ns = self._raw_nd, self.row2id, self.row_ns
         if new_vectors_path is not None:

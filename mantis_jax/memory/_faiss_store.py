@@ -192,7 +192,10 @@ class SemanticStore:
 
     # ------------------------------------------------------------------------------------ validation
     def _matrix(self, x, what: str) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32)
+        try:
+            x = np.asarray(x, dtype=np.float32)
+        except (TypeError, ValueError) as e:
+            raise InvalidArgument(f"{what} must be a numeric [N, {self.spec.dim}] array ({e})") from None
         if x.ndim == 1:
             x = x[None]
         if x.ndim != 2 or x.shape[0] == 0:

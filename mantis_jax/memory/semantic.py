@@ -41,6 +41,13 @@ _HINTS = {
 }
 
 
+def _as_matrix(x, what: str) -> np.ndarray:
+    try:
+        return np.asarray(x, np.float32)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgument(f"{what} must be a numeric [N, D] array ({e})") from None
+
+
 class _GrpcBackend:
     """One service: numpy in, protobuf over the wire, numpy out; gRPC errors become SemanticMemoryErrors."""
 
@@ -232,12 +239,12 @@ class SemanticMemory:
     def add(self, vectors, payloads: list, ids=None) -> np.ndarray:
         """Stores vectors [N, D] with one Payload (or text) each; ids are upserted. Returns the ids."""
         payloads = [Payload(text=p) if isinstance(p, str) else p for p in payloads]
-        return self._backend.add(np.asarray(vectors, np.float32), payloads, None if ids is None else np.asarray(ids))
+        return self._backend.add(_as_matrix(vectors, "vectors"), payloads, None if ids is None else np.asarray(ids))
 
     def search(self, queries, k: int | None = None, *, nprobe: int | None = None, ef_search: int | None = None,
                namespace: str | None = None, with_payloads: bool = True) -> SearchResult:
         """Top-k facts per query row [B, D]; one FAISS call per batch."""
-        return self._backend.search(np.asarray(queries, np.float32), self.default_k if k is None else k,
+        return self._backend.search(_as_matrix(queries, "queries"), self.default_k if k is None else k,
                                     nprobe=nprobe, ef_search=ef_search, namespace=namespace,
                                     with_payloads=with_payloads)
 
