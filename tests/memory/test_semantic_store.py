@@ -173,6 +173,7 @@ def test_bad_input_is_rejected_and_changes_nothing():
     nan[1, 3] = np.nan
     bad = [
         (lambda: mem.add(x[:, :5], ["a"] * 10), InvalidArgument, "dimension 5"),
+        (lambda: mem.add([["a"] * D], ["a"]), InvalidArgument, "numeric"),
         (lambda: mem.add(nan, ["a", "b"]), InvalidArgument, "NaN or inf"),
         (lambda: mem.add(np.full((1, D), np.inf), ["a"]), InvalidArgument, "NaN or inf"),
         (lambda: mem.add(np.zeros((0, D)), []), InvalidArgument, "non-empty"),
