@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# N processes of one job on this host, each calling jax.distributed.initialize from MANTIS_* variables
+# (mantis_jax/parallel/distributed.py); CPU processes exchange collectives over gloo.
+#
+#   launch/local.sh N [--config=configs/micro.py --workdir=runs/x --config.mesh.fsdp=4 ...]
+#   launch/local.sh N python -m mantis_jax.train --config=...     (any command)
+#
+# With no command, or arguments that start with "--", the command is `python -m mantis_jax.train` and every
+# argument is passed straight through (config overrides included). Environment knobs:
+#   MANTIS_CPU_DEVICES=K   fake CPU devices per process (sets XLA_FLAGS, JAX_PLATFORMS=cpu)
+#   MANTIS_PORT=P          coordinator port (default: a free one)
+#   PYTHON=...             interpreter (default: .venv/bin/python when present, else python3)
+# Every output line is prefixed with "[p<i>] ". If one process fails, the others are stopped and the exit status
+# is that process's.
+set -euo pipefail
+
+if [[ $# -lt 1 || ! "$1" =~ ^[0-9]+$ || "$1" -lt 1 ]]; then
+  echo "usage: launch/local.sh N [command ...] (N >= 1 processes; default command: python -m mantis_jax.train)" >&2
+  exit 2
+fi
+N=$1
+shift
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
+fi
+if [[ $# -eq 0 || "$1" == --* ]]; then
+  set -- "$PYTHON" -m mantis_jax.train "$@"
+fi
+PORT="${MANTIS_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+if [[ -n "${MANTIS_CPU_DEVICES:-}" ]]; then
+  export JAX_PLATFORMS=cpu
+  export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${MANTIS_CPU_DEVICES}"
+fi
+
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+}
+trap cleanup INT TERM
+
+for ((i = 0; i < N; i++)); do
+  MANTIS_COORDINATOR="127.0.0.1:$PORT" MANTIS_NUM_PROCESSES="$N" MANTIS_PROCESS_ID="$i" \
+    "$@" > >(sed -u "s/^/[p$i] /") 2> >(sed -u "s/^/[p$i] /" >&2) &
+  pids+=($!)
+done
+
+status=0
+live=("${pids[@]}")
+while ((${#live[@]} > 0)); do
+  set +e
+  wait -n -p done_pid "${live[@]}"
+  rc=$?
+  set -e
+  next=()
+  for pid in "${live[@]}"; do [[ "$pid" != "$done_pid" ]] && next+=("$pid"); done
+  live=("${next[@]}")
+  if ((rc != 0 && status == 0)); then
+    status=$rc
+    echo "launch/local.sh: process $done_pid exited with status $rc; stopping the others" >&2
+    cleanup
+  fi
+done
+exit "$status"
