@@ -18,7 +18,7 @@ factworld it is the val-split entities.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import grain
 import numpy as np
@@ -134,10 +134,17 @@ def make_datasets(config, tokenizer: Tokenizer, *, process_index: int = 0, proce
     train_src = sources.open_source(config, tokenizer)
     train_docs = grain.MapDataset.source(train_src)
     val_docs = None
-    if d.source == "factworld" and not d.val_file:
+    if d.val_file and d.source in ("tfds", "hf"):  # val_file names the validation split
         val_docs = grain.MapDataset.source(sources.open_source(config, tokenizer, split="val"))
-    elif d.val_file:
-        val_docs = grain.MapDataset.source(sources.open_source(config, tokenizer, path=d.val_file, split="val"))
+    elif d.val_file:  # a text or token file, whatever the training source
+        kind = sources.file_kind(d.val_file)
+        val_docs = grain.MapDataset.source(sources.open_source(config, tokenizer, path=d.val_file, split="val",
+                                                               kind=kind))
+    elif d.source == "factworld":
+        if d.val_split > 0:
+            raise DataError("config.data.val_split does not apply to factworld (its validation data are the "
+                            "val-split entities); set --config.data.val_split=0")
+        val_docs = grain.MapDataset.source(sources.open_source(config, tokenizer, split="val"))
     elif d.val_split > 0:
         n = len(train_docs)
         n_val = max(process_count, int(round(n * d.val_split)))
@@ -174,9 +181,3 @@ def restore_iterator_state(iterator: grain.DatasetIterator, state: str | dict[st
     iterator.set_state(json.loads(state) if isinstance(state, str) else state)
     return iterator
 
-
-def first_batches(datasets: Datasets, n: int) -> Iterator[Batch]:
-    """The first n training batches (for smoke tests and notebooks)."""
-    it = iter(datasets.train)
-    for _ in range(n):
-        yield next(it)

@@ -306,11 +306,23 @@ class TfdsSource:
 
 
 # ---- selection by config ------------------------------------------------------------------------------------------
-def open_source(config, tokenizer: Tokenizer, *, path: str | None = None, split: str = "train"):
-    """The source `config.data.source` names, reading `path` (default config.data.path)."""
+def file_kind(path: str) -> str:
+    """`tokenized` for a token file or a directory of them, else `text`."""
+    if path.endswith(TOKEN_SUFFIX) or (os.path.isdir(path) and glob.glob(os.path.join(path, f"*{TOKEN_SUFFIX}"))):
+        return "tokenized"
+    return "text"
+
+
+def open_source(config, tokenizer: Tokenizer, *, path: str | None = None, split: str = "train",
+                kind: str | None = None):
+    """The source `kind` (default config.data.source) reading `path` (default config.data.path).
+
+    `split="val"` selects validation data: factworld's val entities, or for tfds/hf the split named by
+    config.data.val_file.
+    """
     d = config.data
     path = d.path if path is None else path
-    kind = d.source
+    kind = kind or d.source
     if kind not in SOURCES:
         raise DataError(f"config.data.source ({kind!r}) must be one of {', '.join(SOURCES)}")
     if kind == "factworld":

@@ -159,6 +159,11 @@ def test_val_split_and_val_file(tok, tmp_path):
         C.validate(cfg)
     with pytest.raises(DataError, match="does not exist"):
         pipeline.make_datasets(_config(val_file=str(tmp_path / "nope.txt"), **common), tok)
+    # factworld: its own val entities by default, or a val_file; val_split does not apply.
+    ds = pipeline.make_datasets(_config(val_file=str(tmp_path / "val.txt")), tok)
+    assert docs[0].startswith(tok.decode(ds.val_batches()[0]["inputs"][0]))
+    with pytest.raises(DataError, match="does not apply to factworld"):
+        pipeline.make_datasets(_config(val_split=0.1), tok)
 
 
 def test_build_tokenizer_from_config(tmp_path, tok):

@@ -9,7 +9,7 @@ import pytest
 
 from mantis_jax import config as C
 from mantis_jax.data import factworld as fw
-from mantis_jax.data import sources
+from mantis_jax.data import pipeline, sources
 from mantis_jax.data.sources import DataError
 from mantis_jax.data.tokenizer import Tokenizer, TokenizerMismatchError
 
@@ -142,6 +142,10 @@ def test_tfds_array_record_source(tmp_path, tok):
     by_name = sources.open_source(cfg, tok)
     for src in (by_dir, by_name):  # array_record keeps no order guarantee across shards: compare as sets
         assert sorted(tok.decode(src[i]) for i in range(len(src))) == sorted(DOCS)
+    cfg.data.val_file, cfg.data.seq_len, cfg.data.batch_size = "validation", 8, 2
+    val = pipeline.make_datasets(cfg, tok).val_batches()
+    stream = np.concatenate([np.concatenate([v["inputs"][r], v["targets"][r, -1:]]) for v in val for r in range(2)])
+    assert tok.decode(stream).startswith(DOCS[0])  # the validation split holds DOCS[:1]
     with pytest.raises(DataError, match="text_field"):
         sources.TfdsSource(str(data_dir / "mantis_tiny_text" / "1.0.0"), split="train", tokenizer=tok,
                            text_field="body")
