@@ -114,6 +114,7 @@ def default_config() -> ml_collections.ConfigDict:
     sem.refine_factor = 8  # ivfpq re-ranks k * refine_factor PQ candidates exactly against the raw vectors
     sem.train_min = 0  # live vectors before ivfpq trains; 0 = 39 * max(nlist, 2**pq_nbits)
     sem.train_sample = 131072  # vectors sampled to train ivfpq
+    sem.ondisk = False  # ivfpq: IVF inverted lists in a memory-mapped file, not RAM (needs data_dir or a service)
     sem.ef_construction = 80
     sem.compact_ratio = 0.2  # rebuild index + raw rows when more than this fraction is deleted/stale
     sem.max_k = 1024
@@ -133,7 +134,10 @@ def default_config() -> ml_collections.ConfigDict:
     con.queue_size = 1024
     con.batch_size = 64  # evicted entries consolidated per service round trip
     con.namespace = "episodic"
-    con.spool_dir = ""  # fsynced spool of accepted evictions, replayed after a crash; "" = none
+    # Fsynced spool of accepted evictions, replayed after a crash. "auto": under the in-process memory's data_dir,
+    # or ~/.local/state/mantis_jax/consolidation/ for a service, none for a non-durable in-process memory;
+    # "" = in memory only (not crash-safe); else a directory.
+    con.spool_dir = "auto"
 
     ctl = c.controller = ml_collections.ConfigDict()
     ctl.d_model = 256  # must equal model.d_model
@@ -167,6 +171,7 @@ def default_config() -> ml_collections.ConfigDict:
     d.factworld_unstated_prob = 0.15  # probability that an entity's attribute is never stated
     d.factworld_filler_ratio = 0.3  # filler sentences per fact sentence (on average)
     d.factworld_paraphrase = 0.0  # probability of an alternative wording of a fact sentence (0 = canonical only)
+    d.factworld_max_entities = 3  # entities per training document: uniform in [1, this]
     d.answer_loss_weight = 1.0  # loss weight of answer tokens (after "A:" at a line start); 1 = plain LM
     d.add_bos = True  # each packed document is <bos> tokens <eos>
     d.doc_separator = "blank_line"  # text files: blank_line | line | file
@@ -303,6 +308,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(sem.index != "ivfpq" or sem.dim % sem.pq_m == 0,
              f"config.memory.semantic.pq_m ({sem.pq_m}) must divide config.memory.semantic.dim ({sem.dim})")
     _require(1 <= sem.pq_nbits <= 16, f"config.memory.semantic.pq_nbits ({sem.pq_nbits}) must be in [1, 16]")
+    _require(not sem.ondisk or sem.index == "ivfpq",
+             f"config.memory.semantic.ondisk keeps IVF lists on disk and needs index 'ivfpq' (got {sem.index!r}); "
+             "set --config.memory.semantic.index=ivfpq or --config.memory.semantic.ondisk=False")
+    _require(not sem.ondisk or sem.data_dir or sem.address,
+             "config.memory.semantic.ondisk needs a file for the lists: set --config.memory.semantic.data_dir "
+             "(or address, for a service started with --ondisk)")
     _require(0.0 < sem.compact_ratio < 1.0,
              f"config.memory.semantic.compact_ratio ({sem.compact_ratio}) must be in (0, 1)")
     _require(-1.0 <= config.memory.consolidation.dedup_threshold <= 1.0,
@@ -337,6 +348,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(0.0 <= d.factworld_paraphrase <= 1.0 and d.factworld_filler_ratio >= 0.0,
              f"config.data.factworld_paraphrase ({d.factworld_paraphrase}) must be in [0, 1] and "
              f"config.data.factworld_filler_ratio ({d.factworld_filler_ratio}) >= 0")
+    _require(1 <= d.factworld_max_entities <= 8,
+             f"config.data.factworld_max_entities ({d.factworld_max_entities}) must be in [1, 8]")
     _require(d.worker_count >= 0, f"config.data.worker_count ({d.worker_count}) must be >= 0")
     _require(0.0 < config.train.min_lr_ratio <= 1.0 or config.train.min_lr_ratio == 0.0,
              f"config.train.min_lr_ratio ({config.train.min_lr_ratio}) must be in [0, 1]")

@@ -119,7 +119,7 @@ class World:
 
     def __init__(self, seed: int = 0, n_entities: int = 2000, *, qa_share: float = 0.35,
                  unknown_share: float = 0.1, unstated_prob: float = 0.15, filler_ratio: float = 0.3,
-                 paraphrase: float = 0.0):
+                 paraphrase: float = 0.0, max_entities: int = 3):
         if n_entities < 30:
             raise ValueError(f"factworld needs >= 30 entities (10 per split), got {n_entities}; "
                              "raise --config.data.factworld_entities")
@@ -130,7 +130,11 @@ class World:
                 and 0.0 <= paraphrase <= 1.0):
             raise ValueError("factworld unknown_share, paraphrase and unstated_prob must be in [0, 1], "
                              "filler_ratio >= 0")
+        if not 1 <= max_entities <= 8:
+            raise ValueError(f"factworld max_entities ({max_entities}) must be in [1, 8]; "
+                             "set --config.data.factworld_max_entities")
         self.seed, self.n_entities, self.paraphrase = seed, n_entities, paraphrase
+        self.max_entities = max_entities  # per training document (1 = no distractor entities: easiest)
         self.qa_share, self.unknown_share = qa_share, unknown_share
         self.unstated_prob, self.filler_ratio = unstated_prob, filler_ratio
         s = len(SYLLABLES)
@@ -199,7 +203,7 @@ class World:
     def document(self, split: str, index: int) -> Document:
         """Document `index` of `split`: narrative lines with QA pairs placed after the facts they ask about."""
         r = _rng(self.seed, "doc", split, index)
-        entities = self._random_entities(r, split, r.choice((1, 2, 2, 3)))
+        entities = self._random_entities(r, split, r.randint(1, self.max_entities))
         mentioned: list[Fact] = []
         unstated: list[Fact] = []
         for facts in entities:
@@ -275,7 +279,7 @@ class World:
             raise ValueError(f"unknown factworld QA kind {kind!r}; use one of {', '.join(KINDS)}")
         r = _rng(self.seed, "qa", split, kind, index, distance)
         while True:  # draw until the entity has what the kind needs (a stated or a never-stated attribute)
-            entities = self._random_entities(r, split, r.choice((1, 2, 3)))
+            entities = self._random_entities(r, split, r.randint(1, 3))  # fixed: records are a benchmark
             target = entities[0]
             want_unknown = kind == "unanswerable"
             pool = [f for f in target if (f.value is None) == want_unknown]
@@ -363,7 +367,8 @@ def world_from_config(config) -> World:
     d = config.data
     return World(d.factworld_seed, d.factworld_entities, qa_share=d.factworld_qa_share,
                  unknown_share=d.factworld_unknown_share, unstated_prob=d.factworld_unstated_prob,
-                 filler_ratio=d.factworld_filler_ratio, paraphrase=d.factworld_paraphrase)
+                 filler_ratio=d.factworld_filler_ratio, paraphrase=d.factworld_paraphrase,
+                 max_entities=d.factworld_max_entities)
 
 
 def write_corpus(out_dir: str, world: World, *, docs: dict[str, int], qa_per_kind: int = 100,

@@ -142,6 +142,17 @@ def test_paraphrase_controls_fact_wording():
     assert alternative in text1 and canonical not in text1
 
 
+def test_max_entities_per_document():
+    def counts(max_entities):
+        w = fw.World(4, N_ENT, max_entities=max_entities)
+        names = _names(w, "train")
+        subjects = re.compile(r"(?:^|\. |\n)([A-Z][a-z]+)[ ']")  # sentence subjects; friends are objects
+        return {len(set(subjects.findall(t)) & names) for t in w.iter_documents("train", 0, 200)}
+
+    assert max(counts(1)) == 1
+    assert max(counts(3)) == 3 and min(counts(3)) == 1
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="factworld_entities"):
         fw.World(0, 10)
