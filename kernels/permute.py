@@ -8,9 +8,10 @@ no atomics; each one's backward is the other gather: d x = unpermute(d xs, weigh
 scaled by the slot's weight, d w = row dot products of d out with the gathered ys.
 
 Data flow: two Pallas kernels with a row-gather inner step (`x_ref[idx_vector, columns]`, which Triton lowers
-to a pointer gather), grid = (row blocks, column blocks). On GPU they run as Triton; on CPU the jnp reference
-(or the interpreter with `interpret=True`); on TPU the jnp reference, since XLA's gather is TPU's fast path and
-Mosaic has no vector-indexed row gather.
+to a pointer gather), grid = (row blocks, column blocks). On GPU they run as Triton; with `interpret=True` in
+the Pallas interpreter; on CPU and TPU the same gather-only custom_vjp runs with XLA gathers as its bodies (TPU:
+Mosaic has no vector-indexed row gather, and XLA's gather is TPU's fast path). `impl="reference"` is the plain
+jnp definition differentiated by autodiff, which turns each gather into a scatter-add in the backward pass.
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ def _combine_kernel(pos_ref, w_ref, y_ref, o_ref, *, k):
 
 
 def _gather_rows(x_nd, idx_m, scale_m, mode: str):
-    """out[i] = x[idx[i]] * scale[i], as a kernel."""
+    """out[i] = x[idx[i]] * scale[i], as a kernel (or an XLA gather in mode "xla")."""
+    if mode == "xla":
+        return (x_nd[idx_m].astype(jnp.float32) * scale_m[:, None]).astype(x_nd.dtype)
     n_rows, d = idx_m.shape[0], x_nd.shape[1]
     bm, bd = BLOCK_ROWS, common.pow2_divisor(d, MAX_BLOCK_COLS)
     m_pad = common.cdiv(n_rows, bm) * bm
@@ -81,7 +84,9 @@ def _gather_rows(x_nd, idx_m, scale_m, mode: str):
 
 
 def _combine(ys_md, weights_tk, position_tk, mode: str):
-    """out[t] = sum_k w[t, k] * ys[pos[t, k]], as a kernel."""
+    """out[t] = sum_k w[t, k] * ys[pos[t, k]], as a kernel (or an XLA gather in mode "xla")."""
+    if mode == "xla":
+        return unpermute_reference(ys_md, weights_tk, position_tk)
     n_tokens, k = position_tk.shape
     d = ys_md.shape[1]
     bt, bd, k_pad = BLOCK_ROWS, common.pow2_divisor(d, MAX_BLOCK_COLS), common.next_pow2(k)
@@ -144,6 +149,13 @@ def _unpermute_bwd(mode, res, g_td):
 _unpermute_kernel.defvjp(_unpermute_fwd, _unpermute_bwd)
 
 
+def _mode(interpret: bool) -> str:
+    """Where there is no kernel (CPU, TPU), the same gather-only custom_vjp runs on XLA gathers: autodiff of
+    a gather would transpose it into a scatter-add, which XLA:CPU runs far slower."""
+    mode = common.lowering("pallas", interpret, tpu_kernel=False)
+    return "xla" if mode == "reference" else mode
+
+
 def _check(what: str, rows: jax.Array, order_m: jax.Array, position_tk: jax.Array) -> None:
     if rows.ndim != 2:
         raise ValueError(f"{what}: rows must be 2-D [N, D], got shape {rows.shape}")
@@ -157,10 +169,9 @@ def permute(x_td: jax.Array, order_m: jax.Array, position_tk: jax.Array, *, impl
     """xs_md[i] = x_td[order_m[i] // K]: token rows in expert-grouped order. Differentiable in x."""
     common.check_impl(impl, "permute")
     _check("permute", x_td, order_m, position_tk)
-    mode = common.lowering(impl, interpret, tpu_kernel=False)
-    if mode == "reference":
+    if impl == "reference":
         return permute_reference(x_td, order_m, position_tk.shape[1])
-    return _permute_kernel(x_td, order_m, position_tk, mode)
+    return _permute_kernel(x_td, order_m, position_tk, _mode(interpret))
 
 
 def unpermute(ys_md: jax.Array, weights_tk: jax.Array, order_m: jax.Array, position_tk: jax.Array, *,
@@ -170,7 +181,6 @@ def unpermute(ys_md: jax.Array, weights_tk: jax.Array, order_m: jax.Array, posit
     _check("unpermute", ys_md, order_m, position_tk)
     if weights_tk.shape != position_tk.shape:
         raise ValueError(f"unpermute: weights {weights_tk.shape} must match position_tk {position_tk.shape}")
-    mode = common.lowering(impl, interpret, tpu_kernel=False)
-    if mode == "reference":
+    if impl == "reference":
         return unpermute_reference(ys_md, weights_tk, position_tk)
-    return _unpermute_kernel(ys_md, weights_tk, order_m, position_tk, mode)
+    return _unpermute_kernel(ys_md, weights_tk, order_m, position_tk, _mode(interpret))

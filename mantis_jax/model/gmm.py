@@ -41,36 +41,56 @@ def default_block_rows(n_rows: int, n_experts: int) -> int:
     return max(8, min(128, 1 << (share.bit_length() - 1)))
 
 
+@jax.custom_vjp
+def _move_rows(a_nd, idx_m, inv_n):
+    """out[m] = a[idx[m]], or 0 where idx[m] == N. The map is injective, so the backward pass is the gather
+    d_a[n] = g[inv[n]] (0 where inv[n] == M) instead of XLA's scatter-add, which is slow on CPU."""
+    a_ext = jnp.concatenate([a_nd, jnp.zeros((1, a_nd.shape[1]), a_nd.dtype)], axis=0)
+    return a_ext[idx_m]
+
+
+def _move_rows_fwd(a_nd, idx_m, inv_n):
+    return _move_rows(a_nd, idx_m, inv_n), (idx_m, inv_n)
+
+
+def _move_rows_bwd(res, g_md):
+    idx_m, inv_n = res
+    return _move_rows(g_md, inv_n, idx_m), None, None
+
+
+_move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
+
+
 def _padded(x_md, w_edf, group_sizes_e, block_rows: int):
     n_rows, d = x_md.shape
     n_experts = w_edf.shape[0]
     b = block_rows
     n_blocks = max(1, (n_rows + n_experts * (b - 1)) // b)  # static bound on sum_e ceil(size_e / b)
+    n_pad = n_blocks * b
     sizes_e = group_sizes_e.astype(jnp.int32)
     start_e = jnp.cumsum(sizes_e) - sizes_e  # first row of each group in x
     blocks_e = -(-sizes_e // b)
     pend_e = jnp.cumsum(blocks_e) * b  # end row of each padded group
     pstart_e = pend_e - blocks_e * b
 
-    # Padded row j takes x row start[e] + (j - pstart[e]) of its group, or the appended zero row.
-    rows_j = jnp.arange(n_blocks * b, dtype=jnp.int32)
+    # Padded row j holds x row start[e] + (j - pstart[e]) of its group, or nothing (index n_rows).
+    rows_j = jnp.arange(n_pad, dtype=jnp.int32)
     e_j = jnp.searchsorted(pend_e, rows_j, side="right").astype(jnp.int32)
     e_jc = jnp.minimum(e_j, n_experts - 1)
     within_j = rows_j - pstart_e[e_jc]
-    valid_j = (e_j < n_experts) & (within_j < sizes_e[e_jc])
-    src_j = jnp.where(valid_j, start_e[e_jc] + within_j, n_rows)
-    x_ext = jnp.concatenate([x_md, jnp.zeros((1, d), x_md.dtype)], axis=0)
-    xp_nbd = x_ext[src_j].reshape(n_blocks, b, d)  # [N, b, D]
-    w_ndf = w_edf[e_jc[::b]]  # [N, D, F] each block's expert
-    yp_nbf = jnp.einsum("nbd,ndf->nbf", xp_nbd, w_ndf, preferred_element_type=jnp.float32)
-
-    # Row i of x comes back from padded row pstart[e] + (i - start[e]); rows past the groups are zero.
+    src_j = jnp.where((e_j < n_experts) & (within_j < sizes_e[e_jc]), start_e[e_jc] + within_j, n_rows)
+    # Row i of x lives at padded row pstart[e] + (i - start[e]); rows past the groups live nowhere (n_pad).
     rows_i = jnp.arange(n_rows, dtype=jnp.int32)
     e_i = jnp.searchsorted(jnp.cumsum(sizes_e), rows_i, side="right").astype(jnp.int32)
     e_ic = jnp.minimum(e_i, n_experts - 1)
-    dest_i = pstart_e[e_ic] + rows_i - start_e[e_ic]
-    y_mf = yp_nbf.reshape(n_blocks * b, -1)[jnp.minimum(dest_i, n_blocks * b - 1)]
-    return jnp.where((e_i < n_experts)[:, None], y_mf, 0.0).astype(x_md.dtype)
+    dest_i = jnp.where(e_i < n_experts, pstart_e[e_ic] + rows_i - start_e[e_ic], n_pad)
+
+    xp_nbd = _move_rows(x_md, src_j, dest_i).reshape(n_blocks, b, d)  # [N, b, D]
+    # Each block's expert weight by a one-hot matmul, whose transpose (d w) is a matmul too, not a scatter-add.
+    onehot_ne = jax.nn.one_hot(e_jc[::b], n_experts, dtype=w_edf.dtype)
+    w_ndf = jnp.einsum("ne,edf->ndf", onehot_ne, w_edf)  # [N, D, F]
+    yp_nbf = jnp.einsum("nbd,ndf->nbf", xp_nbd, w_ndf, preferred_element_type=jnp.float32).astype(x_md.dtype)
+    return _move_rows(yp_nbf.reshape(n_pad, -1), dest_i, src_j)
 
 
 def _megablox(x_md, w_edf, group_sizes_e, interpret: bool):

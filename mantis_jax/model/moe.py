@@ -7,6 +7,11 @@ backends (`impl`), equal whenever no token is dropped:
   dense     every expert on every token, masked by the combine weights: the reference;
   ragged    tokens sorted by expert, grouped matmul (`lax.ragged_dot`), dropless;
   capacity  one-hot dispatch into per-expert buffers of capacity ceil(cf · T·K / E); overflow is dropped.
+The grouped matmul of `ragged` has its own backends (`gmm_impl`, see model/gmm.py). The router (`router_impl`):
+  reference         jnp softmax → top-k here (`route`), then an argsort groups the slots by expert;
+  pallas            the fused kernel in kernels/router.py gives weights, ids and the grouping in one pass, and
+                    kernels/permute.py moves the rows (Triton on GPU, Mosaic router on TPU, jnp on CPU);
+  pallas_interpret  the same kernels run by the Pallas interpreter (tests on CPU; slow).
 Aux outputs (never side channels): Switch load-balancing loss E·Σ_e f_e·P_e, router z-loss, expert load f [E],
 fraction of dropped token slots.
 """
@@ -20,7 +25,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kernels import permute as permute_kernels
+from kernels import router as router_kernels
+from mantis_jax.model import gmm as gmm_backends
 from mantis_jax.model.layers import Dtype, constrain, logical_param
+
+ROUTER_IMPLS = ("reference", "pallas", "pallas_interpret")
 
 
 class Routing(NamedTuple):
@@ -71,7 +81,8 @@ def permute(x_td: jax.Array, ids_tk: jax.Array, n_experts: int) -> tuple[jax.Arr
 def unpermute(y_sorted: jax.Array, perm: Permutation, weights_tk: jax.Array) -> jax.Array:
     """Inverse of `permute`: back to (token, slot) order, then the weighted sum over the K slots: [T, D]."""
     T, K = weights_tk.shape
-    inverse = jnp.argsort(perm.sort_idx)
+    rows = jnp.arange(perm.sort_idx.shape[0], dtype=perm.sort_idx.dtype)
+    inverse = jnp.zeros_like(perm.sort_idx).at[perm.sort_idx].set(rows, unique_indices=True)  # no second sort
     y_tkd = jnp.take(y_sorted, inverse, axis=0).reshape(T, K, -1)
     return jnp.einsum("tkd,tk->td", y_tkd, weights_tk.astype(y_tkd.dtype))
 
@@ -84,13 +95,7 @@ def swiglu_grouped(x_md, w_gate_edf, w_up_edf, w_down_efd, group_sizes_e, gmm_im
 
 
 def _grouped_matmul(impl: str):
-    try:  # the backends of the grouped matmul (issue: kernels) live in model/gmm.py once present
-        from mantis_jax.model import gmm
-    except ImportError:
-        gmm = None
-    if gmm is None:
-        return lambda x, w, gs: jax.lax.ragged_dot(x, w, gs)
-    return lambda x, w, gs: gmm.grouped_matmul(x, w, gs, impl=impl)
+    return lambda x, w, gs: gmm_backends.grouped_matmul(x, w, gs, impl=impl)
 
 
 def expert_compute_dense(x_td, w_gate_edf, w_up_edf, w_down_efd, combine_te):
@@ -128,12 +133,24 @@ def expert_compute_capacity(x_td, w_gate_edf, w_up_edf, w_down_efd, dispatch_tec
     return jnp.einsum("tec,ecd->td", combine_tec.astype(y_ecd.dtype), y_ecd)
 
 
-def _route_impl(impl: str):
-    if impl == "pallas":
-        from kernels import router as router_kernels  # noqa: PLC0415 (optional dependency on the kernels package)
+def route_kernel(logits_te: jax.Array, top_k: int, bias_e: jax.Array | None = None,
+                 interpret: bool = False) -> tuple[Routing, router_kernels.Routing]:
+    """`route` through the fused router kernel, which also returns the expert grouping (order, positions,
+    counts). The full softmax stays in jnp: only the load-balancing loss reads it."""
+    logits_te = logits_te.astype(jnp.float32)
+    grouping = router_kernels.route(logits_te, bias_e, k=top_k, impl="pallas", interpret=interpret)
+    biased = logits_te if bias_e is None else logits_te + bias_e.astype(jnp.float32)
+    probs_te = jax.nn.softmax(biased, axis=-1)
+    return Routing(grouping.weights_tk, grouping.experts_tk, probs_te, logits_te), grouping
 
-        return router_kernels.route
-    return route
+
+def _route(router_impl: str, logits_te, top_k: int, bias_e):
+    """(Routing, kernel grouping or None)."""
+    if router_impl == "reference":
+        return route(logits_te, top_k, bias_e), None
+    if router_impl in ("pallas", "pallas_interpret"):
+        return route_kernel(logits_te, top_k, bias_e, interpret=router_impl == "pallas_interpret")
+    raise ValueError(f"config.moe.router_impl ({router_impl!r}) must be one of {', '.join(ROUTER_IMPLS)}")
 
 
 class MoEFeedForward(nn.Module):
@@ -164,7 +181,7 @@ class MoEFeedForward(nn.Module):
 
         x_td = x_btd.reshape(B * T, D).astype(self.dtype)
         logits_te = jnp.einsum("td,de->te", x_td.astype(jnp.float32), w_router)  # router in float32
-        r = _route_impl(self.router_impl)(logits_te, K, expert_bias_e)
+        r, grouping = _route(self.router_impl, logits_te, K, expert_bias_e)
         lb_loss, load_e = load_balancing_loss(r.probs_te, r.ids_tk)
         dropped = jnp.zeros((), jnp.float32)
 
@@ -172,9 +189,16 @@ class MoEFeedForward(nn.Module):
             combine_te = jnp.sum(jax.nn.one_hot(r.ids_tk, E, dtype=jnp.float32) * r.weights_tk[..., None], axis=1)
             y_td = expert_compute_dense(x_td, w_gate, w_up, w_down, combine_te)
         elif self.impl == "ragged":
-            x_sorted, perm = permute(x_td, r.ids_tk, E)
-            y_sorted = swiglu_grouped(x_sorted, w_gate, w_up, w_down, perm.group_sizes_e, self.gmm_impl)
-            y_td = unpermute(y_sorted, perm, r.weights_tk)
+            if grouping is None:
+                x_sorted, perm = permute(x_td, r.ids_tk, E)
+                y_sorted = swiglu_grouped(x_sorted, w_gate, w_up, w_down, perm.group_sizes_e, self.gmm_impl)
+                y_td = unpermute(y_sorted, perm, r.weights_tk)
+            else:  # the kernel already grouped the slots: gather-only permute / combine, no sort here
+                kw = dict(impl="pallas", interpret=self.router_impl == "pallas_interpret")
+                x_sorted = permute_kernels.permute(x_td, grouping.order_m, grouping.position_tk, **kw)
+                y_sorted = swiglu_grouped(x_sorted, w_gate, w_up, w_down, grouping.counts_e, self.gmm_impl)
+                y_td = permute_kernels.unpermute(y_sorted, r.weights_tk, grouping.order_m, grouping.position_tk,
+                                                 **kw)
         elif self.impl == "capacity":
             cap = capacity(B * T, K, E, self.capacity_factor)
             dispatch, combine, dropped = capacity_dispatch(r.ids_tk, r.weights_tk, E, cap)
