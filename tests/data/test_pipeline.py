@@ -106,6 +106,22 @@ def test_iterator_resume(tok, setup):
             np.testing.assert_array_equal(got[k], want[k])
 
 
+def test_iterator_state_in_an_orbax_checkpoint(tok, setup, tmp_path):
+    import orbax.checkpoint as ocp
+
+    cfg, _, batches = setup
+    it = iter(pipeline.make_datasets(cfg, tok).train)
+    next(it)
+    handlers = {"data": grain.checkpoint.CheckpointHandler()}
+    with ocp.CheckpointManager(str(tmp_path / "ckpt"), item_handlers=handlers) as mngr:
+        mngr.save(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        mngr.wait_until_finished()
+    restored = iter(pipeline.make_datasets(cfg, tok).train)
+    with ocp.CheckpointManager(str(tmp_path / "ckpt"), item_handlers=handlers) as mngr:
+        mngr.restore(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+    np.testing.assert_array_equal(next(restored)["inputs"], batches[1]["inputs"])
+
+
 def test_each_process_reads_its_own_shard(tok):
     cfg = _config()
     src = sources.open_source(cfg, tok)
