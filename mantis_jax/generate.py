@@ -1,0 +1,6 @@
+"""`python -m mantis_jax.generate --checkpoint=runs/micro --prompt="..."`: see mantis_jax/infer/generate_cli.py."""
+
+from mantis_jax.infer.generate_cli import main
+
+if __name__ == "__main__":
+    main()
