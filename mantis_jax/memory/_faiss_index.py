@@ -12,7 +12,9 @@ the squared L2 distance):
   ivfpq  exact `IndexFlat` until `train_min` live vectors exist; then IVF-PQ is trained on a sample and every
          live row is added to it. Candidates (k * refine_factor) are re-ranked exactly against the raw rows,
          which is what lifts recall@10 above 0.95; only the PQ codes (pq_m bytes per vector) are held by FAISS,
-         the raw rows can be a memory-mapped file larger than RAM.
+         the raw rows can be a memory-mapped file larger than RAM. With `ondisk` the inverted lists (the PQ
+         codes) live in a memory-mapped file too (see _faiss_ondisk), so nothing that grows with the data is
+         held in anonymous memory.
   hnsw   `IndexHNSWFlat`; no removal in FAISS, so deleted rows are tombstones filtered at search time, and the
          graph is rebuilt once more than `compact_ratio` are stale.
 Upserting an existing id kills its old row and appends a new one. Callers hold the locks (see _faiss_store).
@@ -26,6 +28,8 @@ import os
 
 import faiss
 import numpy as np
+
+from mantis_jax.memory import _faiss_ondisk as ondisk
 
 _CHUNK = 65536  # rows per FAISS add call when (re)building, to bound temporary memory
 
@@ -49,6 +53,7 @@ class IndexSpec:
     nprobe: int = 32
     ef_search: int = 128
     compact_ratio: float = 0.2
+    ondisk: bool = False  # ivfpq: inverted lists in a memory-mapped file (needs a data dir), not in RAM
     seed: int = 0
 
     def __post_init__(self):
@@ -62,6 +67,9 @@ class IndexSpec:
             (min(self.nlist, self.pq_m, self.refine_factor, self.hnsw_m, self.nprobe, self.ef_search) > 0,
              "nlist, pq_m, refine_factor, hnsw_m, nprobe and ef_search must be > 0"),
             (0.0 < self.compact_ratio < 1.0, f"compact_ratio ({self.compact_ratio}) must be in (0, 1)"),
+            (not self.ondisk or self.kind == "ivfpq",
+             f"ondisk keeps IVF inverted lists on disk and needs kind 'ivfpq' (got {self.kind!r}); use "
+             "--index ivfpq or drop --ondisk"),
         ]
         for ok, message in checks:
             if not ok:
@@ -84,11 +92,17 @@ def normalize_rows(x_nd: np.ndarray) -> np.ndarray:
 
 
 class VectorIndex:
-    """Raw rows + a FAISS index over them. Not thread-safe: the store serialises writers against readers."""
+    """Raw rows + a FAISS index over them. Not thread-safe: the store serialises writers against readers.
+    `lists_path` is the scratch file of the on-disk inverted lists (required when `spec.ondisk`)."""
 
-    def __init__(self, spec: IndexSpec, vectors_path: str | None = None, n_rows: int = 0):
+    def __init__(self, spec: IndexSpec, vectors_path: str | None = None, n_rows: int = 0,
+                 lists_path: str | None = None):
+        if spec.ondisk and lists_path is None:
+            raise ValueError("ondisk inverted lists need a file: give the store a data dir (--data-dir, "
+                             "config.memory.semantic.data_dir) or set ondisk=False")
         self.spec = spec
         self.vectors_path = vectors_path
+        self.lists_path = lists_path if spec.ondisk else None
         self.n_rows = n_rows
         self.n_live = 0
         self._raw_nd = np.zeros((0, spec.dim), np.float32)
@@ -148,6 +162,8 @@ class VectorIndex:
             # the exact re-ranking.
             index.pq.cp.niter = 10
             index.pq.cp.max_points_per_centroid = 64
+            if self.lists_path is not None:
+                ondisk.use_lists(index, self.lists_path)
             return index
         return faiss.IndexFlat(s.dim, self._faiss_metric())
 
@@ -221,11 +237,11 @@ class VectorIndex:
                 os.remove(new_vectors_path)
             self.vectors_path = new_vectors_path
         trained_index = self.index if (self.spec.kind == "ivfpq" and self.trained) else None
-        self.__init__(self.spec, self.vectors_path, 0)
-        if trained_index is not None:  # keep the trained quantizers; only the lists are rebuilt
+        self.__init__(self.spec, self.vectors_path, 0, self.lists_path)
+        if trained_index is not None:  # keep the trained quantizers; only the lists are rebuilt (a new file)
             self.trained = True
-            self.index = faiss.clone_index(trained_index)
-            self.index.reset()
+            self.index = trained_index
+            ondisk.use_lists(self.index, self.lists_path)
         for lo in range(0, len(rows), _CHUNK):
             chunk = rows[lo:lo + _CHUNK]
             self.add(old_ids[chunk], np.ascontiguousarray(old_raw[chunk]), old_ns[chunk])
@@ -240,7 +256,7 @@ class VectorIndex:
         sel = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits)) if filtered else None
         s = self.spec
         refine = s.kind == "ivfpq" and self.trained
-        k_search = min(k * s.refine_factor, max(self.n_rows, 1)) if refine else k
+        k_search = max(k, min(k * s.refine_factor, self.n_rows)) if refine else k  # FAISS pads past ntotal
         if s.kind == "hnsw":
             params = faiss.SearchParametersHNSW(efSearch=max(ef_search or s.ef_search, k))
         elif refine:
@@ -273,14 +289,18 @@ class VectorIndex:
 
     # ----------------------------------------------------------------------------------- persistence
     def save(self, directory: str) -> None:
-        """Writes the index and row tables into `directory` (fsynced); the raw rows are flushed in place."""
+        """Writes the index and row tables into `directory` (fsynced); the raw rows are flushed in place, on-disk
+        inverted lists are copied (their working file keeps changing after the snapshot)."""
         self.flush()
-        faiss.write_index(self.index, os.path.join(directory, "index.faiss"))
+        if ondisk.is_ondisk(self.index):
+            ondisk.write(self.index, directory)
+        else:
+            faiss.write_index(self.index, os.path.join(directory, "index.faiss"))
         n = self.n_rows
         np.savez(os.path.join(directory, "rows.npz"), row2id=self.row2id[:n], row_ns=self.row_ns[:n],
                  live=self.live[: (n + 7) // 8])
         meta = {"n_rows": n, "n_live": self.n_live, "trained": self.trained, "kind": self.spec.kind,
-                "dim": self.spec.dim, "metric": self.spec.metric}
+                "dim": self.spec.dim, "metric": self.spec.metric, "ondisk": ondisk.is_ondisk(self.index)}
         with open(os.path.join(directory, "index.json"), "w") as f:
             json.dump(meta, f)
         for name in ("index.faiss", "rows.npz", "index.json"):
@@ -289,7 +309,10 @@ class VectorIndex:
             os.close(fd)
 
     @classmethod
-    def load(cls, spec: IndexSpec, directory: str, vectors_path: str | None) -> "VectorIndex":
+    def load(cls, spec: IndexSpec, directory: str, vectors_path: str | None,
+             lists_path: str | None = None) -> "VectorIndex":
+        """The index saved in `directory`. Inverted lists go where `spec.ondisk` says (RAM, or a copy of the
+        snapshot's lists file at `lists_path`), whichever way the snapshot was written."""
         with open(os.path.join(directory, "index.json")) as f:
             meta = json.load(f)
         for key in ("kind", "dim", "metric"):
@@ -298,12 +321,15 @@ class VectorIndex:
                                  f"with {key}={getattr(spec, key)!r}; start it with the snapshot's {key} or use a "
                                  "new --data-dir")
         n = meta["n_rows"]
-        self = cls(spec, vectors_path, n)
+        self = cls(spec, vectors_path, n, lists_path)
         tables = np.load(os.path.join(directory, "rows.npz"))
         self.row2id[:n], self.row_ns[:n] = tables["row2id"], tables["row_ns"]
         self.live[: len(tables["live"])] = tables["live"]
         self.n_rows, self.n_live, self.trained = n, meta["n_live"], meta["trained"]
-        self.index = faiss.read_index(os.path.join(directory, "index.faiss"))
+        if spec.kind == "ivfpq" and meta["trained"]:
+            self.index = ondisk.read(directory, meta.get("ondisk", False), self.lists_path)
+        else:
+            self.index = faiss.read_index(os.path.join(directory, "index.faiss"))
         rows = self.live_rows()
         self.id2row = dict(zip(self.row2id[rows].tolist(), rows.tolist()))
         return self

@@ -5,8 +5,9 @@
 
 Durability (when `data_dir` is set):
   1. a write is validated, appended to `wal.<gen>.log` and fsynced, and only then applied and acknowledged;
-  2. payloads live in `payloads.sqlite` (WAL mode), raw vectors in the memory-mapped `vectors.<n>.f32`;
-  3. `snapshot()` writes `snap.<gen+1>/` (FAISS index + row tables), starts an empty `wal.<gen+1>.log`, and
+  2. payloads live in `payloads.sqlite` (WAL mode), raw vectors in the memory-mapped `vectors.<n>.f32`, and
+     with `spec.ondisk` the IVF inverted lists in the memory-mapped scratch file `lists.work.ivfdata`;
+  3. `snapshot()` writes `snap.<gen+1>/` (FAISS index + row tables + a copy of on-disk lists), starts an empty `wal.<gen+1>.log`, and
      commits both by atomically renaming `MANIFEST.json`; the old log is then deleted;
   4. on start the manifest's snapshot is loaded and its log replayed (a torn tail record was never
      acknowledged and is cut off). Replay is idempotent: adds are upserts and removes are deletes, so replaying
@@ -24,6 +25,7 @@ import threading
 
 import numpy as np
 
+from mantis_jax.memory import _faiss_ondisk
 from mantis_jax.memory._faiss_index import IndexSpec, VectorIndex, normalize_rows
 from mantis_jax.memory._faiss_log import (_OP_ADD, _MemoryPayloads, _SqlitePayloads, _Wal, _decode, _encode_add,
                                           _encode_remove, _fsync_dir)
@@ -66,6 +68,7 @@ class RWLock:
             self._cond.notify_all()
 
 
+LISTS_WORK = "lists.work.ivfdata"  # the on-disk inverted lists that adds change (snapshots hold copies)
 
 
 class SemanticStore:
@@ -112,13 +115,14 @@ class SemanticStore:
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         self.payloads = _SqlitePayloads(self._path("payloads.sqlite"))
         snap = self._path(f"snap.{self.generation}")
+        lists = self._path(LISTS_WORK)  # scratch: rebuilt from the snapshot's copy on every start
         if os.path.isdir(snap):
-            self.index = VectorIndex.load(self.spec, snap, self._path(self._vectors_name))
+            self.index = VectorIndex.load(self.spec, snap, self._path(self._vectors_name), lists)
             with open(os.path.join(snap, "store.json")) as f:
                 state = json.load(f)
             self.ns_codes, self.next_id = state["ns_codes"], state["next_id"]
         else:
-            self.index = VectorIndex(self.spec, self._path(self._vectors_name))
+            self.index = VectorIndex(self.spec, self._path(self._vectors_name), 0, lists)
         wal_path = self._path(f"wal.{self.generation}.log")
         for body in _Wal.records(wal_path):
             op, ids, vectors, payloads = _decode(body)
@@ -342,6 +346,6 @@ class SemanticStore:
                     "index": self.spec.kind, "metric": self.spec.metric, "trained": self.index.trained,
                     "stale_fraction": self.index.stale_fraction(), "generation": self.generation,
                     "wal_bytes": self._wal.size() if self._wal is not None else 0,
-                    "durable": self.data_dir is not None}
+                    "durable": self.data_dir is not None, "ondisk": _faiss_ondisk.is_ondisk(self.index.index)}
         finally:
             self._lock.release_read()

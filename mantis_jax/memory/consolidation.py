@@ -12,19 +12,28 @@ Data enters through `Consolidator.on_evict(entries)` (the EpisodicStore's evicti
      tick, source), and its importance becomes max(its importance decayed to now, the entry's);
   4. other entries below `min_importance` are dropped; the rest are stored with the real text span as payload,
      under an id derived from the entry's content, so storing an entry twice is an upsert, not a duplicate.
-Facts leave through `SemanticMemory.search`. Durability: with `spool_dir`, `on_evict` returns only after the
-entries are fsynced to a spool that a restarted Consolidator replays, so a crash loses nothing acknowledged;
-a failed batch (service down, embed_fn error) is retried with backoff, never dropped.
+Facts leave through `SemanticMemory.search`.
+
+Durability: `on_evict` returns only after the entries are fsynced to a spool (`spool.jsonl`, with the offset
+of what is stored in `spool.done`) that a restarted Consolidator replays first, so a crash loses nothing
+acknowledged; a failed batch (service down, embed_fn error) is retried with backoff, never dropped. Where the
+spool lives (`spool_dir`): "auto" (the default) puts it under the in-process memory's data dir, or for a
+service in `$XDG_STATE_HOME/mantis_jax/consolidation/<key of the addresses and namespace>` (default
+`~/.local/state`); a non-durable in-process memory gets no spool (a crash loses that memory anyway). "" means an
+in-memory queue only, which is NOT crash-safe; any other value is the spool directory. One Consolidator per
+spool: a second one on the same directory is refused (an exclusive lock), since both would replay and truncate it.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import queue
+import re
 import threading
 import time
 from typing import Callable, Protocol, Sequence
@@ -76,6 +85,27 @@ def _source(entry) -> str:
     return getattr(entry, "source", "") or "episodic"
 
 
+def spool_dir_for(memory, spool_dir: str, namespace: str) -> str | None:
+    """The spool directory a Consolidator of `memory` uses (None: in memory only); see the module docstring."""
+    if spool_dir != "auto":
+        return spool_dir or None
+    data_dirs, addresses = getattr(memory, "data_dirs", None), getattr(memory, "addresses", None)
+    if data_dirs is None or addresses is None:
+        raise ValueError(f"consolidation.spool_dir='auto' cannot tell where {type(memory).__name__} keeps its data; "
+                         "set config.memory.consolidation.spool_dir to a directory (or '' for an in-memory queue "
+                         "that is not crash-safe)")
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", namespace)
+    if name != namespace or not name:  # keep distinct namespaces apart after the renaming
+        name += "-" + hashlib.blake2b(namespace.encode(), digest_size=4).hexdigest()
+    if data_dirs:
+        return os.path.join(data_dirs[0], "consolidation", name)
+    if addresses:
+        key = hashlib.blake2b(",".join(addresses).encode(), digest_size=6).hexdigest()
+        state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+        return os.path.join(state, "mantis_jax", "consolidation", f"{key}-{name}")
+    return None  # a non-durable in-process memory: nothing survives a crash, the spool included
+
+
 def _default_embed(entries: Sequence[EvictedEntry]) -> np.ndarray:
     return np.stack([np.asarray(e.embedding, np.float32) for e in entries])
 
@@ -95,8 +125,10 @@ class Consolidator:
         self._stop = threading.Event()
         self._spool_lock = threading.Lock()
         self._accept_lock = threading.Lock()
-        self._spool = os.path.join(config.spool_dir, "spool.jsonl") if config.spool_dir else None
-        self._done = os.path.join(config.spool_dir, "spool.done") if config.spool_dir else None
+        self.spool_dir = spool_dir_for(memory, config.spool_dir, config.namespace)
+        self._spool = os.path.join(self.spool_dir, "spool.jsonl") if self.spool_dir else None
+        self._done = os.path.join(self.spool_dir, "spool.done") if self.spool_dir else None
+        self._lock_file = self._lock_spool() if self.spool_dir else None
         self._thread = threading.Thread(target=self._run, name="consolidation", daemon=True)
         backlog = self._read_spool() if self._spool else []
         if start:
@@ -106,7 +138,8 @@ class Consolidator:
 
     # ----------------------------------------------------------------------------------- the queue
     def on_evict(self, entries: Sequence[EvictedEntry]) -> None:
-        """Accepts evicted entries; blocks while the queue is full. With a spool, returns after fsync."""
+        """Accepts evicted entries; blocks while the queue is full. With a spool (the default whenever the memory
+        is durable), returns only after the entries are fsynced to it."""
         entries = list(entries)
         if not entries:
             return
@@ -136,6 +169,9 @@ class Consolidator:
         if self._thread.is_alive():
             self._queue.put((_STOP, 0))
             self._thread.join(timeout)
+        if self._lock_file is not None and not self._thread.is_alive():  # a live thread may still write the spool
+            self._lock_file.close()  # releases the lock
+            self._lock_file = None
 
     def __enter__(self):
         return self
@@ -171,6 +207,23 @@ class Consolidator:
                 return
 
     # ------------------------------------------------------------------------------------ the spool
+    def _lock_spool(self):
+        os.makedirs(self.spool_dir, exist_ok=True)
+        f = open(os.path.join(self.spool_dir, "spool.lock"), "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "?"
+            f.close()
+            raise ValueError(f"the consolidation spool {self.spool_dir} is in use by another Consolidator (pid "
+                             f"{owner}); give each one its own config.memory.consolidation.spool_dir or namespace, "
+                             "or close the other first") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        return f
+
     def _append_spool(self, entries) -> list[int]:
         lines = []
         for e in entries:

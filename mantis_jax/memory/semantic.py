@@ -53,6 +53,7 @@ class _GrpcBackend:
 
     def __init__(self, address: str, token: str = "", timeout_s: float = 30.0):
         self.address, self.timeout_s = address, timeout_s
+        self.addresses, self.data_dirs = [address], []
         self._channel = grpc.insecure_channel(address, options=[
             ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)])
         self._stub = pb_grpc.SemanticMemoryStub(self._channel)
@@ -109,6 +110,7 @@ class _GrpcBackend:
 class _LocalBackend:
     def __init__(self, store: SemanticStore):
         self.store = store
+        self.addresses, self.data_dirs = [], [store.data_dir] if store.data_dir is not None else []
 
     def __getattr__(self, name):
         return getattr(self.store, name)
@@ -122,6 +124,8 @@ class _ShardedBackend:
 
     def __init__(self, shards: list):
         self.shards = shards
+        self.addresses = [a for s in shards for a in s.addresses]
+        self.data_dirs = [d for s in shards for d in s.data_dirs]
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(shards))
         self._rng = np.random.default_rng(int.from_bytes(os.urandom(8), "little"))
 
@@ -234,6 +238,16 @@ class SemanticMemory:
         store = SemanticStore(IndexSpec.from_config(sem), sem.data_dir or None, max_k=sem.max_k,
                               max_batch=sem.max_batch)
         return cls(_LocalBackend(store), sem.k)
+
+    @property
+    def addresses(self) -> list[str]:
+        """The services behind this memory ("host:port", in shard order); [] in-process."""
+        return list(self._backend.addresses)
+
+    @property
+    def data_dirs(self) -> list[str]:
+        """Data dirs of the durable in-process stores behind this memory; [] for services and non-durable stores."""
+        return list(self._backend.data_dirs)
 
     # ------------------------------------------------------------------------------------------- API
     def add(self, vectors, payloads: list, ids=None) -> np.ndarray:

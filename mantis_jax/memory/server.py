@@ -1,6 +1,6 @@
 """The semantic memory service: one SemanticStore served over gRPC, in its own host-side process.
 
-    python -m mantis_jax.memory.server --data-dir DIR --dim 256 [--index ivfpq] [--port 0] [--host 127.0.0.1]
+    python -m mantis_jax.memory.server --data-dir DIR --dim 256 [--index ivfpq [--ondisk]] [--port 0]
 
 Requests arrive as protobuf messages (mantis_jax/memory/proto/semantic.proto), are decoded into numpy arrays and
 Payloads, and go to the store, which validates them, logs writes to its fsynced log before acknowledging, and
@@ -165,6 +165,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                  "refine_factor", "train_min", "train_sample", "max_k", "max_batch"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=sem[name])
     p.add_argument("--compact-ratio", type=float, default=sem.compact_ratio)
+    p.add_argument("--ondisk", action="store_true", default=sem.ondisk,
+                   help="ivfpq: keep the IVF inverted lists in a memory-mapped file in --data-dir, not in RAM")
     p.add_argument("--max-request-mb", type=float, default=sem.max_request_mb)
     p.add_argument("--snapshot-interval", type=float, default=sem.snapshot_interval_s, help="seconds; 0 = never")
     p.add_argument("--host", default="127.0.0.1")
@@ -214,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
                          nlist=args.nlist, pq_m=args.pq_m, pq_nbits=args.pq_nbits, nprobe=args.nprobe,
                          hnsw_m=args.hnsw_m, ef_search=args.ef_search, ef_construction=args.ef_construction,
                          refine_factor=args.refine_factor, train_min=args.train_min, train_sample=args.train_sample,
-                         compact_ratio=args.compact_ratio)
+                         compact_ratio=args.compact_ratio, ondisk=args.ondisk)
         store = SemanticStore(spec, args.data_dir, max_k=args.max_k, max_batch=args.max_batch,
                               snapshot_interval_s=args.snapshot_interval)
     except ValueError as e:
@@ -227,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
         with open(tmp, "w") as f:
             f.write(str(port))
         os.replace(tmp, args.port_file)
-    print(f"listening on {args.host}:{port} ({spec.kind}, dim {spec.dim}, {store.stats()['count']} entries)",
+    lists = ", lists on disk" if spec.ondisk else ""
+    print(f"listening on {args.host}:{port} ({spec.kind}{lists}, dim {spec.dim}, {store.stats()['count']} entries)",
           flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

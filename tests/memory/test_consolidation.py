@@ -1,13 +1,18 @@
 """Consolidation of evicted episodic entries into semantic memory: dedup with provenance, the importance
-formula against a hand computation, the bounded background queue, retries, and crash recovery via the spool."""
+formula against a hand computation, the bounded background queue, retries, crash recovery via the spool (a
+process killed with SIGKILL mid-consolidation loses nothing acknowledged), and where the spool lives by default."""
 
 import dataclasses
+import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
 from mantis_jax.config import default_config
-from mantis_jax.memory.consolidation import Consolidator, decayed, entry_key
+from mantis_jax.memory.consolidation import Consolidator, decayed, entry_key, spool_dir_for
 from mantis_jax.memory.semantic import SemanticMemory, Unavailable
 
 D = 16
@@ -155,7 +160,92 @@ def test_crash_loses_nothing_acknowledged(tmp_path):
     again = Consolidator(mem, cfg, start=False)
     again.on_evict(entries[:3])
     again.consolidate(entries[:3])
+    again.close(timeout=0)  # "dies": the thread never ran, the spool still holds the 3 entries
     with Consolidator(mem, cfg) as replay:
         assert replay.flush(timeout=30) and replay.counts["accepted"] == 3
     assert mem.stats()["count"] == 10
     assert all(len(p.metadata["provenance"]) == 1 for p in facts(mem).values())
+
+
+def test_spool_is_durable_by_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    auto = config()
+    assert auto.spool_dir == "auto"
+    durable = SemanticMemory.in_process(D, data_dir=str(tmp_path / "mem"))
+    assert spool_dir_for(durable, "auto", "episodic") == str(tmp_path / "mem" / "consolidation" / "episodic")
+    assert spool_dir_for(SemanticMemory.in_process(D), "auto", "episodic") is None  # nothing durable to protect
+    remote = SemanticMemory.connect("127.0.0.1:7070,127.0.0.1:7071")  # channels connect lazily: no server needed
+    there = spool_dir_for(remote, "auto", "a/b")
+    assert there.startswith(str(tmp_path / "state" / "mantis_jax" / "consolidation")) and "a_b-" in there
+    assert there != spool_dir_for(remote, "auto", "a_b") != spool_dir_for(SemanticMemory.connect("h:1"), "auto", "a/b")
+    assert spool_dir_for(durable, "", "episodic") is None  # explicitly in memory: not crash-safe
+    assert spool_dir_for(durable, str(tmp_path / "x"), "episodic") == str(tmp_path / "x")
+    with pytest.raises(ValueError, match="spool_dir"):
+        spool_dir_for(object(), "auto", "episodic")
+
+    cons = Consolidator(durable, auto, start=False)
+    cons.on_evict([Entry("kept", (0, 1), basis(0), 1)])
+    assert os.path.getsize(os.path.join(cons.spool_dir, "spool.jsonl")) > 0
+    with pytest.raises(ValueError, match="in use by another Consolidator"):  # two would truncate each other's spool
+        Consolidator(durable, auto, start=False)
+    cons.close(timeout=0)
+    with Consolidator(durable, auto) as replay:
+        assert replay.flush(timeout=30)
+    assert set(facts(durable)) == {"kept"}
+
+
+CHILD = """
+import dataclasses, sys, time
+import faiss, numpy as np
+from mantis_jax.config import default_config
+from mantis_jax.memory.consolidation import Consolidator
+from mantis_jax.memory.semantic import SemanticMemory
+
+@dataclasses.dataclass
+class Entry:
+    text: str
+    token_range: tuple
+    embedding: np.ndarray
+    timestamp: int
+    importance: float = 0.5
+
+faiss.omp_set_num_threads(1)
+cfg = default_config().memory.consolidation  # spool_dir "auto": under the memory's data dir
+cfg.min_importance, cfg.dedup_threshold, cfg.batch_size = 0.0, 1.0, 8
+
+def slow_embed(entries):  # consolidation lags behind the evictions, so the kill finds a backlog
+    time.sleep(0.02)
+    return np.stack([e.embedding for e in entries])
+
+cons = Consolidator(SemanticMemory.in_process(D, data_dir=sys.argv[1]), cfg, embed_fn=slow_embed)
+rng = np.random.default_rng(0)
+for b in range(10 ** 6):
+    entries = [Entry(f"fact {b} {j}", (j, j + 1), rng.normal(size=D).astype(np.float32), b) for j in range(4)]
+    cons.on_evict(entries)
+    print("\\n".join(e.text for e in entries), flush=True)  # acknowledged: on_evict returned
+"""
+
+
+def test_kill_9_mid_consolidation_loses_nothing_acknowledged(tmp_path):
+    data_dir = str(tmp_path / "mem")
+    child = subprocess.Popen([sys.executable, "-c", f"D = {D}\n" + CHILD, data_dir], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    acked, deadline = [], time.monotonic() + 60
+    while len(acked) < 400 and time.monotonic() < deadline:
+        line = child.stdout.readline()
+        if not line:
+            pytest.fail(f"the child exited early: {child.stderr.read()[-2000:]}")
+        acked.append(line.strip())
+    child.kill()  # SIGKILL while the background thread is consolidating a backlog
+    child.wait(timeout=30)
+    assert len(acked) >= 400
+
+    mem = SemanticMemory.in_process(D, data_dir=data_dir)  # the store replays its own log
+    assert mem.stats()["count"] < len(acked)  # some acknowledged entries existed only in the spool
+    cfg = config(min_importance=0.0, dedup_threshold=1.0)
+    with Consolidator(mem, cfg) as restarted:  # replays the spool under data_dir first
+        assert restarted.flush(timeout=60)
+    keys = [entry_key(Entry(t, (int(t.split()[2]), int(t.split()[2]) + 1), None, int(t.split()[1])))
+            for t in acked]
+    _, payloads = mem.get(keys)  # NotFound here would mean an acknowledged entry was lost
+    assert [p.text for p in payloads] == acked

@@ -1,5 +1,6 @@
 """In-process semantic memory (the same store the service runs): every index kind against an exact numpy
-reference, deletions, IVF training, compaction, durability (snapshot + log replay, torn log tail), bad input."""
+reference, deletions, IVF training, compaction, durability (snapshot + log replay, torn log tail), bad input,
+and IVF inverted lists on disk (equal to in RAM, across restarts, compaction and conversion)."""
 
 import os
 import threading
@@ -9,8 +10,8 @@ import faiss
 import numpy as np
 import pytest
 
-from mantis_jax.config import default_config
-from mantis_jax.memory import _faiss_log, _faiss_store
+from mantis_jax.config import default_config, validate
+from mantis_jax.memory import _faiss_log, _faiss_ondisk, _faiss_store
 from mantis_jax.memory._faiss_index import IndexSpec
 from mantis_jax.memory.semantic import InvalidArgument, NotFound, Payload, SemanticMemory
 
@@ -260,3 +261,82 @@ def test_periodic_snapshot_timer(tmp_path):
     stats = store.stats()
     assert stats["generation"] >= 1 and stats["wal_bytes"] == 0
     store.close()
+
+
+ONDISK = dict(nlist=16, pq_m=8, pq_nbits=4, nprobe=4, train_min=2000)
+
+
+def ivf_lists(mem):
+    return _faiss_ondisk.lists_of(mem._backend.store.index.index)
+
+
+def test_ondisk_lists_equal_in_ram_and_survive_restart(tmp_path):
+    x = clustered(5000, seed=20)
+    ids = np.random.default_rng(21).choice(2 ** 62, 5000, replace=False).astype(np.int64)
+    gone = ids[:4000:13]  # 308 deletions (6%): tombstones, no compaction
+    mems = {}
+    for name, on in (("ram", False), ("disk", True)):
+        mem = mems[name] = SemanticMemory.in_process(D, index="ivfpq", data_dir=str(tmp_path / name), ondisk=on,
+                                                     **ONDISK)
+        mem.add(x[:3000], [Payload(f"fact {i}") for i in ids[:3000]], ids=ids[:3000])  # trains at 2000
+        assert mem.snapshot() == 1
+        mem.add(x[3000:], [Payload(f"fact {i}") for i in ids[3000:]], ids=ids[3000:])  # in the log only
+        mem.remove(gone)
+    assert isinstance(ivf_lists(mems["disk"]), faiss.OnDiskInvertedLists)
+    assert isinstance(ivf_lists(mems["ram"]), faiss.ArrayInvertedLists)
+    assert mems["disk"].stats()["ondisk"] and not mems["ram"].stats()["ondisk"]
+    q = clustered(60, seed=22)
+    want = mems["ram"].search(q, 10)
+    got = mems["disk"].search(q, 10)
+    np.testing.assert_array_equal(got.ids, want.ids)  # same training, same lists: the same answers
+    np.testing.assert_allclose(got.scores, want.scores, atol=1e-6)
+    ref = {i: v for i, v in zip(ids.tolist(), x) if i not in set(gone.tolist())}
+    check_against_reference(mems["disk"], ref, q, 10, 0.9)
+    for mem in mems.values():
+        mem.close()
+
+    # RAM holds no codes: the in-RAM snapshot's index file carries them (pq bytes + 8-byte id per vector), the
+    # on-disk one only offsets; the codes are in the lists file beside it.
+    codes = 3000 * (ivf_lists(mems["ram"]).code_size + 8)
+    assert os.path.getsize(tmp_path / "ram" / "snap.1" / "index.faiss") > codes
+    assert os.path.getsize(tmp_path / "disk" / "snap.1" / "index.faiss") < codes / 5
+    assert os.path.getsize(tmp_path / "disk" / "snap.1" / _faiss_ondisk.LISTS_NAME) >= codes
+
+    again = SemanticMemory.in_process(D, index="ivfpq", data_dir=str(tmp_path / "disk"), ondisk=True, **ONDISK)
+    lists = ivf_lists(again)
+    assert isinstance(lists, faiss.OnDiskInvertedLists)  # snapshot + log replay: still mapped, not loaded
+    assert lists.filename == str(tmp_path / "disk" / _faiss_store.LISTS_WORK)
+    after = again.search(q, 10)
+    np.testing.assert_array_equal(after.ids, want.ids)
+    assert [[p.text for p in row] for row in after.payloads] == [[f"fact {i}" for i in row] for row in want.ids]
+    assert not np.isin(again.search(x[:4000:13], 10).ids, gone).any()  # deleted ids never come back
+    # More than compact_ratio deleted: the lists are rebuilt into a new file, in a new snapshot.
+    again.remove(ids[4000:])
+    stats = again.stats()
+    assert stats["rows"] == stats["count"] == 5000 - len(gone) - 1000 and stats["generation"] == 2
+    for name in ("ram", "disk"):
+        mems[name] = SemanticMemory.in_process(D, index="ivfpq", data_dir=str(tmp_path / name),
+                                               ondisk=name == "disk", **ONDISK)
+    mems["ram"].remove(ids[4000:])
+    want = mems["ram"].search(q, 10)
+    np.testing.assert_array_equal(again.search(q, 10).ids, want.ids)
+    again.close()
+    # Switching a data dir between on-disk and in-RAM lists converts them on load, with the same answers.
+    for on in (False, True):
+        mem = SemanticMemory.in_process(D, index="ivfpq", data_dir=str(tmp_path / "disk"), ondisk=on, **ONDISK)
+        assert isinstance(ivf_lists(mem), faiss.OnDiskInvertedLists if on else faiss.ArrayInvertedLists)
+        np.testing.assert_array_equal(mem.search(q, 10).ids, want.ids)
+        assert not np.isin(mem.search(x[4000:], 10).ids, ids[4000:]).any()
+        mem.snapshot()
+        mem.close()
+
+
+def test_ondisk_needs_a_data_dir_and_ivfpq():
+    with pytest.raises(ValueError, match="data dir"):
+        SemanticMemory.in_process(D, index="ivfpq", ondisk=True, **SPEC)
+    with pytest.raises(ValueError, match="ivfpq"):
+        SemanticMemory.in_process(D, index="hnsw", ondisk=True, **SPEC)
+    cfg = default_config()
+    cfg.memory.semantic.index, cfg.memory.semantic.ondisk = "flat", True
+    with pytest.raises(ValueError, match="index=ivfpq"):
+        validate(cfg)

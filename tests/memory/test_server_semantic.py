@@ -1,6 +1,6 @@
 """The semantic memory service as a real process on a free loopback port: round trips per index kind (equal to
 the in-process backend), bad input, auth, kill -9 during concurrent adds, snapshot + log replay, concurrent
-readers, and a sharded client equal to one big index."""
+readers, a sharded client equal to one big index, and ivfpq with on-disk inverted lists across a kill -9."""
 
 import os
 import signal
@@ -284,3 +284,37 @@ def test_token_from_file_or_environment(tmp_path, monkeypatch):
     (tmp_path / "empty").write_text("")
     with pytest.raises(SystemExit, match="empty"):
         read_token(str(tmp_path / "empty"), "MY_TOKEN")
+
+
+def test_ondisk_lists_survive_kill_9_and_equal_in_ram(tmp_path):
+    args = ("--index", "ivfpq", *SMALL, "--ondisk")
+    local = SemanticMemory.in_process(D, index="ivfpq", **SPEC)  # in-RAM lists: the reference
+    x = clustered(1200, seed=11)
+    ids = np.random.default_rng(12).choice(2 ** 62, 1200, replace=False).astype(np.int64)
+    proc, address = launch(str(tmp_path), D, *args)
+    try:
+        remote = SemanticMemory.connect(address, token="")
+        for mem in (remote, local):
+            mem.add(x[:800], [Payload(f"fact {i}") for i in ids[:800]], ids=ids[:800])  # trains (624 rows)
+        assert remote.snapshot() == 1
+        for mem in (remote, local):
+            mem.add(x[800:], [Payload(f"fact {i}") for i in ids[800:]], ids=ids[800:])  # the log only
+            mem.remove(ids[::11])
+        q = clustered(30, seed=13)
+        want = local.search(q, 6)
+        np.testing.assert_array_equal(remote.search(q, 6).ids, want.ids)
+        assert remote.stats()["ondisk"]
+    finally:
+        stop(proc, signal.SIGKILL)
+    proc, address = launch(str(tmp_path), D, *args)
+    try:
+        again = SemanticMemory.connect(address, token="")
+        stats = again.stats()
+        assert stats["ondisk"] and stats["generation"] == 1 and stats["count"] == 1200 - len(ids[::11])
+        after = again.search(q, 6)
+        np.testing.assert_array_equal(after.ids, want.ids)
+        np.testing.assert_allclose(after.scores, want.scores, atol=1e-6)
+        assert not np.isin(again.search(x[::11], 6).ids, ids[::11]).any()
+    finally:
+        stop(proc)
+    assert os.path.exists(tmp_path / "snap.2" / "lists.ivfdata")  # the final snapshot holds the lists' copy
