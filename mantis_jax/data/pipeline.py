@@ -164,11 +164,11 @@ def make_datasets(config, tokenizer: Tokenizer, *, process_index: int = 0, proce
     return Datasets(train, val, batch, d.seq_len)
 
 
-def build_tokenizer(config) -> Tokenizer:
-    """`config.data.tokenizer` if set, else a BPE of `data.tokenizer_vocab` trained on a sample of the data."""
+def build_tokenizer(config, *, sample_docs: int = 3000) -> Tokenizer:
+    """`config.data.tokenizer` if set, else a BPE of `data.tokenizer_vocab` trained on `sample_docs` documents."""
     if config.data.tokenizer:
         return Tokenizer.load(config.data.tokenizer)
-    return Tokenizer.train(sources.tokenizer_sample(config), config.data.tokenizer_vocab)
+    return Tokenizer.train(sources.tokenizer_sample(config, sample_docs), config.data.tokenizer_vocab)
 
 
 def iterator_state_to_json(iterator: grain.DatasetIterator) -> str:

@@ -184,7 +184,7 @@ def test_val_split_and_val_file(tok, tmp_path):
 
 def test_build_tokenizer_from_config(tmp_path, tok):
     cfg = _config(tokenizer_vocab=300)
-    built = pipeline.build_tokenizer(cfg)
+    built = pipeline.build_tokenizer(cfg, sample_docs=300)
     assert built.vocab_size <= 300
     cfg.data.tokenizer = tok.save(str(tmp_path))
     assert pipeline.build_tokenizer(cfg).fingerprint() == tok.fingerprint()
