@@ -1,0 +1,38 @@
+"""Train CLI: `python -m mantis_jax.train --config=configs/micro.py --workdir=runs/micro [--config.x=y]`.
+
+Re-running the same command resumes from the workdir's newest checkpoint; `--resume=<workdir>` resumes from
+another run's. Bad input (data, tokenizer, checkpoint, a diverging loss) ends with one line on stderr and status
+2; Ctrl-C saves a checkpoint and exits cleanly. The run's summary is printed as JSON at the end.
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import app, flags
+
+from mantis_jax import cli
+from mantis_jax.data.sources import DataError
+from mantis_jax.data.tokenizer import TokenizerMismatchError
+from mantis_jax.train.checkpoint import CheckpointError
+from mantis_jax.train.trainer import TrainingError, train
+
+_CONFIG = cli.define_config_flag()
+flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics.jsonl, tensorboard/, tokenizer.json")
+flags.DEFINE_string("resume", None, "Resume from this workdir's newest checkpoint (default: --workdir's own)")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go in --config.<section>.<key>=<value>")
+    try:
+        summary = train(_CONFIG.value, flags.FLAGS.workdir, resume=flags.FLAGS.resume)
+    except (DataError, TokenizerMismatchError, CheckpointError, TrainingError) as e:
+        cli.fail(e)
+    summary.pop("state")
+    print(json.dumps(summary, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    cli.run(main)
