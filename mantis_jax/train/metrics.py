@@ -101,8 +101,8 @@ class MetricsWriter:
                 self._tb.add_scalar(f"{prefix}/{key}", value, step)
             elif key == "expert_load":  # [L, E]: the share of tokens each expert got, one chart per layer
                 for layer, row in enumerate(value):
-                    self._tb.add_scalars(f"{prefix}/expert_load/layer_{layer}",
-                                         {f"expert_{e}": float(v) for e, v in enumerate(row)}, step)
+                    for e, v in enumerate(row):
+                        self._tb.add_scalar(f"{prefix}/expert_load/layer_{layer}/expert_{e}", float(v), step)
 
     def flush(self) -> None:
         if self._tb is not None:
@@ -147,8 +147,6 @@ def read_event_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
                 payload = data[pos + 12:pos + 12 + int(length)]
                 pos += 12 + int(length) + 4
                 event = event_pb2.Event.FromString(payload)
-                tag_prefix = os.path.relpath(root, logdir)
                 for v in event.summary.value:
-                    tag = v.tag if tag_prefix == "." else f"{tag_prefix}/{v.tag}"
-                    out.setdefault(tag, []).append((int(event.step), float(v.simple_value)))
+                    out.setdefault(v.tag, []).append((int(event.step), float(v.simple_value)))
     return out
