@@ -115,6 +115,7 @@ def default_config() -> ml_collections.ConfigDict:
     sem.train_min = 0  # live vectors before ivfpq trains; 0 = 39 * max(nlist, 2**pq_nbits)
     sem.train_sample = 131072  # vectors sampled to train ivfpq
     sem.ondisk = False  # ivfpq: IVF inverted lists in a memory-mapped file, not RAM (needs data_dir or a service)
+    sem.ondisk_merge_rows = 262144  # ondisk: rows added in RAM before a merge into the lists file (or n/8 if more)
     sem.ef_construction = 80
     sem.compact_ratio = 0.2  # rebuild index + raw rows when more than this fraction is deleted/stale
     sem.max_k = 1024
@@ -288,7 +289,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _one_of(config, "model.remat", ("none", "full", "dots", "dots_no_batch"))
     _one_of(config, "moe.impl", ("dense", "ragged", "capacity"))
     _one_of(config, "moe.router_impl", ("reference", "pallas", "pallas_interpret"))
-    _one_of(config, "moe.gmm_impl", ("auto", "ragged_dot", "megablox", "padded"))
+    _one_of(config, "moe.gmm_impl", ("auto", "ragged_dot", "megablox", "padded", "block_loop"))
     _one_of(config, "memory.episodic.scan_impl", ("sequential", "associative", "chunked"))
     ep = config.memory.episodic
     _require(0.0 < ep.dt_min <= ep.dt_max,
@@ -301,6 +302,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         "memory.semantic.nlist", "memory.semantic.pq_m", "memory.semantic.nprobe", "memory.semantic.hnsw_m",
         "memory.semantic.ef_search", "memory.semantic.refine_factor", "memory.semantic.max_k",
         "memory.semantic.max_batch", "memory.semantic.max_request_mb", "memory.semantic.timeout_s",
+        "memory.semantic.ondisk_merge_rows",
         "memory.consolidation.queue_size", "memory.consolidation.batch_size",
         "memory.consolidation.decay_half_life",
     ))

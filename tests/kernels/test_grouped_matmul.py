@@ -67,7 +67,8 @@ def _check_backend(data, reference, fn, groups=tuple(GROUPS), atol_grad=1e-4):
 
 
 @pytest.mark.parametrize("impl,kwargs", [("ragged_dot", {}), ("padded", {}), ("padded", {"block_rows": 16}),
-                                         ("padded", {"block_rows": 1})])
+                                         ("padded", {"block_rows": 1}), ("block_loop", {}),
+                                         ("block_loop", {"block_rows": 16})])
 def test_backend_matches_loop(data, reference, impl, kwargs):
     _check_backend(data, reference, lambda x, w, gs: gmm.grouped_matmul(x, w, gs, impl=impl, **kwargs))
 
@@ -88,9 +89,10 @@ def test_padded_block_bound_is_dropless():
     b, sizes = 8, [9, 9, 9, 9]  # each group needs 2 blocks: 8 blocks = (36 + 4*7) // 8
     x = jnp.ones((36, 4))
     w = jnp.stack([jnp.eye(4) * (e + 1) for e in range(4)])
-    y = jax.jit(lambda x, w, gs: gmm.grouped_matmul(x, w, gs, impl="padded", block_rows=b))(
-        x, w, jnp.array(sizes, jnp.int32))
-    np.testing.assert_array_equal(y[:, 0], np.repeat([1.0, 2.0, 3.0, 4.0], 9))
+    for impl in ("padded", "block_loop"):
+        y = jax.jit(lambda x, w, gs, impl=impl: gmm.grouped_matmul(x, w, gs, impl=impl, block_rows=b))(
+            x, w, jnp.array(sizes, jnp.int32))
+        np.testing.assert_array_equal(y[:, 0], np.repeat([1.0, 2.0, 3.0, 4.0], 9), err_msg=impl)
 
 
 def test_errors_name_the_fix(data):
