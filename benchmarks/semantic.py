@@ -1,19 +1,24 @@
 """Semantic memory benchmark: recall@10 of ivfpq and hnsw against exact flat search, QPS in-process vs. through
-the gRPC service (batch 1 and 64, p50/p99 latency), and add throughput with the fsynced log.
+the gRPC service (batch 1 and 64, p50/p99 latency), add throughput with the fsynced log, and ivfpq with its
+inverted lists on disk (`ondisk`) against the same index with the lists in RAM (QPS, load time, resident memory).
 
-    python benchmarks/semantic.py            # 1M x 256 clustered vectors (~10 min on 2 CPU cores)
-    python benchmarks/semantic.py --quick    # 100K x 256
+    python benchmarks/semantic.py                  # 1M x 256 clustered vectors (~10 min on 2 CPU cores)
+    python benchmarks/semantic.py --quick          # 100K x 256
+    python benchmarks/semantic.py --ondisk-only    # only flat (the recall baseline) and on-disk vs. in-RAM lists
 
 Every figure is a ratio against a baseline measured in the same run: recall against flat search, service QPS
-against in-process QPS on the same snapshot, durable add rate against the in-memory (no log) add rate.
+against in-process QPS on the same snapshot, durable add rate against the in-memory (no log) add rate, on-disk
+lists against in-RAM lists (each loaded from the same snapshot in a fresh process, so resident memory is its own).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -81,6 +86,71 @@ def timed_search(search, q, batch, n_calls):
     return qps, 1e3 * float(np.percentile(lat, 50)), 1e3 * float(np.percentile(lat, 99))
 
 
+def rss_mb() -> dict:
+    """Resident memory of this process (MB): anonymous (heap: in-RAM lists) and file-backed (mapped files)."""
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f if line.startswith("Rss"))
+    return {k: int(v.split()[0]) / 1024 for k, v in fields.items()}
+
+
+def probe(args) -> None:
+    """Child process: loads the ivfpq snapshot in `args.probe_dir` with lists on disk or in RAM, then searches."""
+    faiss.omp_set_num_threads(args.threads)
+    q, truth = np.load(os.path.join(args.workdir, "q.npy")), np.load(os.path.join(args.workdir, "truth.npy"))
+    before = rss_mb()
+    t0 = time.perf_counter()
+    spec = IndexSpec(dim=args.dim, kind="ivfpq", nlist=1024, pq_m=32, refine_factor=8, ondisk=args.probe == "disk")
+    store = SemanticStore(spec, args.probe_dir, snapshot_interval_s=0)
+    out = {"load_s": time.perf_counter() - t0, "anon_load": rss_mb()["RssAnon"] - before["RssAnon"]}
+    store.search(q, 10, with_payloads=False)  # warm-up, as for the in-RAM ivfpq rows above
+    for nprobe in args.nprobe:
+        t0 = time.perf_counter()
+        ids = store.search(q, 10, nprobe=nprobe, with_payloads=False).ids
+        out[f"qps{nprobe}"] = len(q) / (time.perf_counter() - t0)
+        out[f"recall{nprobe}"] = recall(ids, truth)
+    after = rss_mb()
+    out.update(anon=after["RssAnon"] - before["RssAnon"], file=after["RssFile"] - before["RssFile"],
+               ondisk=store.stats()["ondisk"])
+    print("PROBE " + json.dumps(out), flush=True)
+
+
+def ondisk_section(args, work, x, q, truth, add_mem) -> list[str]:
+    """Fills an ivfpq store with on-disk lists, snapshots it, and loads that snapshot twice in fresh processes:
+    lists in RAM (converted on load) and lists on disk (mapped). Returns the report lines."""
+    data_dir = os.path.join(work, "ondisk")
+    shutil.rmtree(data_dir, ignore_errors=True)
+    spec = IndexSpec(dim=x.shape[1], kind="ivfpq", nlist=1024, pq_m=32, refine_factor=8, ondisk=True,
+                     train_min=min(65536, len(x) // 2), train_sample=65536)
+    store = SemanticStore(spec, data_dir, snapshot_interval_s=0)
+    add_disk = fill(store, x, "ivfpq, lists on disk (fsynced log)")
+    store.snapshot()
+    store.close()
+    del store
+    np.save(os.path.join(work, "q.npy"), q)
+    np.save(os.path.join(work, "truth.npy"), truth)
+    res = {}
+    for mode in ("ram", "disk"):
+        cmd = [sys.executable, os.path.abspath(__file__), "--probe", mode, "--probe-dir", data_dir, "--workdir", work,
+               "--dim", str(x.shape[1]), "--threads", str(args.threads), "--nprobe", *map(str, args.nprobe)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        res[mode] = json.loads([line for line in out.splitlines() if line.startswith("PROBE ")][-1][6:])
+    lists_mb = os.path.getsize(os.path.join(data_dir, "snap.1", "lists.ivfdata")) / 2 ** 20
+    ram, disk = res["ram"], res["disk"]
+    lines = [f"\nivfpq lists on disk vs. in RAM ({len(x)} x {x.shape[1]}; each loaded from the same snapshot in a "
+             f"fresh process; lists file {lists_mb:.0f} MB; warm page cache):",
+             f"  {'lists':6s} {'load s':>7s} {'RssAnon MB':>10s} {'RssFile MB':>10s} " +
+             " ".join(f"{'QPS np=' + str(n):>10s} {'recall':>6s}" for n in args.nprobe)]
+    for name, r in (("RAM", ram), ("disk", disk)):
+        lines.append(f"  {name:6s} {r['load_s']:7.2f} {r['anon']:10.1f} {r['file']:10.1f} " +
+                     " ".join(f"{r[f'qps{n}']:10.0f} {r[f'recall{n}']:6.4f}" for n in args.nprobe))
+    lines.append("  disk/RAM QPS: " + ", ".join(f"nprobe={n} {disk[f'qps{n}'] / ram[f'qps{n}']:.2f}"
+                                                  for n in args.nprobe)
+                 + f"; RssAnon disk/RAM {disk['anon'] / max(ram['anon'], 1e-9):.2f}"
+                 + f"; add rate into on-disk lists with the fsynced log, incl. training {add_disk:.0f}/s "
+                   f"({add_disk / add_mem:.2f}x in-memory flat)")
+    return lines
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="100K vectors, fewer queries")
@@ -93,7 +163,12 @@ def main():
     p.add_argument("--threads", type=int, default=1,
                    help="FAISS OpenMP threads here and in the service (1: a shared 2-core machine)")
     p.add_argument("--workdir", default="")
+    p.add_argument("--ondisk-only", action="store_true", help="only flat search and on-disk vs. in-RAM lists")
+    p.add_argument("--probe", choices=("ram", "disk"), help=argparse.SUPPRESS)  # child process of the ondisk part
+    p.add_argument("--probe-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.probe:
+        return probe(args)
     n = args.n or (100_000 if args.quick else 1_000_000)
     nq = args.queries or (500 if args.quick else 1000)
     d = args.dim
@@ -113,6 +188,12 @@ def main():
     flat_qps = nq / (time.perf_counter() - t0)
     rows.append(("flat exact (baseline)", "-", 1.0, flat_qps, 1.0))
     del flat
+    if args.ondisk_only:
+        print(f"flat: {flat_qps:.0f} QPS at batch {nq}; in-memory add rate {add_mem:.0f}/s")
+        print("\n".join(ondisk_section(args, work, x, q, truth, add_mem)))
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+        return
 
     # ivfpq, durable: the add rate with the fsynced log, then recall and in-process QPS.
     data_dir = os.path.join(work, "ivfpq")
@@ -189,6 +270,7 @@ def main():
           f"into the trained ivfpq with fsynced log {add_wal_trained:.0f} ({add_wal_trained / add_mem:.2f}x); "
           f"through the service {add_service:.0f} ({add_service / add_mem:.2f}x)")
     print(f"hnsw build: {hnsw_build:.0f} s for {hn} vectors")
+    print("\n".join(ondisk_section(args, work, x, q, truth, add_mem)))
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 

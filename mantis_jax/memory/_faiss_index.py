@@ -54,6 +54,7 @@ class IndexSpec:
     ef_search: int = 128
     compact_ratio: float = 0.2
     ondisk: bool = False  # ivfpq: inverted lists in a memory-mapped file (needs a data dir), not in RAM
+    ondisk_merge_rows: int = 262144  # ondisk: rows held in RAM before they are merged into the lists file
     seed: int = 0
 
     def __post_init__(self):
@@ -64,8 +65,9 @@ class IndexSpec:
             (self.kind != "ivfpq" or self.dim % self.pq_m == 0,
              f"pq_m ({self.pq_m}) must divide dim ({self.dim}) for ivfpq"),
             (1 <= self.pq_nbits <= 16, f"pq_nbits ({self.pq_nbits}) must be in [1, 16]"),
-            (min(self.nlist, self.pq_m, self.refine_factor, self.hnsw_m, self.nprobe, self.ef_search) > 0,
-             "nlist, pq_m, refine_factor, hnsw_m, nprobe and ef_search must be > 0"),
+            (min(self.nlist, self.pq_m, self.refine_factor, self.hnsw_m, self.nprobe, self.ef_search,
+                 self.ondisk_merge_rows) > 0,
+             "nlist, pq_m, refine_factor, hnsw_m, nprobe, ef_search and ondisk_merge_rows must be > 0"),
             (0.0 < self.compact_ratio < 1.0, f"compact_ratio ({self.compact_ratio}) must be in (0, 1)"),
             (not self.ondisk or self.kind == "ivfpq",
              f"ondisk keeps IVF inverted lists on disk and needs kind 'ivfpq' (got {self.kind!r}); use "
@@ -93,16 +95,16 @@ def normalize_rows(x_nd: np.ndarray) -> np.ndarray:
 
 class VectorIndex:
     """Raw rows + a FAISS index over them. Not thread-safe: the store serialises writers against readers.
-    `lists_path` is the scratch file of the on-disk inverted lists (required when `spec.ondisk`)."""
+    `lists_dir` holds the files of on-disk inverted lists (required when `spec.ondisk`)."""
 
     def __init__(self, spec: IndexSpec, vectors_path: str | None = None, n_rows: int = 0,
-                 lists_path: str | None = None):
-        if spec.ondisk and lists_path is None:
+                 lists_dir: str | None = None):
+        if spec.ondisk and lists_dir is None:
             raise ValueError("ondisk inverted lists need a file: give the store a data dir (--data-dir, "
                              "config.memory.semantic.data_dir) or set ondisk=False")
         self.spec = spec
         self.vectors_path = vectors_path
-        self.lists_path = lists_path if spec.ondisk else None
+        self.lists_dir = lists_dir
         self.n_rows = n_rows
         self.n_live = 0
         self._raw_nd = np.zeros((0, spec.dim), np.float32)
@@ -162,8 +164,6 @@ class VectorIndex:
             # the exact re-ranking.
             index.pq.cp.niter = 10
             index.pq.cp.max_points_per_centroid = 64
-            if self.lists_path is not None:
-                ondisk.use_lists(index, self.lists_path)
             return index
         return faiss.IndexFlat(s.dim, self._faiss_metric())
 
@@ -220,6 +220,8 @@ class VectorIndex:
         self.trained = True
         index = self._empty_index()
         index.train(np.ascontiguousarray(self.vectors(sample)))
+        if self.spec.ondisk:
+            index = ondisk.OnDiskIVF(index, self.lists_dir, self.spec.ondisk_merge_rows)
         for lo in range(0, len(rows), _CHUNK):
             chunk = rows[lo:lo + _CHUNK]
             index.add_with_ids(np.ascontiguousarray(self.vectors(chunk)), chunk)
@@ -237,11 +239,11 @@ class VectorIndex:
                 os.remove(new_vectors_path)
             self.vectors_path = new_vectors_path
         trained_index = self.index if (self.spec.kind == "ivfpq" and self.trained) else None
-        self.__init__(self.spec, self.vectors_path, 0, self.lists_path)
-        if trained_index is not None:  # keep the trained quantizers; only the lists are rebuilt (a new file)
+        self.__init__(self.spec, self.vectors_path, 0, self.lists_dir)
+        if trained_index is not None:  # keep the trained quantizers; only the lists are rebuilt
             self.trained = True
             self.index = trained_index
-            ondisk.use_lists(self.index, self.lists_path)
+            self.index.reset()
         for lo in range(0, len(rows), _CHUNK):
             chunk = rows[lo:lo + _CHUNK]
             self.add(old_ids[chunk], np.ascontiguousarray(old_raw[chunk]), old_ns[chunk])
@@ -290,17 +292,18 @@ class VectorIndex:
     # ----------------------------------------------------------------------------------- persistence
     def save(self, directory: str) -> None:
         """Writes the index and row tables into `directory` (fsynced); the raw rows are flushed in place, on-disk
-        inverted lists are copied (their working file keeps changing after the snapshot)."""
+        inverted lists are merged into a base file in `lists_dir` that the snapshot names (`meta["lists"]`)."""
         self.flush()
-        if ondisk.is_ondisk(self.index):
-            ondisk.write(self.index, directory)
+        lists = None
+        if isinstance(self.index, ondisk.OnDiskIVF):
+            lists = self.index.save(directory)
         else:
             faiss.write_index(self.index, os.path.join(directory, "index.faiss"))
         n = self.n_rows
         np.savez(os.path.join(directory, "rows.npz"), row2id=self.row2id[:n], row_ns=self.row_ns[:n],
                  live=self.live[: (n + 7) // 8])
         meta = {"n_rows": n, "n_live": self.n_live, "trained": self.trained, "kind": self.spec.kind,
-                "dim": self.spec.dim, "metric": self.spec.metric, "ondisk": ondisk.is_ondisk(self.index)}
+                "dim": self.spec.dim, "metric": self.spec.metric, "lists": lists}
         with open(os.path.join(directory, "index.json"), "w") as f:
             json.dump(meta, f)
         for name in ("index.faiss", "rows.npz", "index.json"):
@@ -308,11 +311,16 @@ class VectorIndex:
             os.fsync(fd)
             os.close(fd)
 
+    @property
+    def lists_file(self) -> str | None:
+        """The on-disk lists file the last save named (None when the lists are in RAM)."""
+        return self.index.saved_name if isinstance(self.index, ondisk.OnDiskIVF) else None
+
     @classmethod
     def load(cls, spec: IndexSpec, directory: str, vectors_path: str | None,
-             lists_path: str | None = None) -> "VectorIndex":
-        """The index saved in `directory`. Inverted lists go where `spec.ondisk` says (RAM, or a copy of the
-        snapshot's lists file at `lists_path`), whichever way the snapshot was written."""
+             lists_dir: str | None = None) -> "VectorIndex":
+        """The index saved in `directory`. Inverted lists go where `spec.ondisk` says (RAM, or mapped from their
+        file in `lists_dir`), whichever way the snapshot was written."""
         with open(os.path.join(directory, "index.json")) as f:
             meta = json.load(f)
         for key in ("kind", "dim", "metric"):
@@ -321,13 +329,13 @@ class VectorIndex:
                                  f"with {key}={getattr(spec, key)!r}; start it with the snapshot's {key} or use a "
                                  "new --data-dir")
         n = meta["n_rows"]
-        self = cls(spec, vectors_path, n, lists_path)
+        self = cls(spec, vectors_path, n, lists_dir)
         tables = np.load(os.path.join(directory, "rows.npz"))
         self.row2id[:n], self.row_ns[:n] = tables["row2id"], tables["row_ns"]
         self.live[: len(tables["live"])] = tables["live"]
         self.n_rows, self.n_live, self.trained = n, meta["n_live"], meta["trained"]
         if spec.kind == "ivfpq" and meta["trained"]:
-            self.index = ondisk.read(directory, meta.get("ondisk", False), self.lists_path)
+            self.index = ondisk.read_ivf(directory, meta, lists_dir, spec.ondisk, spec.ondisk_merge_rows)
         else:
             self.index = faiss.read_index(os.path.join(directory, "index.faiss"))
         rows = self.live_rows()

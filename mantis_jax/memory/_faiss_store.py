@@ -6,8 +6,8 @@
 Durability (when `data_dir` is set):
   1. a write is validated, appended to `wal.<gen>.log` and fsynced, and only then applied and acknowledged;
   2. payloads live in `payloads.sqlite` (WAL mode), raw vectors in the memory-mapped `vectors.<n>.f32`, and
-     with `spec.ondisk` the IVF inverted lists in the memory-mapped scratch file `lists.work.ivfdata`;
-  3. `snapshot()` writes `snap.<gen+1>/` (FAISS index + row tables + a copy of on-disk lists), starts an empty `wal.<gen+1>.log`, and
+     with `spec.ondisk` the IVF inverted lists in an immutable memory-mapped `lists.<token>.ivfdata`;
+  3. `snapshot()` writes `snap.<gen+1>/` (FAISS index + row tables; on-disk lists get a new file), starts an empty `wal.<gen+1>.log`, and
      commits both by atomically renaming `MANIFEST.json`; the old log is then deleted;
   4. on start the manifest's snapshot is loaded and its log replayed (a torn tail record was never
      acknowledged and is cut off). Replay is idempotent: adds are upserts and removes are deletes, so replaying
@@ -68,9 +68,6 @@ class RWLock:
             self._cond.notify_all()
 
 
-LISTS_WORK = "lists.work.ivfdata"  # the on-disk inverted lists that adds change (snapshots hold copies)
-
-
 class SemanticStore:
     """Vectors + payloads behind validation, a readers-writer lock and (with `data_dir`) a fsynced log."""
 
@@ -107,22 +104,21 @@ class SemanticStore:
         self.generation = manifest["generation"]
         self._vectors_name = manifest["vectors"]
         keep = {"MANIFEST.json", "payloads.sqlite", "payloads.sqlite-wal", "payloads.sqlite-shm",
-                f"snap.{self.generation}", f"wal.{self.generation}.log", self._vectors_name}
+                f"snap.{self.generation}", f"wal.{self.generation}.log", self._vectors_name, manifest.get("lists")}
         ours = re.compile(r"^(snap\.\d+(\.tmp)?|wal\.\d+\.log|vectors\.\d+\.f32|MANIFEST\.json\.tmp)$")
         for name in os.listdir(data_dir):  # leftovers of a snapshot that crashed before its commit
-            if ours.match(name) and name not in keep:
+            if (ours.match(name) or _faiss_ondisk.LISTS_FILE.match(name)) and name not in keep:
                 path = self._path(name)
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         self.payloads = _SqlitePayloads(self._path("payloads.sqlite"))
         snap = self._path(f"snap.{self.generation}")
-        lists = self._path(LISTS_WORK)  # scratch: rebuilt from the snapshot's copy on every start
         if os.path.isdir(snap):
-            self.index = VectorIndex.load(self.spec, snap, self._path(self._vectors_name), lists)
+            self.index = VectorIndex.load(self.spec, snap, self._path(self._vectors_name), data_dir)
             with open(os.path.join(snap, "store.json")) as f:
                 state = json.load(f)
             self.ns_codes, self.next_id = state["ns_codes"], state["next_id"]
         else:
-            self.index = VectorIndex(self.spec, self._path(self._vectors_name), 0, lists)
+            self.index = VectorIndex(self.spec, self._path(self._vectors_name), 0, data_dir)
         wal_path = self._path(f"wal.{self.generation}.log")
         for body in _Wal.records(wal_path):
             op, ids, vectors, payloads = _decode(body)
@@ -162,7 +158,7 @@ class SemanticStore:
         os.rename(tmp, self._path(f"snap.{gen}"))
         new_wal = _Wal(self._path(f"wal.{gen}.log"))
         with open(self._path("MANIFEST.json.tmp"), "w") as f:
-            json.dump({"generation": gen, "vectors": vectors_name}, f)
+            json.dump({"generation": gen, "vectors": vectors_name, "lists": self.index.lists_file}, f)
             f.flush()
             os.fsync(f.fileno())
         os.rename(self._path("MANIFEST.json.tmp"), self._path("MANIFEST.json"))  # the commit point
@@ -175,6 +171,9 @@ class SemanticStore:
             shutil.rmtree(self._path(f"snap.{old_gen}"))
         if old_vectors != vectors_name:
             os.remove(self._path(old_vectors))
+        for name in os.listdir(self.data_dir):  # on-disk lists no snapshot names any more
+            if _faiss_ondisk.LISTS_FILE.match(name) and name != self.index.lists_file:
+                os.remove(self._path(name))
         return gen
 
     def _snapshot_loop(self, interval: float) -> None:
@@ -346,6 +345,6 @@ class SemanticStore:
                     "index": self.spec.kind, "metric": self.spec.metric, "trained": self.index.trained,
                     "stale_fraction": self.index.stale_fraction(), "generation": self.generation,
                     "wal_bytes": self._wal.size() if self._wal is not None else 0,
-                    "durable": self.data_dir is not None, "ondisk": _faiss_ondisk.is_ondisk(self.index.index)}
+                    "durable": self.data_dir is not None, "ondisk": isinstance(self.index.index, _faiss_ondisk.OnDiskIVF)}
         finally:
             self._lock.release_read()

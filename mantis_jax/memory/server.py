@@ -162,7 +162,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--metric", choices=("ip", "l2"), default=sem.metric)
     p.add_argument("--no-normalize", action="store_true", help="store vectors as given (no L2 normalisation)")
     for name in ("nlist", "pq_m", "pq_nbits", "nprobe", "hnsw_m", "ef_search", "ef_construction",
-                 "refine_factor", "train_min", "train_sample", "max_k", "max_batch"):
+                 "refine_factor", "train_min", "train_sample", "max_k", "max_batch", "ondisk_merge_rows"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=sem[name])
     p.add_argument("--compact-ratio", type=float, default=sem.compact_ratio)
     p.add_argument("--ondisk", action="store_true", default=sem.ondisk,
@@ -216,7 +216,8 @@ def main(argv: list[str] | None = None) -> None:
                          nlist=args.nlist, pq_m=args.pq_m, pq_nbits=args.pq_nbits, nprobe=args.nprobe,
                          hnsw_m=args.hnsw_m, ef_search=args.ef_search, ef_construction=args.ef_construction,
                          refine_factor=args.refine_factor, train_min=args.train_min, train_sample=args.train_sample,
-                         compact_ratio=args.compact_ratio, ondisk=args.ondisk)
+                         compact_ratio=args.compact_ratio, ondisk=args.ondisk,
+                         ondisk_merge_rows=args.ondisk_merge_rows)
         store = SemanticStore(spec, args.data_dir, max_k=args.max_k, max_batch=args.max_batch,
                               snapshot_interval_s=args.snapshot_interval)
     except ValueError as e:

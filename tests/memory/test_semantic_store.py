@@ -263,16 +263,16 @@ def test_periodic_snapshot_timer(tmp_path):
     store.close()
 
 
-ONDISK = dict(nlist=16, pq_m=8, pq_nbits=4, nprobe=4, train_min=2000)
+ONDISK = dict(nlist=16, pq_m=8, pq_nbits=4, nprobe=4, train_min=2000, ondisk_merge_rows=700)
 
 
-def ivf_lists(mem):
-    return _faiss_ondisk.lists_of(mem._backend.store.index.index)
+def lists_files(path):
+    return sorted(n for n in os.listdir(path) if _faiss_ondisk.LISTS_FILE.match(n))
 
 
 def test_ondisk_lists_equal_in_ram_and_survive_restart(tmp_path):
     x = clustered(5000, seed=20)
-    ids = np.random.default_rng(21).choice(2 ** 62, 5000, replace=False).astype(np.int64)
+    ids = np.random.default_rng(21).choice(2 ** 62, 5000, replace=False).astype(np.int64)  # arbitrary 64-bit ids
     gone = ids[:4000:13]  # 308 deletions (6%): tombstones, no compaction
     mems = {}
     for name, on in (("ram", False), ("disk", True)):
@@ -280,55 +280,62 @@ def test_ondisk_lists_equal_in_ram_and_survive_restart(tmp_path):
                                                      **ONDISK)
         mem.add(x[:3000], [Payload(f"fact {i}") for i in ids[:3000]], ids=ids[:3000])  # trains at 2000
         assert mem.snapshot() == 1
-        mem.add(x[3000:], [Payload(f"fact {i}") for i in ids[3000:]], ids=ids[3000:])  # in the log only
+        for lo in range(3000, 5000, 400):  # the log only; on disk: merged into a new base every 700+ rows
+            mem.add(x[lo:lo + 400], [Payload(f"fact {i}") for i in ids[lo:lo + 400]], ids=ids[lo:lo + 400])
         mem.remove(gone)
-    assert isinstance(ivf_lists(mems["disk"]), faiss.OnDiskInvertedLists)
-    assert isinstance(ivf_lists(mems["ram"]), faiss.ArrayInvertedLists)
+    disk = mems["disk"]._backend.store.index.index
+    assert isinstance(disk, _faiss_ondisk.OnDiskIVF) and isinstance(disk.base, faiss.OnDiskInvertedLists)
+    assert disk.base.read_only and (disk.base_rows, disk.delta.ntotal) == (4600, 400)  # searched as one
+    assert lists_files(tmp_path / "disk") == sorted([disk.saved_name, disk.base_name])  # nothing in between
+    unsaved = disk.base_name
     assert mems["disk"].stats()["ondisk"] and not mems["ram"].stats()["ondisk"]
     q = clustered(60, seed=22)
     want = mems["ram"].search(q, 10)
     got = mems["disk"].search(q, 10)
-    np.testing.assert_array_equal(got.ids, want.ids)  # same training, same lists: the same answers
+    np.testing.assert_array_equal(got.ids, want.ids)  # same training, same list order: the same answers
     np.testing.assert_allclose(got.scores, want.scores, atol=1e-6)
     ref = {i: v for i, v in zip(ids.tolist(), x) if i not in set(gone.tolist())}
     check_against_reference(mems["disk"], ref, q, 10, 0.9)
     for mem in mems.values():
-        mem.close()
+        mem.close()  # no snapshot: a restart loads snapshot 1 and replays the log
 
-    # RAM holds no codes: the in-RAM snapshot's index file carries them (pq bytes + 8-byte id per vector), the
-    # on-disk one only offsets; the codes are in the lists file beside it.
-    codes = 3000 * (ivf_lists(mems["ram"]).code_size + 8)
+    # RAM holds no codes: the in-RAM snapshot's index file carries them (pq bytes + 8-byte id per vector); the
+    # on-disk one holds only list offsets, and the codes are in the lists file it names.
+    codes = 3000 * (disk.delta.code_size + 8)
     assert os.path.getsize(tmp_path / "ram" / "snap.1" / "index.faiss") > codes
     assert os.path.getsize(tmp_path / "disk" / "snap.1" / "index.faiss") < codes / 5
-    assert os.path.getsize(tmp_path / "disk" / "snap.1" / _faiss_ondisk.LISTS_NAME) >= codes
 
     again = SemanticMemory.in_process(D, index="ivfpq", data_dir=str(tmp_path / "disk"), ondisk=True, **ONDISK)
-    lists = ivf_lists(again)
-    assert isinstance(lists, faiss.OnDiskInvertedLists)  # snapshot + log replay: still mapped, not loaded
-    assert lists.filename == str(tmp_path / "disk" / _faiss_store.LISTS_WORK)
+    index = again._backend.store.index.index
+    assert index.base_rows + index.delta.ntotal == 5000 and unsaved not in lists_files(tmp_path / "disk")
+    assert os.path.getsize(os.path.join(tmp_path / "disk", index.saved_name)) >= codes
     after = again.search(q, 10)
     np.testing.assert_array_equal(after.ids, want.ids)
     assert [[p.text for p in row] for row in after.payloads] == [[f"fact {i}" for i in row] for row in want.ids]
     assert not np.isin(again.search(x[:4000:13], 10).ids, gone).any()  # deleted ids never come back
-    # More than compact_ratio deleted: the lists are rebuilt into a new file, in a new snapshot.
+    assert again.snapshot() == 2
+    assert index.delta.ntotal == 0 and index.base_rows == 5000 and lists_files(tmp_path / "disk") == [
+        index.saved_name]
+    # More than compact_ratio deleted: rows renumbered, lists rebuilt into a new file, in a new snapshot.
     again.remove(ids[4000:])
     stats = again.stats()
-    assert stats["rows"] == stats["count"] == 5000 - len(gone) - 1000 and stats["generation"] == 2
-    for name in ("ram", "disk"):
-        mems[name] = SemanticMemory.in_process(D, index="ivfpq", data_dir=str(tmp_path / name),
-                                               ondisk=name == "disk", **ONDISK)
-    mems["ram"].remove(ids[4000:])
-    want = mems["ram"].search(q, 10)
+    assert stats["rows"] == stats["count"] == 5000 - len(gone) - 1000 and stats["generation"] == 3
+    ram = SemanticMemory.in_process(D, index="ivfpq", data_dir=str(tmp_path / "ram"), **ONDISK)
+    ram.remove(ids[4000:])
+    want = ram.search(q, 10)
     np.testing.assert_array_equal(again.search(q, 10).ids, want.ids)
     again.close()
     # Switching a data dir between on-disk and in-RAM lists converts them on load, with the same answers.
-    for on in (False, True):
+    for on in (False, True, True):
         mem = SemanticMemory.in_process(D, index="ivfpq", data_dir=str(tmp_path / "disk"), ondisk=on, **ONDISK)
-        assert isinstance(ivf_lists(mem), faiss.OnDiskInvertedLists if on else faiss.ArrayInvertedLists)
+        index = mem._backend.store.index.index
+        assert isinstance(index, _faiss_ondisk.OnDiskIVF) == on
+        assert isinstance(_faiss_ondisk.lists_of(index), faiss.OnDiskInvertedLists if on else faiss.ArrayInvertedLists)
         np.testing.assert_array_equal(mem.search(q, 10).ids, want.ids)
         assert not np.isin(mem.search(x[4000:], 10).ids, ids[4000:]).any()
         mem.snapshot()
         mem.close()
+        assert len(lists_files(tmp_path / "disk")) == int(on)
 
 
 def test_ondisk_needs_a_data_dir_and_ivfpq():

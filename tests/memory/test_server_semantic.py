@@ -2,6 +2,7 @@
 the in-process backend), bad input, auth, kill -9 during concurrent adds, snapshot + log replay, concurrent
 readers, a sharded client equal to one big index, and ivfpq with on-disk inverted lists across a kill -9."""
 
+import json
 import os
 import signal
 import subprocess
@@ -287,7 +288,7 @@ def test_token_from_file_or_environment(tmp_path, monkeypatch):
 
 
 def test_ondisk_lists_survive_kill_9_and_equal_in_ram(tmp_path):
-    args = ("--index", "ivfpq", *SMALL, "--ondisk")
+    args = ("--index", "ivfpq", *SMALL, "--ondisk", "--ondisk-merge-rows", "300")
     local = SemanticMemory.in_process(D, index="ivfpq", **SPEC)  # in-RAM lists: the reference
     x = clustered(1200, seed=11)
     ids = np.random.default_rng(12).choice(2 ** 62, 1200, replace=False).astype(np.int64)
@@ -317,4 +318,7 @@ def test_ondisk_lists_survive_kill_9_and_equal_in_ram(tmp_path):
         assert not np.isin(again.search(x[::11], 6).ids, ids[::11]).any()
     finally:
         stop(proc)
-    assert os.path.exists(tmp_path / "snap.2" / "lists.ivfdata")  # the final snapshot holds the lists' copy
+    with open(tmp_path / "MANIFEST.json") as f:  # the final snapshot names the one lists file left
+        manifest = json.load(f)
+    assert manifest["generation"] == 2
+    assert [n for n in os.listdir(tmp_path) if n.endswith(".ivfdata")] == [manifest["lists"]]
