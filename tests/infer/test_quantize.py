@@ -1,0 +1,150 @@
+"""int8 weight-only quantization: per-channel error bound, which leaves are quantized, bytes, logits of the int8
+model close to float, perplexity against a direct computation, and decoding with dequantization inside the jit."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mantis_jax.config import default_config
+from mantis_jax.data import factworld as fw
+from mantis_jax.data import tokenizer as tk
+from mantis_jax.infer import decode, quantize
+from mantis_jax.model import transformer as tfm
+from mantis_jax.model.args import ModelArgs
+
+VARIANTS = {
+    "dense_untied_scan": ModelArgs(vocab_size=384, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64,
+                                   max_seq_len=64, tie_embeddings=False),
+    "moe_tied_unrolled": ModelArgs(vocab_size=384, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=32,
+                                   max_seq_len=64, scan_layers=False, n_experts=4, top_k=2, moe_impl="dense"),
+}
+QUANTIZED = {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "embedding", "lm_head"}
+
+
+def random_params(args, seed=0):
+    """Params drawn with numpy from the abstract shapes (no init compile), std 0.2 (embedding 1, norms 1)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, s):
+        name = str(path[-1].key)
+        if name == "scale":
+            return jnp.ones(s.shape, s.dtype)
+        return jnp.asarray(rng.normal(0.0, 1.0 if name == "embedding" else 0.2, s.shape), s.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, nn.unbox(tfm.abstract_params(args)))
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def model(request):
+    args = VARIANTS[request.param]
+    params = random_params(args)
+    return args, params, quantize.quantize_params(params)
+
+
+def _leaves(tree):
+    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, quantize.QTensor))[0]
+
+
+def test_quantized_leaves_and_error_bound(model):
+    args, params, qparams = model
+    flat = dict((jax.tree_util.keystr(p), v) for p, v in _leaves(params))
+    seen = set()
+    for path, leaf in _leaves(qparams):
+        name = str(path[-1].key)
+        w = np.asarray(flat[jax.tree_util.keystr(path)])
+        if name not in QUANTIZED:
+            assert not isinstance(leaf, quantize.QTensor) and leaf.dtype == jnp.float32
+            continue
+        seen.add(name)
+        assert isinstance(leaf, quantize.QTensor) and leaf.q.dtype == jnp.int8 and leaf.q.shape == w.shape
+        axes = tuple(a % w.ndim for a in quantize.INPUT_AXES[name])
+        expect_scale_shape = tuple(1 if i in axes else n for i, n in enumerate(w.shape))
+        assert leaf.scale.shape == expect_scale_shape  # one scale per output channel
+        scale = np.asarray(leaf.scale)
+        np.testing.assert_allclose(scale, np.max(np.abs(w), axis=axes, keepdims=True) / 127, rtol=1e-6)
+        err = np.abs(w - np.asarray(leaf.dequantize()))
+        assert np.all(err <= scale / 2 * (1 + 1e-5) + 1e-9)
+        assert np.all(np.max(np.abs(np.asarray(leaf.q)), axis=axes) == 127)  # each channel uses its full range
+    expected = {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"} | (
+        {"embedding"} if args.tie_embeddings else {"embedding", "lm_head"})
+    assert seen == expected
+
+
+def test_bytes_before_and_after(model):
+    _, params, qparams = model
+    expect = 0
+    for _, leaf in _leaves(qparams):
+        if isinstance(leaf, quantize.QTensor):
+            expect += leaf.q.size + 4 * leaf.scale.size
+        else:
+            expect += 4 * leaf.size
+    assert quantize.param_bytes(qparams) == expect
+    assert quantize.param_bytes(params) == 4 * sum(x.size for x in jax.tree.leaves(params))
+    assert quantize.param_bytes(qparams) < 0.35 * quantize.param_bytes(params)
+
+
+@pytest.fixture(scope="module")
+def jitted_forward():
+    return jax.jit(lambda args, p, t: tfm.forward(args, quantize.dequantize_params(p), t)[0], static_argnums=0)
+
+
+def test_int8_logits_close_to_float(model, jitted_forward):
+    args, params, qparams = model
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, args.vocab_size, (2, 16)), jnp.int32)
+    ref = np.asarray(jitted_forward(args, params, tokens))
+    got = np.asarray(jitted_forward(args, qparams, tokens))
+    # int8 rounding noise is ~max|w|/127/sqrt(12) per weight (about 0.5% of a channel's spread) per layer
+    assert np.mean(np.abs(got - ref)) < 0.02 * np.std(ref)
+    # not the max: in a MoE a token whose top-k routing flips under the rounding moves discontinuously
+    assert np.quantile(np.abs(got - ref), 0.95) < 0.1 * np.std(ref)
+    assert np.mean(np.argmax(got, -1) == np.argmax(ref, -1)) >= 0.9
+    assert np.max(np.abs(got - ref)) > 0  # the weights really changed
+
+
+def test_perplexity_matches_direct_computation(model, jitted_forward):
+    args, params, qparams = model
+    windows = np.random.default_rng(2).integers(0, args.vocab_size, (3, 17)).astype(np.int32)
+    logits = np.asarray(jitted_forward(args, params, jnp.asarray(windows[:, :-1])), np.float64)
+    logz = np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1)) + logits.max(-1)
+    nll = logz - np.take_along_axis(logits, windows[:, 1:, None], -1)[..., 0]
+    ppl = quantize.perplexity(args, params, windows)  # one batch of 8: 3 rows + 5 padding rows
+    np.testing.assert_allclose(ppl, np.exp(nll.mean()), rtol=1e-4)
+    assert abs(np.log(quantize.perplexity(args, qparams, windows) / ppl)) < 0.1  # nats/token
+
+
+def test_decode_with_int8_params_equals_decode_with_their_dequantized_floats():
+    args = VARIANTS["moe_tied_unrolled"]
+    qparams = quantize.quantize_params(random_params(args))
+    tokens, mask = decode.left_pad([[3, 4, 5], [7]], 0, 8)
+    stop = jnp.zeros((args.vocab_size,), bool)
+
+    def run(p):
+        return decode.generate(args, p, decode.new_cache(args, 2, 8, 6), tokens, mask, jax.random.key(0), stop,
+                               0.0, 0, 1.0, 0, 6, max_new_tokens=6).tokens_bn
+
+    deq = jax.tree.map(np.asarray, quantize.dequantize_params(qparams))
+    np.testing.assert_array_equal(run(qparams), run(deq))
+
+
+def test_val_windows_and_report():
+    config = default_config()
+    config.data.factworld_entities = 60
+    tok = tk.Tokenizer.train(fw.World(seed=0, n_entities=60).tokenizer_sample(40), 384)
+    windows = quantize.val_windows(config, tok, n_docs=4, seq_len=16, max_windows=3)
+    assert windows.shape == (3, 17)
+    first = tok.encode(next(fw.world_from_config(config).iter_documents("val", 0, 1)), add_bos=True)
+    np.testing.assert_array_equal(windows[0], first[:17])
+    np.testing.assert_array_equal(windows[1, 0], windows[0, -1])  # windows overlap by the shifted target
+    args = VARIANTS["dense_untied_scan"]
+    params = random_params(args)
+    r = quantize.report(args, params, quantize.quantize_params(params), windows)
+    assert r["bytes_quantized"] < r["bytes_float"] and abs(np.log1p(r["ppl_change"])) < 0.1
+    assert r["ppl_float"] == pytest.approx(quantize.perplexity(args, params, windows))
+
+
+def test_bad_mode_is_rejected():
+    with pytest.raises(ValueError, match="int8"):
+        quantize.quantize_params({"w": jnp.ones((2, 2))}, "int4")
+    assert quantize.quantize_params({"wq": jnp.ones((2, 2, 2))}, "none")["wq"].dtype == jnp.float32
