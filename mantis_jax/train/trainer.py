@@ -139,7 +139,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, resume: str | None
     """Trains `config` in `workdir` (resuming from it, or from the workdir `resume`); returns the run's summary.
 
     `on_log(step, split, metrics)` is called at every train log ("train") and evaluation ("val"). `devices`
-    defaults to all devices (the mesh is `config.mesh`, `data=-1` filling them)."""
+    defaults to all devices (the mesh is `config.mesh`, `data=-1` filling them). The summary holds "step",
+    "stopped" (done | early_stop | time_budget | interrupted), the last "train" and "val" metrics, "best_val_loss",
+    "best_step", "tokens_per_s", "mfu", "peak_flops", "bytes_per_param" (optimizer state), "params",
+    "resumed_from" and the final "state" (the TrainState, on the mesh)."""
     config = _prepare_config(config)
     os.makedirs(workdir, exist_ok=True)
     ckpt = Checkpointer.from_config(workdir, config)
@@ -251,9 +254,6 @@ class _Loop:
                 if interrupt.requested:
                     stopped = "interrupted"
                     break
-                if deadline is not None and time.monotonic() > deadline:
-                    stopped = "time_budget"
-                    break
                 state, m = self.fns["train_step"](state, next_batch(), jax.random.fold_in(rng, step))
                 done = step + 1
                 pending.append(m)
@@ -264,14 +264,17 @@ class _Loop:
                 progress.update(1)
                 evaluate = t.eval_every > 0 and self.val_batches and done % t.eval_every == 0
                 save = done % t.save_every == 0 or done == total
-                if pending and (done % t.log_every == 0 or evaluate or save or done == total):
+                over_time = deadline is not None and time.monotonic() > deadline and done < total
+                if pending and (done % t.log_every == 0 or evaluate or save or over_time):
                     self._log(pending, done, clock, progress)
                     pending, clock = [], [time.perf_counter(), 0]
                 if evaluate and self._evaluate(state, done):
                     stopped = "early_stop"
-                if save or stopped == "early_stop":
+                elif over_time:
+                    stopped = "time_budget"
+                if save or stopped != "done":
                     self._save(state, done)
-                if stopped == "early_stop":
+                if stopped != "done":
                     break
         progress.close()
         if pending:

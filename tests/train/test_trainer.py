@@ -129,6 +129,13 @@ def test_early_stopping(runs, tmp_path):
     assert ck.inspect(str(tmp_path))["best"] == lowest
 
 
+def test_time_budget_stops_after_a_step(runs, tmp_path):
+    config = make_config(_corpus_of(runs), max_minutes=1e-9)
+    s = train(config, str(tmp_path), devices=runs["devices"])
+    assert s["stopped"] == "time_budget" and s["step"] == 1 and ck.list_steps(str(tmp_path)) == [1]
+    assert _losses(str(tmp_path))[1] == _losses(str(runs["root"] / "a"))[1]
+
+
 def _corpus_of(runs):
     return pathlib.Path(os.path.dirname(runs["config"].data.path))
 

@@ -1,0 +1,111 @@
+"""Training speed: tokens/s and MFU of the full jitted train step, against the matmul peak measured in this run.
+
+    python benchmarks/train_step.py            # micro and tiny, batch 8 x seq 256, vocab 8192, float32
+    python benchmarks/train_step.py --quick    # fewer timed steps, micro only
+    python benchmarks/train_step.py --variants # also the config variants below (remat, MoE impl, layer scan)
+
+The step is the trainer's (`trainer.compiled_steps`: forward, loss, backward, AdamW update; donated state,
+explicit shardings on one device). MFU = model FLOPs per token (`model.summary.flops_per_token`, training = 3x
+forward, active experts) x tokens/s / peak, where the peak is the best dense float32 matmul FLOP/s XLA reaches on
+this machine (`train.metrics.measure_peak_flops`, square matmuls of the sizes below, best of). Each figure is the
+median step time over the timed steps after two warm-up steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mantis_jax import cli  # noqa: E402
+from mantis_jax.config import validate  # noqa: E402
+from mantis_jax.model.args import ModelArgs  # noqa: E402
+from mantis_jax.model.summary import flops_per_token, param_counts  # noqa: E402
+from mantis_jax.parallel import mesh as mesh_lib  # noqa: E402
+from mantis_jax.train import metrics as metrics_lib  # noqa: E402
+from mantis_jax.train.trainer import STEP_KEYS, compiled_steps  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+VARIANTS = {
+    "micro": [{}, {"model.remat": "full"}, {"model.scan_layers": False}],
+    "tiny": [{}, {"moe.impl": "dense"}, {"moe.impl": "capacity"}, {"model.scan_layers": False}],
+}
+
+
+def bench_config(preset: str, overrides: dict, batch: int, seq: int, vocab: int):
+    config = cli.load_preset(os.path.join(ROOT, "configs", f"{preset}.py"))
+    config.model.vocab_size, config.data.batch_size, config.data.seq_len = vocab, batch, seq
+    config.model.dtype = config.model.param_dtype = "float32"
+    config.mesh.data = 1
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        config[section][name] = value
+    return validate(config)
+
+
+def time_step(config, steps: int) -> tuple[float, dict]:
+    """Median seconds per train step, and model facts."""
+    import json
+
+    args = ModelArgs.from_config(config)
+    mesh = mesh_lib.make_mesh(config, jax.devices()[:1])
+    rules = mesh_lib.logical_rules(config)
+    fns = compiled_steps(args, json.dumps({k: config.train[k] for k in STEP_KEYS}, sort_keys=True), mesh, rules)
+    B, T = config.data.batch_size, config.data.seq_len
+    rng = np.random.default_rng(0)
+    seq = rng.integers(0, args.vocab_size, (B, T + 1)).astype(np.int32)
+    batch = {"inputs": seq[:, :-1], "targets": seq[:, 1:], "loss_mask": np.ones((B, T), np.float32)}
+    with mesh_lib.activate(mesh, rules):
+        batch = {k: jax.device_put(v, fns["batch_sharding"]) for k, v in batch.items()}
+        state = fns["init"](jax.random.key(0))
+        key = jax.random.key(1)
+        times = []
+        for i in range(steps + 2):
+            t0 = time.perf_counter()
+            state, m = fns["train_step"](state, batch, jax.random.fold_in(key, i))
+            jax.block_until_ready(m)
+            if i >= 2:  # the first call compiles, the second may still warm caches
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times), {"params": param_counts(args)["total"],
+                                      "flops_per_token": flops_per_token(args, T)["active"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="micro only, 3 timed steps")
+    p.add_argument("--variants", action="store_true", help="also time the config variants")
+    p.add_argument("--presets", default="micro,tiny")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=8192)
+    a = p.parse_args()
+    presets = ["micro"] if a.quick else a.presets.split(",")
+    steps = 3 if a.quick else a.steps
+    print(f"devices: {jax.devices()[:1]} (of {jax.device_count()}), XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    peaks = {n: metrics_lib.measure_peak_flops(n=n, reps=5) for n in ((1024,) if a.quick else (1024, 2048))}
+    peak = max(peaks.values())
+    print("matmul peak float32: " + ", ".join(f"{n}^2 {v / 1e9:.1f} GFLOP/s" for n, v in peaks.items())
+          + f" -> peak {peak / 1e9:.1f} GFLOP/s")
+    print(f"| preset | variant | params | GFLOP/token | step ms | tokens/s | model GFLOP/s | MFU (vs peak) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for preset in presets:
+        for overrides in (VARIANTS[preset] if a.variants else [{}]):
+            config = bench_config(preset, overrides, a.batch, a.seq, a.vocab)
+            seconds, facts = time_step(config, steps)
+            tps = a.batch * a.seq / seconds
+            achieved = facts["flops_per_token"] * tps
+            name = ",".join(f"{k}={v}" for k, v in overrides.items()) or "default"
+            print(f"| {preset} | {name} | {facts['params'] / 1e6:.2f}M | {facts['flops_per_token'] / 1e9:.3f} | "
+                  f"{seconds * 1e3:.0f} | {tps:,.0f} | {achieved / 1e9:.1f} | {achieved / peak:.0%} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
