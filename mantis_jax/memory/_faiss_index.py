@@ -13,8 +13,8 @@ the squared L2 distance):
          live row is added to it. Candidates (k * refine_factor) are re-ranked exactly against the raw rows,
          which is what lifts recall@10 above 0.95; only the PQ codes (pq_m bytes per vector) are held by FAISS,
          the raw rows can be a memory-mapped file larger than RAM. With `ondisk` the inverted lists (the PQ
-         codes) live in a memory-mapped file too (see _faiss_ondisk), so nothing that grows with the data is
-         held in anonymous memory.
+         codes) live in a memory-mapped file too, except the rows added since the last merge (see
+         _faiss_ondisk), so RAM does not grow with the data.
   hnsw   `IndexHNSWFlat`; no removal in FAISS, so deleted rows are tombstones filtered at search time, and the
          graph is rebuilt once more than `compact_ratio` are stale.
 Upserting an existing id kills its old row and appends a new one. Callers hold the locks (see _faiss_store).
