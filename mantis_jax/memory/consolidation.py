@@ -222,6 +222,11 @@ class Consolidator:
         f.truncate(0)
         f.write(str(os.getpid()))
         f.flush()
+        open(os.path.join(self.spool_dir, "spool.jsonl"), "ab").close()
+        for path in (self.spool_dir, os.path.dirname(os.path.abspath(self.spool_dir))):  # survive a power cut
+            fd = os.open(path, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
         return f
 
     def _append_spool(self, entries) -> list[int]:
