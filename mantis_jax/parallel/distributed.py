@@ -76,14 +76,21 @@ def is_initialized() -> bool:
     return jax.distributed.is_initialized()
 
 
-def process_rows(global_batch_size: int) -> slice:
-    """The rows of a global batch that this process reads (contiguous, in process order)."""
-    n, i = jax.process_count(), jax.process_index()
-    if global_batch_size % n:
-        raise ValueError(f"the global batch ({global_batch_size} rows) must be divisible by the {n} processes; "
-                         "set --config.data.batch_size to a multiple of the process count")
-    per = global_batch_size // n
-    return slice(i * per, (i + 1) * per)
+def process_rows(sharding: jax.sharding.Sharding, global_batch_size: int) -> slice:
+    """The rows of a global batch [B, ...] that this process must supply under `sharding` (its devices' rows).
+
+    Read from the sharding, not assumed from the process index: the mesh decides which devices own which rows."""
+    index_map = sharding.devices_indices_map((global_batch_size,))
+    local = [index_map[d][0] for d in sharding.addressable_devices]
+    start = min(s.start or 0 for s in local)
+    stop = max(global_batch_size if s.stop is None else s.stop for s in local)
+    covered = set()
+    for s in local:
+        covered.update(range(s.start or 0, global_batch_size if s.stop is None else s.stop))
+    if covered != set(range(start, stop)):
+        raise ValueError(f"this process's devices own non-contiguous batch rows under {sharding}; order the mesh "
+                         "so that each process's devices are adjacent on the batch axes (data, fsdp)")
+    return slice(start, stop)
 
 
 def global_batch(local: Mapping[str, Any], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
