@@ -1,0 +1,50 @@
+"""demo: the micro model with the data, vocabulary and schedule that make it learn in-context recall on 2 CPU cores.
+
+    make demo                                          # = python -m mantis_jax.demo (this preset)
+    python -m mantis_jax.demo --minutes=11 --workdir=runs/demo
+
+What differs from configs/micro.py, and why (measurements in docs/perf/demo.md):
+- a 1024-token BPE trained on factworld: names are ~3 tokens and most attribute values one token, and the
+  embedding/head shrink from 9.7M to 0.2M parameters, so the model is ~1.5M parameters;
+- seq_len 128 × batch 16: the same 2048 tokens per step as 256 × 8, but a factworld document (~145 tokens)
+  needs no more, and attention over 128 positions is cheaper;
+- half of each document's lines are Q/A pairs and answer tokens weigh 4× in the loss: the recall skill is the
+  answer tokens, and at plain LM weighting they are a few percent of the loss;
+- a high learning rate (3e-3) with a short warm-up for a ~1.5M-parameter model;
+- the run stops at `train.max_minutes`; `total_steps` is what an idle 2-core machine reaches in that time, so the
+  cosine schedule ends near the budget there.
+"""
+
+import importlib.util
+import os
+
+
+def _micro():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "micro.py")
+    spec = importlib.util.spec_from_file_location("micro", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config():
+    c = _micro()
+    c.name = "demo"
+    c.data.source = "factworld"
+    c.data.tokenizer_vocab = 1024
+    c.data.seq_len = 128
+    c.data.batch_size = 16
+    c.data.factworld_qa_share = 0.5
+    c.data.answer_loss_weight = 4.0
+    c.data.factworld_val_docs = 128
+    c.train.lr = 3e-3
+    c.train.warmup_steps = 100
+    c.train.total_steps = 1500
+    c.train.max_minutes = 11.0
+    c.train.log_every = 10
+    c.train.eval_every = 250
+    c.train.eval_steps = 8
+    c.train.save_every = 500
+    c.checkpoint.max_to_keep = 1
+    c.checkpoint.keep_best = False
+    return c

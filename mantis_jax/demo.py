@@ -1,0 +1,167 @@
+"""`make demo`: train the micro model on factworld under a wall-clock budget, then generate and answer questions.
+
+    python -m mantis_jax.demo [--minutes=11] [--workdir=runs/demo] [--questions=50] [--config=configs/demo.py]
+
+What goes in: the `configs/demo.py` preset (the micro shape, a 1024-token BPE, QA-dense documents, answer tokens
+weighted in the loss; see docs/perf/demo.md for why). What happens: `train.trainer.train` runs with its progress
+bar until `--minutes` of training are spent (or the schedule ends) and saves an orbax checkpoint in
+`<workdir>/checkpoints`; the trained model then continues the opening of a test-split factworld document, and
+answers `--questions` near-range questions about test-split entities whose fact sentences are in the context
+(never seen in training), plus as many unanswerable ones (attributes never stated: the answer is "unknown").
+What comes out: the continuation, a few sample answers, and exact-match accuracy for answerable and unanswerable
+questions; `run()` returns those figures as a dict.
+
+`--workdir` is started afresh (a previous demo run there is removed) unless `--resume` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import sys
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import ml_collections
+import tqdm
+
+from mantis_jax import config as config_lib
+from mantis_jax.data import factworld
+from mantis_jax.data.tokenizer import FILENAME as TOKENIZER_FILENAME, Tokenizer
+from mantis_jax.infer.qa import answer_questions
+from mantis_jax.infer.runner import Generator
+from mantis_jax.model.args import ModelArgs
+from mantis_jax.model.summary import param_counts
+from mantis_jax.train.checkpoint import checkpoint_dir
+from mantis_jax.train.trainer import train
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "demo.py")
+CONTINUATION_TOKENS = 48
+Printer = Callable[[str], None]
+say: Printer = tqdm.tqdm.write  # print() that keeps the trainer's progress bar intact
+
+
+def load_config(path: str = DEFAULT_CONFIG, *, minutes: float | None = None) -> ml_collections.ConfigDict:
+    """The preset at `path` (`get_config()`), with `train.max_minutes` set to `minutes` when given."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist; pass --config=configs/demo.py")
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    if minutes is not None:
+        if minutes <= 0:
+            raise ValueError(f"--minutes ({minutes}) must be > 0: it is the training budget in minutes")
+        config.train.max_minutes = float(minutes)
+    if config.data.source != "factworld":
+        raise ValueError(f"the demo trains and asks questions on factworld; {path} sets config.data.source="
+                         f"{config.data.source!r}: set it to 'factworld'")
+    return config_lib.validate(config)
+
+
+def prepare_workdir(workdir: str, resume: bool) -> None:
+    """Removes a previous demo run in `workdir` unless resuming; refuses to touch a folder that is not a run."""
+    if resume or not os.path.exists(workdir):
+        return
+    entries = set(os.listdir(workdir))
+    if not entries:
+        return
+    if not ({os.path.basename(checkpoint_dir(workdir)), TOKENIZER_FILENAME, "metrics.jsonl"} & entries):
+        raise FileExistsError(f"--workdir {workdir!r} exists and holds no training run ({sorted(entries)[:5]}); "
+                              "pass an empty or new folder, e.g. --workdir=runs/demo")
+    shutil.rmtree(workdir)
+
+
+def _val_printer(out: Printer, t0: float) -> Callable[[int, str, dict], None]:
+    def on_log(step: int, split: str, metrics: dict) -> None:
+        if split == "val":
+            out(f"  step {step:5d}  {(time.monotonic() - t0) / 60:5.1f} min  val loss {metrics['val_loss']:.3f}  "
+                f"val token accuracy {metrics['val_accuracy']:.3f}")
+    return on_log
+
+
+def continuation(config, tokenizer: Tokenizer, generator: Generator) -> tuple[str, str]:
+    """(prompt, greedy continuation) for the opening lines of the first test-split document."""
+    text = factworld.world_from_config(config).document("test", 0).text
+    prompt = "\n".join(text.split("\n")[:2]) + "\n"
+    completions, _ = generator.generate([prompt], max_new_tokens=CONTINUATION_TOKENS, temperature=0.0,
+                                        truncate=True, measure_ttft=False)
+    return prompt, completions[0]
+
+
+def evaluate(config, tokenizer: Tokenizer, params: Any, n_questions: int, out: Printer = say) -> dict[str, Any]:
+    """Generates a continuation and answers near-range + unanswerable test questions; prints and returns figures."""
+    args = ModelArgs.from_config(config)
+    generator = Generator(args, params, tokenizer, batch_size=1)
+    prompt, cont = continuation(config, tokenizer, generator)
+    out("\n== continuation of a test-split document (greedy) ==")
+    out(prompt + "\u2192" + cont)
+    records = (factworld.eval_questions("test", "near", n_questions, config=config)
+               + factworld.eval_questions("test", "unanswerable", n_questions, config=config))
+    t0 = time.monotonic()
+    predictions, metrics = answer_questions(config, tokenizer, params, records)
+    out(f"\n== {len(records)} questions about test-split entities (facts given in the context) ==")
+    shown = [0, 1, 2, n_questions, n_questions + 1]
+    for i in shown:
+        r = records[i]
+        ok = "ok " if factworld.exact_match(predictions[i], r["answer"]) else "bad"
+        out(f"  [{ok}] Q: {r['question']}  model: {predictions[i]!r}  answer: {r['answer']!r}")
+    out(f"near-range answerable exact match:   {metrics['answerable_accuracy']:.1%} "
+        f"({round(metrics['answerable_accuracy'] * metrics['n_answerable'])}/{metrics['n_answerable']})")
+    out(f"unanswerable exact match ('unknown'): {metrics['unanswerable_accuracy']:.1%} "
+        f"({round(metrics['unanswerable_accuracy'] * metrics['n_unanswerable'])}/{metrics['n_unanswerable']})")
+    out(f"(answered in {time.monotonic() - t0:.1f} s)")
+    return {"continuation": cont, "prompt": prompt, **metrics}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, n_questions: int = 50, resume: bool = False,
+        out: Printer = say) -> dict[str, Any]:
+    """Trains `config` in `workdir`, then evaluates; returns the training summary's figures and the QA metrics."""
+    if n_questions < 3:
+        raise ValueError(f"--questions ({n_questions}) must be >= 3")
+    prepare_workdir(workdir, resume)
+    t0 = time.monotonic()
+    budget = config.train.max_minutes
+    out(f"training {config.name} on factworld in {workdir} for up to {config.train.total_steps} steps"
+        + (f" or {budget:g} minutes" if budget > 0 else "")
+        + f" ({config.data.batch_size} x {config.data.seq_len} tokens per step)")
+    summary = train(config, workdir, on_log=_val_printer(out, t0))
+    train_min = (time.monotonic() - t0) / 60
+    tokenizer = Tokenizer.load(os.path.join(workdir, TOKENIZER_FILENAME))
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.vocab_size = tokenizer.padded_vocab_size
+    params = nn.unbox(summary["state"].params)
+    n_params = param_counts(ModelArgs.from_config(config))["total"]
+    tps = summary.get("tokens_per_s") or 0.0
+    out(f"\ntrained {summary['step']} steps ({summary['stopped']}) in {train_min:.1f} min, {n_params / 1e6:.2f}M "
+        f"parameters (vocab {tokenizer.padded_vocab_size}), {tps:,.0f} tokens/s; final train loss "
+        f"{summary['train'].get('loss', float('nan')):.3f}; checkpoint in {checkpoint_dir(workdir)}")
+    result = evaluate(config, tokenizer, params, n_questions, out)
+    result.update(step=summary["step"], stopped=summary["stopped"], train_minutes=train_min,
+                  tokens_per_s=tps, total_minutes=(time.monotonic() - t0) / 60)
+    out(f"demo finished in {result['total_minutes']:.1f} min")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m mantis_jax.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--minutes", type=float, default=None,
+                   help="training budget in minutes (default: the preset's train.max_minutes, 11)")
+    p.add_argument("--workdir", default="runs/demo", help="run folder (cleared first unless --resume)")
+    p.add_argument("--questions", type=int, default=50, help="near-range questions (and as many unanswerable)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="preset file with get_config()")
+    p.add_argument("--resume", action="store_true", help="continue the run in --workdir instead of restarting")
+    a = p.parse_args(argv)
+    try:
+        config = load_config(a.config, minutes=a.minutes)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    run(config, a.workdir, n_questions=a.questions, resume=a.resume)
+
+
+if __name__ == "__main__":
+    main()

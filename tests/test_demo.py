@@ -1,0 +1,97 @@
+"""The demo's code path end to end at a tiny budget: train a few steps, checkpoint, generate, answer questions."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mantis_jax import demo
+from mantis_jax.config import set_shape
+from mantis_jax.data import factworld
+from mantis_jax.data.tokenizer import Tokenizer
+from mantis_jax.model.args import ModelArgs
+from mantis_jax.model.transformer import forward
+from mantis_jax.train.checkpoint import list_steps, load_for_inference
+
+N_QUESTIONS = 3
+
+
+def _tiny_config(tokenizer_path: str):
+    c = demo.load_config(demo.DEFAULT_CONFIG, minutes=5.0)
+    set_shape(c, d_model=32, n_layers=2, n_experts=1, top_k=1)
+    c.model.n_heads, c.model.n_kv_heads, c.model.d_ff, c.model.max_seq_len = 2, 1, 64, 128
+    c.data.tokenizer = tokenizer_path
+    c.data.seq_len, c.data.batch_size, c.data.factworld_val_docs = 32, 8, 16
+    c.train.total_steps, c.train.warmup_steps = 4, 1
+    c.train.eval_every, c.train.eval_steps, c.train.save_every, c.train.log_every = 2, 1, 4, 2
+    c.train.peak_flops = 1e9  # skip the matmul probe
+    c.checkpoint.async_save = False
+    c.logging.tensorboard = False
+    return c
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    world = factworld.World(0, 2000)
+    tok = Tokenizer.train(world.tokenizer_sample(200), 300)
+    config = _tiny_config(tok.save(str(root)))
+    lines: list[str] = []
+    workdir = str(root / "run")
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:  # a stale earlier run: must be cleared
+        f.write("{}\n")
+    result = demo.run(config, workdir, n_questions=N_QUESTIONS, out=lines.append)
+    return config, workdir, result, lines
+
+
+@pytest.mark.slow
+def test_demo_prints_accuracies_and_checkpoints(demo_run):
+    _, workdir, result, lines = demo_run
+    text = "\n".join(lines)
+    assert "near-range answerable exact match:" in text
+    assert "unanswerable exact match ('unknown'):" in text
+    assert "val loss" in text  # the learning curve is printed at each evaluation
+    assert result["step"] == 4 and result["stopped"] == "done"
+    assert list_steps(workdir) == [4]
+    assert (result["n_answerable"], result["n_unanswerable"]) == (N_QUESTIONS, N_QUESTIONS)
+    for key in ("answerable_accuracy", "unanswerable_accuracy"):
+        assert 0.0 <= result[key] <= 1.0
+        count = round(result[key] * N_QUESTIONS)
+        assert f"({count}/{N_QUESTIONS})" in text
+
+
+@pytest.mark.slow
+def test_demo_continuation_is_greedy_decoding_of_the_checkpoint(demo_run):
+    """The printed continuation equals a plain greedy loop (full forward per token) over the saved params."""
+    _, workdir, result, _ = demo_run
+    config, tok, params = load_for_inference(workdir, step=4)
+    args = ModelArgs.from_config(config)
+    prompt_ids = tok.encode(result["prompt"], add_bos=True)
+    n_new = 8
+    buf = np.full((1, len(prompt_ids) + n_new), tok.pad_id, np.int32)
+    buf[0, :len(prompt_ids)] = prompt_ids
+    step_logits = jax.jit(lambda p, b: forward(args, p, b)[0])
+    ids = []
+    for i in range(n_new):
+        pos = len(prompt_ids) + i
+        nxt = int(jnp.argmax(step_logits(params, jnp.asarray(buf))[0, pos - 1]))
+        if nxt == tok.eos_id:
+            break
+        ids.append(nxt)
+        buf[0, pos] = nxt
+    reference = tok.decode(ids)
+    assert result["continuation"].startswith(reference), (result["continuation"], reference)
+
+
+def test_bad_input_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="--minutes"):
+        demo.load_config(demo.DEFAULT_CONFIG, minutes=0)
+    with pytest.raises(FileNotFoundError, match="--config"):
+        demo.load_config(str(tmp_path / "missing.py"))
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds no training run"):
+        demo.prepare_workdir(str(tmp_path), resume=False)
+    assert (tmp_path / "notes.txt").exists()
