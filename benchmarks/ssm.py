@@ -11,6 +11,7 @@ relative to `associative`.
 
     python benchmarks/ssm.py            # L in 2K, 8K, 32K; d_model 256, d_state 16, expand 2 (config defaults)
     python benchmarks/ssm.py --quick    # L in 512, 2K; 2 rounds
+    python benchmarks/ssm.py --scan-only --lengths 2048,8192   # the scan alone, without the projections
 """
 
 from __future__ import annotations
@@ -24,7 +25,24 @@ import jax
 import jax.numpy as jnp
 
 from mantis_jax.config import default_config
-from mantis_jax.model.ssm import SCAN_IMPLS, MambaBlock, SSMArgs
+from mantis_jax.model.ssm import SCAN_IMPLS, MambaBlock, SSMArgs, selective_scan
+
+
+def build_scan(args: SSMArgs, impl: str, length: int, batch: int):
+    """The scan alone: grad of sum(y^2) + sum(h_T) w.r.t. x, Δ, A, B, C (Mamba-like Δ ~ softplus(N(-3, 1)))."""
+    k = jax.random.split(jax.random.key(1), 5)
+    di, n = args.d_inner, args.d_state
+    x = jax.random.normal(k[0], (batch, length, di))
+    delta = jax.nn.softplus(jax.random.normal(k[1], (batch, length, di)) - 3.0)
+    a = -jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.float32), (di, n))
+    inputs = (x, delta, a, jax.random.normal(k[2], (batch, length, n)), jax.random.normal(k[3], (batch, length, n)))
+
+    def loss(*xs):
+        y, h = selective_scan(*xs, impl=impl, chunk_size=args.chunk_size)
+        return jnp.sum(jnp.square(y)) + jnp.sum(h)
+
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(5)))).lower(*inputs).compile()
+    return compiled, inputs, compiled.memory_analysis().temp_size_in_bytes
 
 
 def build(args: SSMArgs, impl: str, length: int, batch: int):
@@ -52,6 +70,7 @@ def main() -> None:
     parser.add_argument("--expand", type=int, default=ep.expand)
     parser.add_argument("--chunk", type=int, default=ep.chunk_size)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--scan-only", action="store_true", help="time selective_scan alone, not the whole block")
     parser.add_argument("--max-temp-gb", type=float, default=4.0, help="skip running variants planned above this")
     opts = parser.parse_args()
     lengths = [512, 2048] if opts.quick else [int(v) for v in opts.lengths.split(",")]
@@ -59,10 +78,12 @@ def main() -> None:
     args = SSMArgs(d_model=opts.d_model, d_state=opts.d_state, expand=opts.expand, chunk_size=opts.chunk)
     print(f"# {platform.node()} {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}; "
           f"B={opts.batch} d_model={args.d_model} d_inner={args.d_inner} d_state={args.d_state} "
-          f"chunk={args.chunk_size}; forward+backward of one Mamba block, best of {reps}")
+          f"chunk={args.chunk_size}; forward+backward of {'the scan' if opts.scan_only else 'one Mamba block'}, "
+          f"best of {reps}")
     print(f"{'L':>6} {'scan':>12} {'wall ms':>10} {'cpu ms':>10} {'speedup':>7} {'temp MiB':>10} {'/ assoc':>8}")
     for length in lengths:
-        built = {impl: build(args, impl, length, opts.batch) for impl in SCAN_IMPLS}
+        builder = build_scan if opts.scan_only else build
+        built = {impl: builder(args, impl, length, opts.batch) for impl in SCAN_IMPLS}
         runnable = {impl: b for impl, b in built.items() if b[2] <= opts.max_temp_gb * 2**30}
         for compiled, inputs, _ in runnable.values():  # warm-up
             jax.block_until_ready(compiled(*inputs))
