@@ -175,6 +175,7 @@ def default_config() -> ml_collections.ConfigDict:
     d.factworld_max_entities = 3  # entities per training document: uniform in [1, this]
     d.answer_loss_weight = 1.0  # loss weight of answer tokens (after "A:" at a line start); 1 = plain LM
     d.add_bos = True  # each packed document is <bos> tokens <eos>
+    d.packing = "auto"  # concat | first_fit (whole documents per window) | auto (first_fit for factworld)
     d.doc_separator = "blank_line"  # text files: blank_line | line | file
     d.cache_dir = ""  # token files made from text/hf data; "" = ~/.cache/mantis_jax/tokens
     d.split = "train"  # tfds/hf split to train on; for these sources val_file names the validation split
@@ -338,6 +339,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     d = config.data
     _one_of(config, "data.source", ("factworld", "text", "tokenized", "tfds", "hf"))
     _one_of(config, "data.doc_separator", ("blank_line", "line", "file"))
+    _one_of(config, "data.packing", ("auto", "concat", "first_fit"))
     _require(d.factworld_entities >= 30,
              f"config.data.factworld_entities ({d.factworld_entities}) must be >= 30 (10 per split)")
     _positive(config, ("data.factworld_docs", "data.factworld_val_docs", "data.answer_loss_weight"))

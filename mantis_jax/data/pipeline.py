@@ -2,8 +2,8 @@
 
 Documents enter from a source (`sources.open_source`): token ids per document. Each becomes
 `<bos> ids <eos>` (bos optional) with its answer mask (`Tokenizer.answer_mask`); documents are shuffled with
-`data.shuffle_seed` (a new order each epoch), packed by concat-then-split into windows of `seq_len + 1` tokens and
-batched. A batch leaves as
+`data.shuffle_seed` (a new order each epoch), packed into windows of `seq_len + 1` tokens (`data.packing`:
+concat-then-split, or first-fit which keeps each document whole in one window, padding the rest) and batched. A batch leaves as
     {"inputs": int32 [B, T], "targets": int32 [B, T], "loss_mask": float32 [B, T], "answer_mask": float32 [B, T]}
 with targets = inputs shifted by one, loss_mask 0 on padding and on the bos that follows an eos (it carries no
 information), and `data.answer_loss_weight` on answer tokens. B is the per-process batch
@@ -22,7 +22,8 @@ from typing import Any, NamedTuple
 
 import grain
 import numpy as np
-from grain.experimental import ConcatThenSplitIterDataset
+from grain.experimental import (ConcatThenSplitIterDataset, FirstFitPackIterDataset, FlatMapIterDataset,
+                                FlatMapTransform)
 
 from mantis_jax.data import sources
 from mantis_jax.data.sources import DataError
@@ -89,15 +90,48 @@ def pad_batch(batch: Batch, batch_size: int) -> Batch:
     return {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
 
 
-def pack(docs: grain.MapDataset, *, tokenizer: Tokenizer, seq_len: int, add_bos: bool,
-         answer_weight: float) -> grain.IterDataset:
-    """Token-id documents -> rows of seq_len (concat-then-split packing into windows of seq_len + 1)."""
+class SplitLongDocument(FlatMapTransform):
+    """Cuts an example longer than a window into window-sized pieces (first-fit packing never splits)."""
+
+    max_fan_out = 1 << 30
+
+    def __init__(self, window: int):
+        self.window = window
+
+    def flat_map(self, ex: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        n = len(ex["tokens"])
+        return [{k: v[i:i + self.window] for k, v in ex.items()} for i in range(0, n, self.window)]
+
+
+def resolve_packing(config) -> str:
+    """`auto` is first_fit for factworld (a question must share its window with its evidence), else concat."""
+    packing = config.data.packing
+    if packing == "auto":
+        return "first_fit" if config.data.source == "factworld" else "concat"
+    return packing
+
+
+def pack(docs: grain.MapDataset, *, tokenizer: Tokenizer, seq_len: int, add_bos: bool, answer_weight: float,
+         packing: str = "concat", bins: int = 16, seed: int = 0) -> grain.IterDataset:
+    """Token-id documents -> rows of seq_len, packed into windows of seq_len + 1.
+
+    concat: concatenate and cut (no padding; documents straddle windows). first_fit: whole documents placed into
+    `bins` windows at a time, the rest padded (documents longer than a window are cut into pieces first).
+    """
     # grain's default (16 threads, 500 documents ahead) would starve the training step on a small host; a
     # batch needs tens of documents, so a short buffer keeps up.
     read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=128)
     examples = docs.map(DocumentToExample(tokenizer, add_bos)).to_iter_dataset(read)
     window = seq_len + 1
-    packed = ConcatThenSplitIterDataset(examples, length_struct={"tokens": window, "answer": window})
+    lengths = {"tokens": window, "answer": window}
+    if packing == "concat":
+        packed = ConcatThenSplitIterDataset(examples, length_struct=lengths)
+    elif packing == "first_fit":
+        pieces = FlatMapIterDataset(examples, SplitLongDocument(window))
+        packed = FirstFitPackIterDataset(pieces, length_struct=lengths, num_packing_bins=bins, seed=seed,
+                                         shuffle_bins=True)
+    else:
+        raise DataError(f"config.data.packing ({packing!r}) must be one of auto, concat, first_fit")
     return packed.map(WindowToBatchRow(tokenizer.pad_id, tokenizer.bos_id if add_bos else -1, answer_weight))
 
 
@@ -152,7 +186,8 @@ def make_datasets(config, tokenizer: Tokenizer, *, process_index: int = 0, proce
             raise DataError(f"config.data.val_split ({d.val_split}) leaves no training documents out of {n}; "
                             "lower it or give more data")
         train_docs, val_docs = train_docs[: n - n_val], train_docs[n - n_val:]
-    options = dict(tokenizer=tokenizer, seq_len=d.seq_len, add_bos=d.add_bos, answer_weight=d.answer_loss_weight)
+    options = dict(tokenizer=tokenizer, seq_len=d.seq_len, add_bos=d.add_bos, answer_weight=d.answer_loss_weight,
+                   packing=resolve_packing(config), bins=max(batch, 8), seed=d.shuffle_seed)
     train_docs = _shard(train_docs, process_index, process_count, "the training data")
     train_docs = train_docs.shuffle(seed=d.shuffle_seed).repeat(None)  # reshuffled every epoch
     train = pack(train_docs, **options).batch(batch, drop_remainder=True)

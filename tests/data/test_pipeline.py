@@ -26,6 +26,7 @@ def _config(**data):
     cfg.data.seq_len, cfg.data.batch_size = T, B
     cfg.data.factworld_entities, cfg.data.factworld_docs, cfg.data.factworld_val_docs = 300, 60, 6
     cfg.data.answer_loss_weight = 3.0
+    cfg.data.packing = "concat"
     for k, v in data.items():
         cfg.data[k] = v
     return C.validate(cfg)
@@ -104,6 +105,40 @@ def test_iterator_resume(tok, setup):
         got = next(resumed)
         for k in want:
             np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_first_fit_packing_keeps_documents_whole(tok):
+    cfg = _config(packing="first_fit", seq_len=256, factworld_max_entities=1)
+    src = sources.open_source(cfg, tok)
+    whole = {tuple([tok.bos_id] + src[i].tolist() + [tok.eos_id]) for i in range(len(src))}
+    assert max(len(d) for d in whole) <= 257  # every test document fits a window
+    ds = pipeline.make_datasets(cfg, tok)
+    assert pipeline.resolve_packing(_config(packing="auto")) == "first_fit"
+    assert pipeline.resolve_packing(_config(packing="auto", source="text")) == "concat"
+    it = iter(ds.train)
+    batches = [next(it) for _ in range(4)]
+    seen, padding = set(), 0
+    for b in batches:
+        for r in range(B):
+            row = np.concatenate([b["inputs"][r], b["targets"][r, -1:]])
+            real = row[row != tok.pad_id]
+            assert (row[len(real):] == tok.pad_id).all()  # padding only at the end
+            padding += len(row) - len(real)
+            starts = np.flatnonzero(real == tok.bos_id).tolist() + [len(real)]
+            assert starts[0] == 0
+            for a, z in zip(starts, starts[1:]):
+                assert tuple(real[a:z].tolist()) in whole  # each segment is one whole document
+                seen.add(tuple(real[a:z].tolist()))
+            assert (b["loss_mask"][r][b["targets"][r] == tok.pad_id] == 0).all()
+    assert len(seen) > 4 * B and padding < 0.5 * 4 * B * 257
+    state = it.get_state()  # resume mid-stream
+    want = [next(it) for _ in range(2)]
+    resumed = pipeline.restore_iterator_state(iter(pipeline.make_datasets(cfg, tok).train), json.dumps(state))
+    for w in want:
+        np.testing.assert_array_equal(next(resumed)["inputs"], w["inputs"])
+    long_docs = pipeline.SplitLongDocument(10).flat_map({"tokens": np.arange(25), "answer": np.zeros(25)})
+    assert [len(x["tokens"]) for x in long_docs] == [10, 10, 5]
+    np.testing.assert_array_equal(np.concatenate([x["tokens"] for x in long_docs]), np.arange(25))
 
 
 def test_iterator_state_in_an_orbax_checkpoint(tok, setup, tmp_path):
