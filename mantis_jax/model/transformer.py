@@ -76,7 +76,8 @@ class MantisLM(nn.Module):
         if positions_bt is None:
             start = 0 if cache is None else cache_index
             positions_bt = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
-        embedding = logical_param(self, "embedding", nn.initializers.normal(1.0), (a.vocab_size, a.d_model),
+        # std init_std (not 1): with a tied head the logits' scale is rms(x)·std·sqrt(D), so they start near 0.
+        embedding = logical_param(self, "embedding", nn.initializers.normal(a.init_std), (a.vocab_size, a.d_model),
                                   ("vocab", "embed"), a.weight_dtype)
         x_btd = jnp.take(embedding, tokens_bt, axis=0).astype(a.compute_dtype)
         x_btd = constrain(x_btd, ("batch", "length", "embed"))
