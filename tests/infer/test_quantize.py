@@ -103,8 +103,10 @@ def test_int8_logits_close_to_float(model, jitted_forward):
     assert np.max(np.abs(got - ref)) > 0  # the weights really changed
 
 
-def test_perplexity_matches_direct_computation(model, jitted_forward):
-    args, params, qparams = model
+def test_perplexity_matches_direct_computation(jitted_forward):
+    args = VARIANTS["dense_untied_scan"]
+    params = random_params(args)
+    qparams = quantize.quantize_params(params)
     windows = np.random.default_rng(2).integers(0, args.vocab_size, (3, 17)).astype(np.int32)
     logits = np.asarray(jitted_forward(args, params, jnp.asarray(windows[:, :-1])), np.float64)
     logz = np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1)) + logits.max(-1)
@@ -114,18 +116,24 @@ def test_perplexity_matches_direct_computation(model, jitted_forward):
     assert abs(np.log(quantize.perplexity(args, qparams, windows) / ppl)) < 0.1  # nats/token
 
 
-def test_decode_with_int8_params_equals_decode_with_their_dequantized_floats():
+def test_decode_with_int8_params_equals_greedy_argmax_of_the_int8_forward(jitted_forward):
+    """Dequantization happens inside the jitted decode loop: its tokens are the argmax of the int8 model's full
+    forward each step (buffer and jitted forward shared with test_int8_logits_close_to_float)."""
     args = VARIANTS["moe_tied_unrolled"]
     qparams = quantize.quantize_params(random_params(args))
-    tokens, mask = decode.left_pad([[3, 4, 5], [7]], 0, 8)
-    stop = jnp.zeros((args.vocab_size,), bool)
-
-    def run(p):
-        return decode.generate(args, p, decode.new_cache(args, 2, 8, 6), tokens, mask, jax.random.key(0), stop,
-                               0.0, 0, 1.0, 0, 6, max_new_tokens=6).tokens_bn
-
-    deq = jax.tree.map(np.asarray, quantize.dequantize_params(qparams))
-    np.testing.assert_array_equal(run(qparams), run(deq))
+    prompts, n = [[3, 4, 5], [7]], 6
+    tokens, mask = decode.left_pad(prompts, 0, 8)
+    out = decode.generate(args, qparams, decode.new_cache(args, 2, 8, n), tokens, mask, jax.random.key(0),
+                          jnp.zeros((args.vocab_size,), bool), 0.0, 0, 1.0, 0, n, max_new_tokens=n)
+    seqs = [list(p) for p in prompts]
+    for _ in range(n):
+        buf = np.zeros((2, 16), np.int32)
+        for r, s in enumerate(seqs):
+            buf[r, :len(s)] = s
+        logits = np.asarray(jitted_forward(args, qparams, jnp.asarray(buf)))
+        for r, s in enumerate(seqs):
+            s.append(int(np.argmax(logits[r, len(s) - 1])))
+    np.testing.assert_array_equal(out.tokens_bn, [s[len(p):] for s, p in zip(seqs, prompts)])
 
 
 def test_val_windows_and_report():
