@@ -30,7 +30,7 @@ import jax.numpy as jnp
 GMM_IMPLS = ("ragged_dot", "megablox", "padded", "block_loop", "auto")
 # Chosen by benchmarks/moe.py (docs/perf/moe.md). GPU and TPU are the documented defaults of those stacks until
 # a measurement on that hardware replaces them.
-AUTO_IMPL = {"cpu": "padded", "gpu": "ragged_dot", "tpu": "megablox"}
+AUTO_IMPL = {"cpu": "block_loop", "gpu": "ragged_dot", "tpu": "megablox"}
 
 
 def resolve_impl(impl: str) -> str:
@@ -43,7 +43,7 @@ def resolve_impl(impl: str) -> str:
 
 
 def default_block_rows(n_rows: int, n_experts: int) -> int:
-    """Rows per block of the padded backend: ~ half an expert's fair share, a power of two in [8, 128]."""
+    """Rows per block of the padded backends: ~ half an expert's fair share, a power of two in [8, 128]."""
     share = max(1, n_rows // (2 * n_experts))
     return max(8, min(128, 1 << (share.bit_length() - 1)))
 
