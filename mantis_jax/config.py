@@ -74,7 +74,9 @@ def default_config() -> ml_collections.ConfigDict:
     moe.lb_loss_weight = 0.01
     moe.z_loss_weight = 1e-3
     moe.router_impl = "reference"  # reference | pallas | pallas_interpret (the kernels in the Pallas interpreter)
-    moe.gmm_impl = "auto"  # backend of the grouped matmul used by impl=ragged (see model/moe.py)
+    # Grouped matmul of impl=ragged: auto | ragged_dot | megablox | padded | block_loop (model/gmm.py). auto is the
+    # fastest measured per platform (docs/perf/moe.md): block_loop on CPU, ragged_dot on GPU, megablox on TPU.
+    moe.gmm_impl = "auto"
     # Expert parallelism (parallel/expert.py): under a mesh whose `expert` axis is > 1, the dispatch exchanges
     # tokens with all_to_all and each device computes only its own experts; impl=capacity bounds the exchange
     # buffers (and drops overflow), other impls exchange dropless.
