@@ -8,12 +8,13 @@ import pytest
 from kernels import permute, router
 
 
-def _pipeline(impl):
-    """x -> permute -> a row-dependent nonlinearity -> unpermute; value, output and grads w.r.t. x and weights."""
+def _pipeline(impl, interpret=True):
+    """x -> permute -> a row-dependent nonlinearity -> unpermute; value, output and grads w.r.t. x and weights.
+    impl="pallas" with interpret=False on CPU is the gather-only custom_vjp on XLA gathers."""
     def f(x_td, weights_tk, order_m, position_tk):
-        xs_md = permute.permute(x_td, order_m, position_tk, impl=impl, interpret=True)
+        xs_md = permute.permute(x_td, order_m, position_tk, impl=impl, interpret=interpret)
         ys_md = jnp.tanh(xs_md) * (1.0 + jnp.arange(xs_md.shape[0], dtype=jnp.float32))[:, None]
-        out_td = permute.unpermute(ys_md, weights_tk, order_m, position_tk, impl=impl, interpret=True)
+        out_td = permute.unpermute(ys_md, weights_tk, order_m, position_tk, impl=impl, interpret=interpret)
         return jnp.sum(jnp.sin(out_td)), (xs_md, out_td)
 
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
@@ -27,11 +28,12 @@ def test_kernels_match_reference(n_tokens, n_experts, k, d):
     r = router.route_reference(jax.random.normal(kl, (n_tokens, n_experts)), k=k)
     args = (x_td, r.weights_tk, r.order_m, r.position_tk)
     (_, (xs_ref, out_ref)), g_ref = _pipeline("reference")(*args)
-    (_, (xs, out)), g = _pipeline("pallas")(*args)
-    np.testing.assert_array_equal(xs, xs_ref)
-    np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-5)
-    for a, b in zip(g, g_ref):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    for interpret in (True, False):
+        (_, (xs, out)), g = _pipeline("pallas", interpret)(*args)
+        np.testing.assert_array_equal(xs, xs_ref)
+        np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-5)
+        for a, b in zip(g, g_ref):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
     # Against a plain loop: row i of xs is token order[i] // K, and rows of one expert are contiguous.
     xs_np, x_np, order = np.asarray(xs), np.asarray(x_td), np.asarray(r.order_m)
