@@ -25,4 +25,5 @@ def get_config():
     c.train.total_steps = 100000
     c.mesh.data = 1
     c.mesh.fsdp = -1
+    c.mesh.rules_preset = "fsdp"
     return c

@@ -84,8 +84,17 @@ def create_sharded(init_boxed: Callable[..., Any], mesh: jax.sharding.Mesh, rule
     with activate(mesh, rules):
         abstract = jax.eval_shape(init_boxed, *args)
         shardings = shardings_of(abstract, mesh, rules)
-        tree = jax.jit(lambda *a: nn.unbox(init_boxed(*a)), out_shardings=shardings)(*args)
+        tree = jax.jit(lambda *a: unbox_values(init_boxed(*a)), out_shardings=shardings)(*args)
     return tree, shardings
+
+
+def unbox_values(boxed: Any) -> Any:
+    """The values of `nn.Partitioned` boxes, without the sharding constraints `nn.unbox` adds.
+
+    Under jit with out_shardings the constraints are redundant, and wrong for a box whose value is not an array of
+    the box's rank (Adafactor's factored moments inherit the parameter's box): `nn.unbox` raises on those."""
+    return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, boxed,
+                        is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, rules, ndim: int = 2) -> NamedSharding:
