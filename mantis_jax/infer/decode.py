@@ -12,7 +12,7 @@ one compilation serves every request of a shape. `TRACES` counts traces per func
 
 `generate_recompute` is the baseline without a cache: every step re-runs the full forward over the [B, T + N]
 token buffer (same jitted while-loop style); greedy decoding by both gives the same tokens.
-Params may be float or int8-quantized (`infer.quantize`): weights are dequantized inside each step.
+Params may be float or int8-quantized (`infer.quantize`): weights are dequantized inside each layer's step.
 """
 
 from __future__ import annotations
@@ -91,13 +91,13 @@ def generate(args: ModelArgs, params, cache: dict, tokens_bt, mask_bt, key, stop
                          f"{T + max_new_tokens}; make it with new_cache(args, B, {T}, {max_new_tokens})")
     kv_mask_bs = jnp.concatenate([mask_bt.astype(bool), jnp.ones((B, S - T), bool)], axis=1)
     cache = dict(cache, index=jnp.zeros((), jnp.int32))  # overwrite from slot 0: stale slots are never attended
-    logits_btv, aux = forward(args, quantize.dequantize_params(params), tokens_bt, cache=cache,
+    logits_btv, aux = forward(args, quantize.for_apply(params), tokens_bt, cache=cache,
                               positions_bt=prompt_positions(mask_bt), kv_mask_bs=kv_mask_bs)
     prompt_len_b = jnp.sum(mask_bt.astype(jnp.int32), axis=1)
 
     def step_logits(tok_b, i, cache):
         positions_b1 = (prompt_len_b + i - 1)[:, None]
-        logits_b1v, aux = forward(args, quantize.dequantize_params(params), tok_b[:, None], cache=cache,
+        logits_b1v, aux = forward(args, quantize.for_apply(params), tok_b[:, None], cache=cache,
                                   positions_bt=positions_b1, kv_mask_bs=kv_mask_bs)
         return logits_b1v[:, 0], aux["cache"]
 
@@ -118,7 +118,7 @@ def generate_recompute(args: ModelArgs, params, tokens_bt, mask_bt, key, stop_v,
     positions_bs = prompt_positions(mask_bs)
 
     def logits_at(buf_bs, col):
-        logits_bsv, _ = forward(args, quantize.dequantize_params(params), buf_bs, positions_bt=positions_bs,
+        logits_bsv, _ = forward(args, quantize.for_apply(params), buf_bs, positions_bt=positions_bs,
                                 kv_mask_bs=mask_bs)
         return jax.lax.dynamic_index_in_dim(logits_bsv, col, axis=1, keepdims=False)
 

@@ -6,8 +6,10 @@ channels of the tied LM head) and an untied lm_head. Norm scales and the MoE rou
 is sensitive). For each weight the scale is max|w| / 127 over the *input* (contracted) axes, so every output
 channel keeps its own range and |w - dequant(q)| <= scale / 2 elementwise.
 
-The quantized tree is what stays resident (int8 + scales: ~1/4 of float32); `dequantize_params` runs inside the
-jitted forward (`infer.decode` calls it in every step), so float weights exist only as XLA temporaries.
+The quantized tree is what stays resident (int8 + scales: ~1/4 of float32). Inside the jitted forward,
+`for_apply` dequantizes the embedding and head and leaves each layer's weights int8: the model's own
+`w.astype(dtype)` cast (QTensor.astype) dequantizes them inside that layer, so float weights exist one layer at a
+time as XLA temporaries. `dequantize_params` gives the whole float tree (reference and tests).
 `param_bytes` measures a tree; `perplexity` / `val_windows` give the factworld-val perplexity change.
 """
 
@@ -46,6 +48,11 @@ class QTensor:
 
     def dequantize(self) -> jax.Array:
         return (self.q.astype(jnp.float32) * self.scale).astype(self.dtype)
+
+    def astype(self, dtype) -> jax.Array:
+        """The model casts every layer weight with `w.astype(compute_dtype)`: dequantizing here puts the float
+        copy inside the layer (inside the layer scan), so one layer's float weights exist at a time."""
+        return self.dequantize().astype(dtype)
 
 
 def quantize_tensor(w: jax.Array, input_axes: tuple[int, ...]) -> QTensor:
@@ -87,6 +94,14 @@ def dequantize_params(params: Any) -> Any:
     return jax.tree.map(lambda x: x.dequantize() if _is_q(x) else x, params, is_leaf=_is_q)
 
 
+def for_apply(params: Any) -> Any:
+    """What the jitted forward gets: top-level leaves (embedding, head) dequantized, the layer weights left as
+    QTensors for the model's per-layer `.astype` to dequantize. A float tree passes through unchanged."""
+    if not is_quantized(params):
+        return params
+    return {k: v if k == "layers" or k.startswith("layer_") else dequantize_params(v) for k, v in params.items()}
+
+
 def is_quantized(params: Any) -> bool:
     return any(_is_q(x) for x in jax.tree.leaves(params, is_leaf=_is_q))
 
@@ -98,7 +113,7 @@ def param_bytes(params: Any) -> int:
 
 @functools.partial(jax.jit, static_argnames=("args",))
 def _nll_sum(args: ModelArgs, params, windows_bt, rows_b):
-    logits_btv, _ = forward(args, dequantize_params(params), windows_bt[:, :-1])
+    logits_btv, _ = forward(args, for_apply(params), windows_bt[:, :-1])
     logz_bt = jax.nn.logsumexp(logits_btv, axis=-1)
     target_bt = jnp.take_along_axis(logits_btv, windows_bt[:, 1:, None], axis=-1)[..., 0]
     return jnp.sum((logz_bt - target_bt) * rows_b[:, None])
