@@ -94,6 +94,17 @@ def _gather_strings(text: str) -> list[str]:
     return [bytes(row[:n]).decode() for row, n in zip(rows, sizes)]
 
 
+def _check_batch_fits(config, mesh: jax.sharding.Mesh, sharding) -> None:
+    spec = sharding.spec[0]
+    axes = [a for a in (spec if isinstance(spec, tuple) else (spec,)) if a]
+    shards = math.prod(mesh.shape[a] for a in axes)
+    rows = config.data.batch_size
+    if rows % shards:
+        raise config_lib.ConfigError(
+            f"config.data.batch_size ({rows}) must be divisible by the {shards} batch shards of the mesh "
+            f"(mesh axes {axes} of {dict(mesh.shape)}); use a multiple of {shards} or shrink --config.mesh.data")
+
+
 class _Interrupt:
     """Ctrl-C (SIGINT) sets a flag the loop checks between steps, so the state is saved whole; a second Ctrl-C
     interrupts at once."""
@@ -183,6 +194,8 @@ def _train(config, workdir, ckpt: Checkpointer, source: Checkpointer, on_log, de
     mesh = mesh_lib.make_mesh(config, devices)
     rules = mesh_lib.logical_rules(config)
     fns = compiled_steps(args, json.dumps({k: t[k] for k in STEP_KEYS}, sort_keys=True), mesh, rules)
+    _check_batch_fits(config, mesh, fns["batch_sharding"])
+    n_params = param_counts(args)["total"]  # outside the mesh context: it traces the model abstractly
     total = state_lib.total_steps(config)
     flops = flops_per_token(args, config.data.seq_len)["active"]
     rng_init, rng_steps = jax.random.split(jax.random.key(config.seed))
@@ -215,13 +228,16 @@ def _train(config, workdir, ckpt: Checkpointer, source: Checkpointer, on_log, de
         peak = t.peak_flops or metrics_lib.measure_peak_flops()
         writer = metrics_lib.MetricsWriter(workdir, jsonl=config.logging.jsonl,
                                            tensorboard=config.logging.tensorboard, enabled=primary)
+        writer.write(start, {"params": n_params, "flops_per_token": flops, "peak_flops": peak,
+                             "optimizer_bytes_per_param": state_lib.bytes_per_param(abstract),
+                             "devices": mesh.size}, prefix="setup")
         loop = _Loop(config, ckpt, fns, tokenizer, writer, on_log, peak, flops, iterator, val_batches, put, early)
         try:
             summary = loop.run(state, start, total, next_batch, rng_steps)
         finally:
             writer.close()
     summary.update(resumed_from=start if restored is not None else None, workdir=workdir,
-                   params=param_counts(args)["total"], bytes_per_param=state_lib.bytes_per_param(abstract),
+                   params=n_params, bytes_per_param=state_lib.bytes_per_param(abstract),
                    tokenizer_fingerprint=tokenizer.fingerprint())
     return summary
 

@@ -220,3 +220,16 @@ def test_cli_reports_bad_input_in_one_line(corpus, tmp_path):
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "does not exist" in last, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_data_parallel_over_two_devices_matches_one(runs, tmp_path):
+    config = make_config(_corpus_of(runs))
+    config.mesh.data = 2
+    s = train(config, str(tmp_path), devices=jax.devices()[:2])
+    one, two = _losses(str(runs["root"] / "a")), _losses(str(tmp_path))
+    np.testing.assert_allclose([two[k] for k in sorted(one)], [one[k] for k in sorted(one)], rtol=2e-4)
+    assert s["step"] == 8
+    config.data.batch_size = 3
+    with pytest.raises(ConfigError, match=r"batch_size \(3\) must be divisible by the 2 batch shards"):
+        train(config, str(tmp_path / "odd"), devices=jax.devices()[:2])
