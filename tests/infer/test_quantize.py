@@ -156,3 +156,16 @@ def test_bad_mode_is_rejected():
     with pytest.raises(ValueError, match="int8"):
         quantize.quantize_params({"w": jnp.ones((2, 2))}, "int4")
     assert quantize.quantize_params({"wq": jnp.ones((2, 2, 2))}, "none")["wq"].dtype == jnp.float32
+
+
+def test_layer_weights_reach_the_model_as_int8(model):
+    """for_apply dequantizes only the embedding/head; the layers' QTensors are cast inside each layer."""
+    args, params, qparams = model
+    applied = quantize.for_apply(qparams)
+    layer_keys = [k for k in applied if k == "layers" or k.startswith("layer_")]
+    assert layer_keys and all(quantize.is_quantized(applied[k]) for k in layer_keys)
+    assert not quantize.is_quantized({k: v for k, v in applied.items() if k not in layer_keys})
+    assert quantize.for_apply(params) is params
+    leaf = jax.tree.leaves(applied[layer_keys[0]], is_leaf=lambda x: isinstance(x, quantize.QTensor))
+    q = next(x for x in leaf if isinstance(x, quantize.QTensor))
+    np.testing.assert_array_equal(q.astype(jnp.float32), q.dequantize())
