@@ -3,6 +3,7 @@
 import os
 
 import jax
+import numpy as np
 import pytest
 
 from mantis_jax import cli
@@ -36,8 +37,13 @@ def test_parameter_and_optimizer_bytes_equal_real_arrays(preset, optimizer, mesh
     config = _config(preset, optimizer, **mesh)
     est = memory.estimate(config, 8)
     args = ModelArgs.from_config(config)
-    state, _ = pm.create_sharded(st.init_state_fn(args, st.make_optimizer(config)), pm.make_mesh(config),
-                                 pm.logical_rules(config), jax.random.key(0))
+    mesh, rules = pm.make_mesh(config), pm.logical_rules(config)
+    with pm.activate(mesh, rules):
+        boxed = jax.eval_shape(st.init_state_fn(args, st.make_optimizer(config)), jax.random.key(0))
+        shardings = pm.shardings_of(boxed, mesh, rules)
+    # Real arrays laid out as create_sharded lays them out (test_mesh checks that), without compiling an init.
+    state = jax.tree.map(lambda a, s: jax.device_put(np.zeros(a.shape, a.dtype), s), pm.unbox_values(boxed),
+                         shardings)
     assert est.params == memory.real_bytes_per_device(state.params)
     assert est.opt_state + 4 == memory.real_bytes_per_device((state.step, state.opt_state)) + 4
     assert est.grads == est.params

@@ -1,0 +1,89 @@
+"""Each logical-rule preset places a tiny model on 8 fake devices and compiles and runs a train step whose loss
+equals the single-device loss; `mesh.rules_preset` resolves through `parallel.mesh.logical_rules`."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from mantis_jax.config import RULE_PRESETS, ConfigError, default_config, set_shape, validate
+from mantis_jax.model.args import ModelArgs
+from mantis_jax.parallel import mesh as pm
+from mantis_jax.parallel import rules
+from mantis_jax.train import state as st
+from mantis_jax.train.step import loss_fn, make_train_step
+
+# preset -> (mesh sizes, expected spec of the expert weight w_gate [L, E, D, F], of wq [L, D, H, Dh])
+CASES = {
+    "dp": (dict(data=8), P(None, None, None, None), P(None, None, None, None)),
+    "fsdp": (dict(fsdp=8), P(None, None, "fsdp", None), P(None, "fsdp", None, None)),
+    "fsdp_ep": (dict(fsdp=2, expert=4), P(None, "expert", "fsdp", None), P(None, "fsdp", None, None)),
+    "fsdp_tp": (dict(fsdp=4, tensor=2), P(None, None, "fsdp", "tensor"), P(None, "fsdp", "tensor", None)),
+}
+
+
+def _config(preset):
+    c = default_config()
+    set_shape(c, d_model=32, n_layers=2, n_experts=4, top_k=2)
+    c.model.vocab_size, c.model.n_heads, c.model.n_kv_heads, c.model.d_ff = 128, 4, 2, 32
+    c.moe.impl = "dense"  # compiles fastest; the presets only change where the expert weights live
+    c.mesh.rules_preset = preset
+    for axis in ("data", "fsdp", "expert", "tensor"):
+        c.mesh[axis] = CASES[preset][0].get(axis, 1)
+    return validate(c)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """One single-device state, batch and loss; every preset lays out these same values."""
+    config = _config("dp")
+    args, tx = ModelArgs.from_config(config), st.make_optimizer(config)
+    state = jax.jit(lambda k: pm.unbox_values(st.init_state_fn(args, tx)(k)))(jax.random.key(0))
+    tokens = np.random.default_rng(0).integers(0, 128, (8, 17), dtype=np.int32)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((8, 16), np.float32)}
+    loss = float(jax.jit(lambda p, b: loss_fn(p, b, args)[0])(state.params, batch))
+    return state, batch, loss
+
+
+def _spec(sharding, ndim):
+    return P(*(tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))))
+
+
+@pytest.mark.parametrize("preset", sorted(CASES))
+def test_preset_compiles_and_matches_single_device(preset, reference):
+    ref_state, batch, ref_loss = reference
+    config = _config(preset)
+    mesh, rule_set = pm.make_mesh(config), pm.logical_rules(config)
+    assert rule_set == rules.PRESETS[preset]
+    args, tx = ModelArgs.from_config(config), st.make_optimizer(config)
+    with pm.activate(mesh, rule_set):
+        shardings = pm.shardings_of(jax.eval_shape(st.init_state_fn(args, tx), jax.random.key(0)), mesh, rule_set)
+    state = jax.device_put(ref_state, shardings)
+    w_gate, wq = state.params["layers"]["moe"]["w_gate"], state.params["layers"]["attn"]["wq"]
+    assert _spec(w_gate.sharding, 4) == CASES[preset][1]
+    assert _spec(wq.sharding, 4) == CASES[preset][2]
+    batch_sh, repl = pm.batch_sharding(mesh, rule_set), pm.replicated(mesh)
+    step = jax.jit(make_train_step(args, tx, st.lr_schedule(config)), in_shardings=(shardings, batch_sh, repl),
+                   out_shardings=(shardings, repl))
+    with pm.activate(mesh, rule_set):
+        new_state, metrics = step(state, jax.device_put(batch, batch_sh), jax.random.key(0))
+    np.testing.assert_allclose(float(metrics["loss"]), ref_loss, rtol=1e-5)
+    assert jax.tree.map(lambda x: x.sharding, new_state) == shardings  # the step keeps every layout
+
+
+def test_preset_names_and_errors():
+    assert set(RULE_PRESETS) == {""} | set(rules.PRESETS)
+    c = default_config()
+    c.mesh.rules_preset = "zero3"
+    with pytest.raises(ConfigError, match="config.mesh.rules_preset .'zero3'. must be one of"):
+        validate(c)
+    with pytest.raises(ValueError, match="must be one of dp, fsdp, fsdp_ep, fsdp_tp"):
+        rules.preset("zero3")
+    c.mesh.rules_preset = ""
+    assert pm.logical_rules(c) == tuple(c.mesh.rules)  # "" keeps config.mesh.rules
+    assert rules.mesh_axes_of(rules.PRESETS["fsdp_ep"], "batch") == ("data", "fsdp", "expert")
+    assert rules.mesh_axes_of(rules.PRESETS["dp"], "embed") == ()
+    c.moe.n_experts, c.moe.top_k, c.controller.n_experts = 6, 2, 6
+    c.moe.expert_parallel, c.mesh.expert = True, 4
+    with pytest.raises(ConfigError, match=r"config.moe.n_experts \(6\) must be a multiple of config.mesh.expert"):
+        validate(c)
