@@ -39,6 +39,7 @@ def _model_grads(router_impl, tokens, params, bias_le):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, bias_le)
 
 
+@pytest.mark.slow
 def test_whole_model_equal_with_either_router(model_inputs):
     (loss_ref, (logits_ref, aux_ref)), grads_ref = _model_grads("reference", *model_inputs)
     (loss, (logits, aux)), grads = _model_grads("pallas_interpret", *model_inputs)
@@ -51,6 +52,7 @@ def test_whole_model_equal_with_either_router(model_inputs):
     assert float(jnp.max(jnp.abs(grads[0]["layers"]["moe"]["router"]))) > 0
 
 
+@pytest.mark.slow
 def test_capacity_backend_with_kernel_router():
     """The kernel router feeds the capacity backend too (which uses only its weights and ids)."""
     impl = "capacity"
