@@ -14,6 +14,7 @@ from absl import app, flags
 from mantis_jax import cli
 from mantis_jax.data.sources import DataError
 from mantis_jax.data.tokenizer import TokenizerMismatchError
+from mantis_jax.parallel import distributed
 from mantis_jax.train.checkpoint import CheckpointError
 from mantis_jax.train.trainer import TrainingError, train
 
@@ -26,6 +27,10 @@ flags.mark_flag_as_required("workdir")
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go in --config.<section>.<key>=<value>")
+    try:  # multi-process jobs (launch/): a no-op without MANTIS_NUM_PROCESSES
+        distributed.initialize_from_env()
+    except ValueError as e:
+        cli.fail(e)
     try:
         summary = train(_CONFIG.value, flags.FLAGS.workdir, resume=flags.FLAGS.resume)
     except (DataError, TokenizerMismatchError, CheckpointError, TrainingError) as e:
