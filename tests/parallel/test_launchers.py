@@ -1,0 +1,94 @@
+"""Launchers pass config overrides straight through and give each process its MANTIS_* coordinates: local.sh,
+the SLURM batch script (with stand-in scontrol/srun) and the Kubernetes manifests (rendered, parsed)."""
+
+import os
+import subprocess
+import textwrap
+
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+OVERRIDES = ["--config=configs/base.py", "--config.mesh.fsdp=8", "--config.name=two words"]
+
+
+def _script(path, body):
+    path.write_text("#!/usr/bin/env bash\n" + textwrap.dedent(body))
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.fixture()
+def fake_python(tmp_path):
+    """Stands in for the interpreter: prints what a training process would receive."""
+    return _script(tmp_path / "python", """\
+        printf 'id=%s n=%s coord=%s local=%s |' "$MANTIS_PROCESS_ID" "$MANTIS_NUM_PROCESSES" \\
+            "$MANTIS_COORDINATOR" "${MANTIS_LOCAL_DEVICE_IDS:-}"
+        printf ' <%s>' "$@"; echo
+        """)
+
+
+def _lines(out):
+    return sorted(line.split("] ", 1)[-1] for line in out.splitlines() if "id=" in line)
+
+
+def test_local_sh_defaults_to_the_trainer_and_passes_overrides(fake_python):
+    env = dict(os.environ, PYTHON=fake_python, MANTIS_PORT="23456")
+    out = subprocess.run(["bash", f"{ROOT}/launch/local.sh", "2", *OVERRIDES], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    args = " <-m> <mantis_jax.train> <--config=configs/base.py> <--config.mesh.fsdp=8> <--config.name=two words>"
+    assert _lines(out.stdout) == [f"id={i} n=2 coord=127.0.0.1:23456 local= |{args}" for i in range(2)]
+
+
+@pytest.mark.parametrize("tasks_per_node,local", [("1", ["", ""]), ("2(x1)", ["0", "1"])])
+def test_slurm_script_sets_coordinates_per_task(tmp_path, fake_python, tasks_per_node, local):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _script(bin_dir / "scontrol", 'echo gpu-node-07; echo gpu-node-08\n')
+    _script(bin_dir / "srun", """\
+        while [[ "$1" == --* ]]; do shift; done
+        for ((i = 0; i < SLURM_NTASKS; i++)); do SLURM_PROCID=$i SLURM_LOCALID=$i "$@"; done
+        """)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=fake_python, SLURM_NTASKS="2",
+               SLURM_JOB_NODELIST="gpu-node-[07-08]", SLURM_NTASKS_PER_NODE=tasks_per_node, SLURM_JOB_NUM_NODES="2",
+               SLURM_SUBMIT_DIR=ROOT)
+    out = subprocess.run(["bash", f"{ROOT}/launch/slurm/train.sbatch", *OVERRIDES], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    args = " <-m> <mantis_jax.train> <--config=configs/base.py> <--config.mesh.fsdp=8> <--config.name=two words>"
+    assert _lines(out.stdout) == [f"id={i} n=2 coord=gpu-node-07:12355 local={local[i]} |{args}" for i in range(2)]
+    assert "coordinator gpu-node-07:12355" in out.stdout
+
+
+@pytest.mark.parametrize("kind", ["job", "jobset"])
+def test_k8s_manifest_renders_with_headless_coordinator(kind):
+    out = subprocess.run(["bash", f"{ROOT}/launch/k8s/submit.sh", "--nodes=4", "--image=reg/mantis:1",
+                          f"--kind={kind}", "--name=run1", "--dry-run", "--", *OVERRIDES],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    docs = list(yaml.safe_load_all(out.stdout))
+    if kind == "job":
+        service, job = docs
+        assert service["kind"] == "Service" and service["spec"]["clusterIP"] == "None"
+        assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 4
+        pod = job["spec"]["template"]["spec"]
+        assert pod["subdomain"] == "run1"
+        coordinator = "run1-0.run1:12355"
+    else:
+        (jobset,) = docs
+        assert jobset["kind"] == "JobSet" and jobset["spec"]["network"]["enableDNSHostnames"] is True
+        pod = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+        coordinator = "run1-workers-0-0.run1:12355"
+    container = pod["containers"][0]
+    assert container["args"] == OVERRIDES and container["image"] == "reg/mantis:1"
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+    assert env["MANTIS_COORDINATOR"] == coordinator and env["MANTIS_NUM_PROCESSES"] == "4"
+    assert "job-completion-index" in env["MANTIS_PROCESS_ID"]["fieldRef"]["fieldPath"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+
+
+def test_k8s_submit_rejects_bad_options():
+    out = subprocess.run(["bash", f"{ROOT}/launch/k8s/submit.sh", "--nodes=2", "--dry-run"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and "--image=IMG is required" in out.stderr
