@@ -84,9 +84,11 @@ def _val_printer(out: Printer, t0: float) -> Callable[[int, str, dict], None]:
 
 
 def continuation(config, tokenizer: Tokenizer, generator: Generator) -> tuple[str, str]:
-    """(prompt, greedy continuation) for the opening lines of the first test-split document."""
-    text = factworld.world_from_config(config).document("test", 0).text
-    prompt = "\n".join(text.split("\n")[:2]) + "\n"
+    """(prompt, greedy continuation) for the narrative before the first question of the first test document:
+    a model that learned the format goes on with a `Q:` line about those facts and its `A:` line."""
+    lines = factworld.world_from_config(config).document("test", 0).text.split("\n")
+    first_q = next((i for i, line in enumerate(lines) if line.startswith("Q:")), 1)
+    prompt = "\n".join(lines[:max(first_q, 1)]) + "\n"
     completions, _ = generator.generate([prompt], max_new_tokens=CONTINUATION_TOKENS, temperature=0.0,
                                         truncate=True, measure_ttft=False)
     return prompt, completions[0]
