@@ -1,16 +1,18 @@
-"""Resharding restore: saved on one mesh (data=8), restored on another (fsdp=4 × expert=2, one device)."""
+"""Resharding restore: a trainer checkpoint saved on one mesh (data=8) restored on another (fsdp=4 × expert=2,
+one device) with identical values."""
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from mantis_jax.config import default_config, set_shape
+from mantis_jax.data.tokenizer import Tokenizer
 from mantis_jax.model.args import ModelArgs
 from mantis_jax.parallel import mesh as pm
 from mantis_jax.parallel import reshard
 from mantis_jax.train import state as st
+from mantis_jax.train.checkpoint import Checkpointer
 
 
 def _config(preset, **mesh):
@@ -32,10 +34,10 @@ def saved(tmp_path_factory):
     state, _ = pm.create_sharded(st.init_state_fn(args, st.make_optimizer(config)), mesh, rules, jax.random.key(3))
     state = state.replace(opt_state=jax.tree.map(lambda x: x + 0.5 if x.dtype == np.float32 else x, state.opt_state))
     path = str(tmp_path_factory.mktemp("ckpt"))
-    manager = ocp.CheckpointManager(path + "/checkpoints", item_names=("state",))
-    manager.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
-    manager.wait_until_finished()
-    manager.close()
+    ckpt = Checkpointer(path, async_save=False)  # the trainer's own checkpoint layout
+    tokenizer = Tokenizer.train(["the river sees the stone", "a blue stone"] * 20, 300)
+    ckpt.save(7, state, data_states=['{"position": 0}'], config=config, tokenizer=tokenizer, metrics={})
+    ckpt.close()
     assert state.params["layers"]["moe"]["w_gate"].sharding.is_fully_replicated  # dp replicates parameters
     return path, jax.tree.map(np.asarray, state)
 
