@@ -119,7 +119,7 @@ class World:
 
     def __init__(self, seed: int = 0, n_entities: int = 2000, *, qa_share: float = 0.35,
                  unknown_share: float = 0.1, unstated_prob: float = 0.15, filler_ratio: float = 0.3,
-                 paraphrase: float = 0.0, max_entities: int = 3):
+                 paraphrase: float = 0.0, max_entities: int = 3, max_facts: int = 6):
         if n_entities < 30:
             raise ValueError(f"factworld needs >= 30 entities (10 per split), got {n_entities}; "
                              "raise --config.data.factworld_entities")
@@ -134,7 +134,10 @@ class World:
             raise ValueError(f"factworld max_entities ({max_entities}) must be in [1, 8]; "
                              "set --config.data.factworld_max_entities")
         self.seed, self.n_entities, self.paraphrase = seed, n_entities, paraphrase
+        if max_facts < 1:
+            raise ValueError(f"factworld max_facts ({max_facts}) must be >= 1; set --config.data.factworld_max_facts")
         self.max_entities = max_entities  # per training document (1 = no distractor entities: easiest)
+        self.max_facts = max_facts  # fact sentences per training document
         self.qa_share, self.unknown_share = qa_share, unknown_share
         self.unstated_prob, self.filler_ratio = unstated_prob, filler_ratio
         s = len(SYLLABLES)
@@ -211,6 +214,7 @@ class World:
             mentioned += r.sample(stated, r.randint(min(2, len(stated)), min(5, len(stated))))
             unstated += [f for f in facts if f.value is None]
         r.shuffle(mentioned)
+        mentioned = mentioned[: self.max_facts]  # bounds the document's length (it must fit a training window)
         narrative: list[tuple[str, Fact | None]] = [(f.sentence(r, self.paraphrase), f) for f in mentioned]
         for _ in range(round(len(mentioned) * self.filler_ratio * 2 * r.random())):
             narrative.insert(r.randrange(len(narrative) + 1), (self.filler(r), None))
@@ -368,7 +372,7 @@ def world_from_config(config) -> World:
     return World(d.factworld_seed, d.factworld_entities, qa_share=d.factworld_qa_share,
                  unknown_share=d.factworld_unknown_share, unstated_prob=d.factworld_unstated_prob,
                  filler_ratio=d.factworld_filler_ratio, paraphrase=d.factworld_paraphrase,
-                 max_entities=d.factworld_max_entities)
+                 max_entities=d.factworld_max_entities, max_facts=d.factworld_max_facts)
 
 
 def write_corpus(out_dir: str, world: World, *, docs: dict[str, int], qa_per_kind: int = 100,

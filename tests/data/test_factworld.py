@@ -151,6 +151,12 @@ def test_max_entities_per_document():
 
     assert max(counts(1)) == 1
     assert max(counts(3)) == 3 and min(counts(3)) == 1
+    facts = re.compile("|".join(re.escape(t[0]).replace(re.escape("{n}"), r"\w+").replace(re.escape("{v}"), r"\w+")
+                                for t, _ in fw.ATTRIBUTES.values()))
+    for max_facts, top in ((2, 2), (6, 6), (40, 15)):  # 3 entities x 5 facts at most without a cap
+        w = fw.World(4, N_ENT, max_facts=max_facts)
+        n = [len(facts.findall(t)) for t in w.iter_documents("train", 0, 200)]
+        assert max(n) <= top and (max_facts > 15 or max(n) == max_facts)
 
 
 def test_bad_arguments_are_named():
