@@ -102,6 +102,7 @@ def test_interactive(workdir, reference):
     assert expect[0] in out and "stats: 1 prompts" in out and "'max_new_tokens': 6" in out
 
 
+@pytest.mark.slow
 def test_module_entry_point_with_int8(workdir):
     proc = subprocess.run([sys.executable, "-m", "mantis_jax.generate", f"--checkpoint={workdir}", "--prompt=Hi",
                            "--max_new_tokens=3", "--quantize=int8", "--batch_size=2"],
