@@ -173,12 +173,3 @@ def check_compatible(tokenizer: Tokenizer, saved_fingerprint: str, *, what: str 
             f"{tokenizer.fingerprint()} (vocab {tokenizer.vocab_size}); use the tokenizer.json saved beside the "
             f"{what} (--config.data.tokenizer=<that path>) or re-create the {what} with this tokenizer")
 
-
-def from_config(config, texts: Iterable[str] | None = None) -> Tokenizer:
-    """`config.data.tokenizer` if set, else a BPE of `config.data.tokenizer_vocab` trained on `texts`."""
-    if config.data.tokenizer:
-        return Tokenizer.load(config.data.tokenizer)
-    if texts is None:
-        raise ValueError("config.data.tokenizer is empty and no texts were given to train one; pass texts "
-                         "(e.g. sources.tokenizer_sample(config)) or set --config.data.tokenizer=<tokenizer.json>")
-    return Tokenizer.train(texts, config.data.tokenizer_vocab)
