@@ -244,7 +244,10 @@ class World:
         def flush_line():
             nonlocal length, line
             if line:
-                text.append(" ".join(line) + "\n")
+                # The leading space makes every mention of a name the same tokens: byte-level BPE gives "Tavo"
+                # at a line start and " Tavo" after a space (as in the questions) different ids, and a small
+                # model cannot match a question to its evidence across the two.
+                text.append(" " + " ".join(line) + "\n")
                 length += len(text[-1])
                 line = []
 
@@ -341,7 +344,7 @@ class World:
 
 def prompt(record: dict) -> str:
     """The text a model continues to answer a record: context, then `Q: ...` and `A:` as in training text."""
-    return f"{record['context']}\nQ: {record['question']}\nA:"
+    return f" {record['context']}\nQ: {record['question']}\nA:"  # leading space: see World.document
 
 
 def eval_questions(split: str = "test", kind: str = "near", n: int = 50, seed: int = 0, *, config=None,

@@ -146,7 +146,7 @@ def test_max_entities_per_document():
     def counts(max_entities):
         w = fw.World(4, N_ENT, max_entities=max_entities)
         names = _names(w, "train")
-        subjects = re.compile(r"(?:^|\. |\n)([A-Z][a-z]+)[ ']")  # sentence subjects; friends are objects
+        subjects = re.compile(r"(?:^|\. |\n ?)([A-Z][a-z]+)[ ']")  # sentence subjects; friends are objects
         return {len(set(subjects.findall(t)) & names) for t in w.iter_documents("train", 0, 200)}
 
     assert max(counts(1)) == 1
