@@ -38,6 +38,7 @@ class ModelArgs:
     gmm_impl: str = "auto"
     lb_loss_weight: float = 0.01
     z_loss_weight: float = 1e-3
+    expert_parallel: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -68,4 +69,4 @@ class ModelArgs:
             scan_layers=m.scan_layers, remat=m.remat, init_std=m.init_std, n_experts=moe.n_experts,
             top_k=moe.top_k, moe_impl=moe.impl, capacity_factor=moe.capacity_factor,
             router_impl=moe.router_impl, gmm_impl=moe.gmm_impl, lb_loss_weight=moe.lb_loss_weight,
-            z_loss_weight=moe.z_loss_weight)
+            z_loss_weight=moe.z_loss_weight, expert_parallel=bool(moe.get("expert_parallel", False)))

@@ -29,6 +29,7 @@ from kernels import permute as permute_kernels
 from kernels import router as router_kernels
 from mantis_jax.model import gmm as gmm_backends
 from mantis_jax.model.layers import Dtype, constrain, logical_param
+from mantis_jax.parallel import expert as expert_lib
 
 ROUTER_IMPLS = ("reference", "pallas", "pallas_interpret")
 
@@ -166,6 +167,7 @@ class MoEFeedForward(nn.Module):
     gmm_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    expert_parallel: bool = False  # under a mesh with expert > 1: parallel/expert.py dispatch (all_to_all)
 
     @nn.compact
     def __call__(self, x_btd, expert_bias_e=None):
@@ -185,7 +187,12 @@ class MoEFeedForward(nn.Module):
         lb_loss, load_e = load_balancing_loss(r.probs_te, r.ids_tk)
         dropped = jnp.zeros((), jnp.float32)
 
-        if self.impl == "dense":
+        ep_mesh = expert_lib.active_expert_mesh() if self.expert_parallel else None
+        if ep_mesh is not None:  # each device computes its own experts; capacity bounds the exchange buffers
+            cf = self.capacity_factor if self.impl == "capacity" else None
+            y_td, dropped = expert_lib.ep_moe_ffn(x_td, r.ids_tk, r.weights_tk, w_gate, w_up, w_down, ep_mesh,
+                                                  capacity_factor=cf)
+        elif self.impl == "dense":
             combine_te = jnp.sum(jax.nn.one_hot(r.ids_tk, E, dtype=jnp.float32) * r.weights_tk[..., None], axis=1)
             y_td = expert_compute_dense(x_td, w_gate, w_up, w_down, combine_te)
         elif self.impl == "ragged":

@@ -48,7 +48,8 @@ class Block(nn.Module):
         h = RMSNorm(a.norm_eps, dt, pdt, name="ffn_norm")(x_btd)
         if a.is_moe:
             ffn_out, aux = MoEFeedForward(a.n_experts, a.top_k, a.d_ff, a.init_std, a.moe_impl, a.capacity_factor,
-                                          a.router_impl, a.gmm_impl, dt, pdt, name="moe")(h, expert_bias_e)
+                                          a.router_impl, a.gmm_impl, dt, pdt, expert_parallel=a.expert_parallel,
+                                          name="moe")(h, expert_bias_e)
         else:
             ffn_out = SwiGLU(a.d_ff, a.init_std, dt, pdt, name="mlp")(h)
             aux = {"lb_loss": jnp.zeros((), jnp.float32), "z_loss": jnp.zeros((), jnp.float32),
