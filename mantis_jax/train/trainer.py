@@ -26,7 +26,6 @@ import threading
 import time
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -39,6 +38,7 @@ from mantis_jax.data.tokenizer import FILENAME as TOKENIZER_FILENAME, Tokenizer,
 from mantis_jax.model.args import ModelArgs
 from mantis_jax.model.summary import flops_per_token, param_counts
 from mantis_jax.parallel import mesh as mesh_lib
+from mantis_jax.parallel import throughput
 from mantis_jax.train import metrics as metrics_lib
 from mantis_jax.train import state as state_lib
 from mantis_jax.train.checkpoint import Checkpointer, CheckpointError, config_differences
@@ -70,7 +70,7 @@ def compiled_steps(args: ModelArgs, train_json: str, mesh: jax.sharding.Mesh, ru
     step = make_train_step(args, tx, schedule, config.train.grad_accum)
     return {
         "tx": tx, "state_sharding": state_sh, "batch_sharding": batch_sh,
-        "init": jax.jit(lambda rng: nn.unbox(init_boxed(rng)), out_shardings=state_sh),
+        "init": jax.jit(lambda rng: mesh_lib.unbox_values(init_boxed(rng)), out_shardings=state_sh),
         "train_step": jax.jit(step, in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl),
                               donate_argnums=0),
         "eval_step": jax.jit(make_eval_step(args), in_shardings=(state_sh.params, batch_sh), out_shardings=repl),
@@ -330,7 +330,12 @@ class _Loop:
         if clock[1] > 0 and elapsed > 0:
             m["tokens_per_s"] = clock[1] * self.tokens_per_step / elapsed
             m["step_time_s"] = elapsed / clock[1]
-            m["mfu"] = metrics_lib.mfu(self.flops, m["tokens_per_s"], self.peak)
+            # Per device: the probe measured one device; fake CPU devices share the host's cores, so there
+            # each device's share of the probed peak is peak / n.
+            n = len(self.fns["batch_sharding"].mesh.devices.flat)
+            peak_per_device = self.peak / n if jax.default_backend() == "cpu" else self.peak
+            m.update(throughput.per_device_metrics(clock[1] * self.tokens_per_step, elapsed, n, self.flops,
+                                                   peak_per_device))
         self.last_train = m
         self.writer.write(done, m, prefix="train")
         progress.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2e}", refresh=False)

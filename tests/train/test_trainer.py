@@ -230,6 +230,9 @@ def test_data_parallel_over_two_devices_matches_one(runs, tmp_path):
     one, two = _losses(str(runs["root"] / "a")), _losses(str(tmp_path))
     np.testing.assert_allclose([two[k] for k in sorted(one)], [one[k] for k in sorted(one)], rtol=2e-4)
     assert s["step"] == 8
+    m = s["train"]  # per-device throughput: half the tokens/s on each of 2 devices, MFU from each one's share
+    np.testing.assert_allclose(m["tokens_per_s_per_device"], m["tokens_per_s"] / 2, rtol=1e-6)
+    np.testing.assert_allclose(m["mfu"], m["tflops_per_device"] * 1e12 / (config.train.peak_flops / 2), rtol=1e-6)
     config.data.batch_size = 3
     with pytest.raises(ConfigError, match=r"batch_size \(3\) must be divisible by the 2 batch shards"):
         train(config, str(tmp_path / "odd"), devices=jax.devices()[:2])
