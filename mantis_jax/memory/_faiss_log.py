@@ -38,10 +38,10 @@ class _MemoryPayloads:
         return [self._rows.get(i) for i in ids]
 
     def checkpoint(self):
-        pass
+        """Nothing to flush: these payloads live in memory only."""
 
     def close(self):
-        pass
+        """Nothing to release: these payloads live in memory only."""
 
 
 class _SqlitePayloads:
