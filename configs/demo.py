@@ -22,16 +22,13 @@ What differs from configs/micro.py, and why (measurements in docs/perf/demo.md):
 - at most 3 facts per document (they fit the 128-token window) and 5% "unknown" questions.
 """
 
-import importlib.util
 import os
+
+from mantis_jax.cli import load_preset
 
 
 def _micro():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "micro.py")
-    spec = importlib.util.spec_from_file_location("micro", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_preset(os.path.join(os.path.dirname(os.path.abspath(__file__)), "micro.py"))
 
 
 def get_config():

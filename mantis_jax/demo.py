@@ -17,7 +17,6 @@ questions; `run()` returns those figures as a dict.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shutil
 import sys
@@ -28,6 +27,7 @@ import flax.linen as nn
 import ml_collections
 import tqdm
 
+from mantis_jax import cli
 from mantis_jax import config as config_lib
 from mantis_jax.data import factworld
 from mantis_jax.data.tokenizer import FILENAME as TOKENIZER_FILENAME, Tokenizer
@@ -48,10 +48,7 @@ def load_config(path: str = DEFAULT_CONFIG, *, minutes: float | None = None) -> 
     """The preset at `path` (`get_config()`), with `train.max_minutes` set to `minutes` when given."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} does not exist; pass --config=configs/demo.py")
-    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = cli.load_preset(path)
     if minutes is not None:
         if minutes <= 0:
             raise ValueError(f"--minutes ({minutes}) must be > 0: it is the training budget in minutes")

@@ -18,6 +18,7 @@ fraction of dropped token slots.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -90,13 +91,9 @@ def unpermute(y_sorted: jax.Array, perm: Permutation, weights_tk: jax.Array) -> 
 
 def swiglu_grouped(x_md, w_gate_edf, w_up_edf, w_down_efd, group_sizes_e, gmm_impl: str = "auto"):
     """Each group of rows (sorted by expert) through its expert's SwiGLU, with a grouped matmul."""
-    gmm = _grouped_matmul(gmm_impl)
+    gmm = functools.partial(gmm_backends.grouped_matmul, impl=gmm_impl)
     h_mf = jax.nn.silu(gmm(x_md, w_gate_edf, group_sizes_e)) * gmm(x_md, w_up_edf, group_sizes_e)
     return gmm(h_mf, w_down_efd, group_sizes_e)
-
-
-def _grouped_matmul(impl: str):
-    return lambda x, w, gs: gmm_backends.grouped_matmul(x, w, gs, impl=impl)
 
 
 def expert_compute_dense(x_td, w_gate_edf, w_up_edf, w_down_efd, combine_te):

@@ -11,7 +11,6 @@ router did not select. FLOPs count matmuls (2 per multiply-add); attention score
 from __future__ import annotations
 
 import glob
-import importlib.util
 import os
 import sys
 
@@ -55,13 +54,6 @@ def flops_per_token(args: ModelArgs, seq_len: int, *, training: bool = True) -> 
     return {"active": mult * active, "dense": mult * dense}
 
 
-def load_preset(path: str):
-    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def _fmt(n: float) -> str:
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= scale:
@@ -99,7 +91,7 @@ def main(argv: list[str]) -> None:
     paths = sorted(glob.glob(os.path.join(root, "*.py")),
                    key=lambda p: (order.index(os.path.basename(p)[:-3]) if os.path.basename(p)[:-3] in order
                                   else len(order), p))
-    configs = {os.path.basename(p)[:-3]: load_preset(p) for p in paths if not p.endswith("__init__.py")}
+    configs = {os.path.basename(p)[:-3]: cli.load_preset(p) for p in paths if not p.endswith("__init__.py")}
     print("Parameters at the preset's vocab (50304); counted with jax.eval_shape, nothing allocated.\n")
     print(table(configs))
 
