@@ -3,6 +3,7 @@
     python benchmarks/train_step.py            # micro and tiny, batch 8 x seq 256, vocab 8192, float32
     python benchmarks/train_step.py --quick    # fewer timed steps, micro only
     python benchmarks/train_step.py --variants # also the config variants below (remat, MoE impl, layer scan)
+    python benchmarks/train_step.py --presets micro --profile  # + where the step's CPU time goes (jax.profiler)
 
 The step is the trainer's (`trainer.compiled_steps`: forward, loss, backward, AdamW update; donated state,
 explicit shardings on one device). MFU = model FLOPs per token (`model.summary.flops_per_token`, training = 3x
@@ -42,23 +43,60 @@ VARIANTS = {
 }
 
 
-def bench_config(preset: str, overrides: dict, batch: int, seq: int, vocab: int):
+def bench_config(preset: str, overrides: dict, batch: int, seq: int, vocab: int, devices: int = 1):
     config = cli.load_preset(os.path.join(ROOT, "configs", f"{preset}.py"))
     config.model.vocab_size, config.data.batch_size, config.data.seq_len = vocab, batch, seq
     config.model.dtype = config.model.param_dtype = "float32"
-    config.mesh.data = 1
+    config.mesh.data = devices
     for key, value in overrides.items():
         section, name = key.split(".")
         config[section][name] = value
     return validate(config)
 
 
-def time_step(config, steps: int) -> tuple[float, dict]:
-    """(best, median) seconds per train step, and model facts."""
+def profile_breakdown(run_step, n_steps: int = 3, top: int = 12) -> str:
+    """Where a step's time goes: XLA:CPU op time per kind (summed over the runtime's threads) from a jax.profiler
+    trace of `n_steps` steps, next to the wall time. Kinds are HLO names without their numeric suffix:
+    `ynn_fusion` = matmuls (with fused elementwise work) run by YNNPACK; `copy*`/`transpose*` = layout changes;
+    `*dynamic-update-slice*`/`dynamic-slice*` = writing/reading per-layer slices of scanned weights and grads."""
+    import collections
+    import glob
+    import re
+    import tempfile
+
+    from jax.profiler import ProfileData
+
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d)
+        t0 = time.perf_counter()
+        for _ in range(n_steps):
+            run_step()
+        wall = (time.perf_counter() - t0) / n_steps
+        jax.profiler.stop_trace()
+        data = ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
+        kinds, threads = collections.Counter(), set()
+        for plane in data.planes:
+            for line in plane.lines:
+                if not line.name.startswith("tf_XLAEigen"):  # XLA:CPU's compute threads
+                    continue
+                threads.add(line.name)
+                for ev in line.events:
+                    if ev.name.startswith(("ThunkExecutor", "end:")) or "Await" in ev.name:
+                        continue  # containers and waits, not work
+                    kinds[re.sub(r"\.\d+$", "", ev.name)] += ev.duration_ns / 1e6 / n_steps
+    busy = sum(kinds.values())
+    lines = [f"  wall {wall * 1e3:.0f} ms/step; op time {busy:.0f} ms/step summed over {len(threads)} threads "
+             f"({busy / max(len(threads), 1) / (wall * 1e3):.0%} of the threads' wall time busy)"]
+    lines += [f"  {ms:8.1f} ms  {ms / busy:5.1%}  {kind}" for kind, ms in kinds.most_common(top)]
+    return "\n".join(lines)
+
+
+def time_step(config, steps: int, profile: bool = False) -> tuple[float, dict]:
+    """(best, median) seconds per train step, and model facts (with `profile`: + the op-time breakdown)."""
     import json
 
     args = ModelArgs.from_config(config)
-    mesh = mesh_lib.make_mesh(config, jax.devices()[:1])
+    mesh = mesh_lib.make_mesh(config, jax.devices()[:config.mesh.data])
     rules = mesh_lib.logical_rules(config)
     fns = compiled_steps(args, json.dumps({k: config.train[k] for k in STEP_KEYS}, sort_keys=True), mesh, rules)
     B, T = config.data.batch_size, config.data.seq_len
@@ -76,8 +114,16 @@ def time_step(config, steps: int) -> tuple[float, dict]:
             jax.block_until_ready(m)
             if i >= 2:  # the first call compiles, the second may still warm caches
                 times.append(time.perf_counter() - t0)
-    return (min(times), statistics.median(times)), {"params": param_counts(args)["total"],
-                                      "flops_per_token": flops_per_token(args, T)["active"]}
+        facts = {}
+        if profile:
+            def run_step():
+                nonlocal state
+                state, m = fns["train_step"](state, batch, key)
+                jax.block_until_ready(m)
+
+            facts["profile"] = profile_breakdown(run_step)
+    facts.update(params=param_counts(args)["total"], flops_per_token=flops_per_token(args, T)["active"])
+    return (min(times), statistics.median(times)), facts
 
 
 def main() -> None:
@@ -89,6 +135,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--devices", type=int, default=1,
+                   help="data-parallel over this many CPU devices (run with XLA_FLAGS="
+                        "--xla_force_host_platform_device_count=N): one program per core")
+    p.add_argument("--profile", action="store_true", help="print each row's op-time breakdown (jax.profiler)")
     a = p.parse_args()
     presets = ["micro"] if a.quick else a.presets.split(",")
     steps = 3 if a.quick else a.steps
@@ -99,9 +149,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for preset in presets:
         for overrides in (VARIANTS[preset] if a.variants else [{}]):
-            config = bench_config(preset, overrides, a.batch, a.seq, a.vocab)
+            config = bench_config(preset, overrides, a.batch, a.seq, a.vocab, a.devices)
             before = probe()
-            (seconds, median), facts = time_step(config, steps)
+            (seconds, median), facts = time_step(config, steps, a.profile)
             after = probe()
             peak = max(before, after)
             tps = a.batch * a.seq / seconds
@@ -110,6 +160,8 @@ def main() -> None:
             print(f"| {preset} | {name} | {facts['params'] / 1e6:.2f}M | {facts['flops_per_token'] / 1e9:.3f} | "
                   f"{seconds * 1e3:.0f} ({median * 1e3:.0f}) | {tps:,.0f} | {achieved / 1e9:.1f} | {before / 1e9:.1f}, {after / 1e9:.1f} | "
                   f"{achieved / peak:.0%} |", flush=True)
+            if a.profile:
+                print(facts["profile"], flush=True)
 
 
 if __name__ == "__main__":

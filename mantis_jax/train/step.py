@@ -22,19 +22,31 @@ from mantis_jax.train.state import TrainState
 
 def token_cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
     """Per-token cross-entropy in float32: [B, T]."""
+    return cross_entropy_and_hits(logits_btv, targets_bt)[0]
+
+
+def cross_entropy_and_hits(logits_btv: jax.Array, targets_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(cross-entropy [B, T] in float32, whether the target is a top-1 token [B, T]).
+
+    One max over the vocabulary serves both the stable log-sum-exp and the accuracy: a target is a hit when its
+    logit equals the row's max (a tie counts as a hit), so no separate argmax pass reads the [B, T, V] logits.
+    """
     logits = logits_btv.astype(jnp.float32)
-    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets_bt[..., None], -1)[..., 0]
+    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    target_logit = jnp.take_along_axis(logits, targets_bt[..., None], -1)[..., 0]
+    lse = jnp.log(jnp.sum(jnp.exp(logits - row_max), axis=-1)) + row_max[..., 0]
+    return lse - target_logit, target_logit >= row_max[..., 0]
 
 
 def loss_fn(params: Any, batch: dict, args: ModelArgs) -> tuple[jax.Array, dict]:
     logits, aux = forward(args, params, batch["inputs"])
-    ce_bt = token_cross_entropy(logits, batch["targets"])
+    ce_bt, hit_bt = cross_entropy_and_hits(logits, batch["targets"])
     weights = batch["loss_mask"].astype(jnp.float32)
     valid = (weights > 0).astype(jnp.float32)
     n_valid = jnp.maximum(jnp.sum(valid), 1.0)
     weighted_ce = jnp.sum(ce_bt * weights) / jnp.maximum(jnp.sum(weights), 1e-6)
     ce = jnp.sum(ce_bt * valid) / n_valid
-    correct = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * valid)
+    correct = jnp.sum(hit_bt * valid)
     loss = weighted_ce + aux["moe_loss"]
     metrics = {"loss": loss, "ce": ce, "accuracy": correct / n_valid, "tokens": jnp.sum(valid),
                "lb_loss": aux["lb_loss"], "z_loss": aux["z_loss"], "expert_load": aux["expert_load"],

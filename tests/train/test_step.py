@@ -9,7 +9,7 @@ import pytest
 from mantis_jax.config import default_config, set_shape
 from mantis_jax.model.args import ModelArgs
 from mantis_jax.train import state as st
-from mantis_jax.train.step import make_eval_step, make_train_step, token_cross_entropy
+from mantis_jax.train.step import cross_entropy_and_hits, make_eval_step, make_train_step, token_cross_entropy
 
 
 def _config(**train):
@@ -43,6 +43,22 @@ def test_cross_entropy_matches_log_softmax():
     ref = -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), np.asarray(targets)[..., None], -1)[..., 0]
     np.testing.assert_allclose(token_cross_entropy(logits, targets), ref, rtol=1e-5)
 
+
+
+def test_cross_entropy_gradient_and_hits_match_references():
+    logits = 10.0 * jax.random.normal(jax.random.key(1), (3, 5, 11))
+    targets = jax.random.randint(jax.random.key(2), (3, 5), 0, 11)
+
+    def ref_loss(x):
+        return -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(x), targets[..., None], -1))
+
+    grad = jax.grad(lambda x: jnp.sum(cross_entropy_and_hits(x, targets)[0]))(logits)
+    np.testing.assert_allclose(grad, jax.grad(ref_loss)(logits), rtol=1e-5, atol=1e-6)
+    _, hits = cross_entropy_and_hits(logits, targets)
+    np.testing.assert_array_equal(hits, jnp.argmax(logits, -1) == targets)  # no ties in random logits
+    tied = jnp.array([[1.0, 3.0, 3.0]])  # a target tied for the max is a hit, a lower one is not
+    assert cross_entropy_and_hits(tied, jnp.array([2]))[1].tolist() == [True]
+    assert cross_entropy_and_hits(tied, jnp.array([0]))[1].tolist() == [False]
 
 def test_overfits_a_tiny_batch():
     config = _config()
