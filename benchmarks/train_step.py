@@ -142,7 +142,11 @@ def main() -> None:
     a = p.parse_args()
     presets = ["micro"] if a.quick else a.presets.split(",")
     steps = 3 if a.quick else a.steps
-    print(f"devices: {jax.devices()[:1]} (of {jax.device_count()}), XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    if not 1 <= a.devices <= jax.device_count():
+        p.error(f"--devices={a.devices} but {jax.device_count()} device(s) exist; for N CPU devices run with "
+                f"XLA_FLAGS=--xla_force_host_platform_device_count=N")
+    print(f"devices: {jax.devices()[:a.devices]} (of {jax.device_count()}), "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     probe = lambda: metrics_lib.measure_peak_flops(n=1024, reps=5)  # noqa: E731
     print("| preset | variant | params | GFLOP/token | step ms best (median) | tokens/s | model GFLOP/s | peak GFLOP/s "
           "(before, after) | MFU |")
