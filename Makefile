@@ -1,6 +1,9 @@
 # make demo: train micro on the bundled factworld corpus, then generate and answer questions.
 # make test: the whole pytest suite (tiny configs, 8 fake CPU devices).
 PYTHON ?= python3
+# glibc malloc backs large blocks with huge pages: XLA:CPU re-allocates a step's buffers on every call, and with
+# 4 KiB pages each step page-faults them all back in (docs/perf/train_step.md). The CLIs set this themselves.
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed

@@ -176,6 +176,7 @@ def default_config() -> ml_collections.ConfigDict:
     d.factworld_paraphrase = 0.0  # probability of an alternative wording of a fact sentence (0 = canonical only)
     d.factworld_max_entities = 3  # entities per training document: uniform in [1, this]
     d.factworld_max_facts = 6  # fact sentences per training document (bounds its length; see docs/data.md)
+    d.factworld_contrast = 0.0  # share of documents whose 2+ entities all state the same attributes (docs/perf/demo.md)
     d.answer_loss_weight = 1.0  # loss weight of answer tokens (after "A:" at a line start); 1 = plain LM
     d.add_bos = True  # each packed document is <bos> tokens <eos>
     d.packing = "auto"  # concat | first_fit (whole documents per window) | auto (first_fit for factworld)
@@ -357,6 +358,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              f"config.data.factworld_filler_ratio ({d.factworld_filler_ratio}) >= 0")
     _require(1 <= d.factworld_max_entities <= 8,
              f"config.data.factworld_max_entities ({d.factworld_max_entities}) must be in [1, 8]")
+    _require(0.0 <= d.factworld_contrast <= 1.0,
+             f"config.data.factworld_contrast ({d.factworld_contrast}) must be in [0, 1]")
     _require(d.factworld_max_facts >= 1,
              f"config.data.factworld_max_facts ({d.factworld_max_facts}) must be >= 1")
     _require(d.worker_count >= 0, f"config.data.worker_count ({d.worker_count}) must be >= 0")

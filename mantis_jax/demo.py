@@ -163,4 +163,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    cli.reexec_with_malloc_tunables()
     main()

@@ -3,4 +3,7 @@
 from mantis_jax.infer.generate_cli import main
 
 if __name__ == "__main__":
+    from mantis_jax.cli import reexec_with_malloc_tunables
+
+    reexec_with_malloc_tunables()
     main()

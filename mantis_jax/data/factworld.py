@@ -119,7 +119,7 @@ class World:
 
     def __init__(self, seed: int = 0, n_entities: int = 2000, *, qa_share: float = 0.35,
                  unknown_share: float = 0.1, unstated_prob: float = 0.15, filler_ratio: float = 0.3,
-                 paraphrase: float = 0.0, max_entities: int = 3, max_facts: int = 6):
+                 paraphrase: float = 0.0, max_entities: int = 3, max_facts: int = 6, contrast: float = 0.0):
         if n_entities < 30:
             raise ValueError(f"factworld needs >= 30 entities (10 per split), got {n_entities}; "
                              "raise --config.data.factworld_entities")
@@ -136,6 +136,9 @@ class World:
         self.seed, self.n_entities, self.paraphrase = seed, n_entities, paraphrase
         if max_facts < 1:
             raise ValueError(f"factworld max_facts ({max_facts}) must be >= 1; set --config.data.factworld_max_facts")
+        if not 0.0 <= contrast <= 1.0:
+            raise ValueError(f"factworld contrast ({contrast}) must be in [0, 1]; set --config.data.factworld_contrast")
+        self.contrast = contrast  # share of training documents whose entities all state the same attributes
         self.max_entities = max_entities  # per training document (1 = no distractor entities: easiest)
         self.max_facts = max_facts  # fact sentences per training document
         self.qa_share, self.unknown_share = qa_share, unknown_share
@@ -206,13 +209,22 @@ class World:
     def document(self, split: str, index: int) -> Document:
         """Document `index` of `split`: narrative lines with QA pairs placed after the facts they ask about."""
         r = _rng(self.seed, "doc", split, index)
-        entities = self._random_entities(r, split, r.randint(1, self.max_entities))
+        contrast = self.contrast > 0 and self.max_entities >= 2 and r.random() < self.contrast
+        n_entities = r.randint(2, self.max_entities) if contrast else r.randint(1, self.max_entities)
+        entities = self._random_entities(r, split, n_entities)
         mentioned: list[Fact] = []
-        unstated: list[Fact] = []
-        for facts in entities:
-            stated = [f for f in facts if f.value is not None]
-            mentioned += r.sample(stated, r.randint(min(2, len(stated)), min(5, len(stated))))
-            unstated += [f for f in facts if f.value is None]
+        unstated: list[Fact] = [f for facts in entities for f in facts if f.value is None]
+        if contrast:
+            # Every entity states the same attribute(s): the document holds several values of one type, so a
+            # question is answered only by matching its entity, not by copying the one value of the asked type.
+            shared = [a for k, a in enumerate(ATTRIBUTES)  # facts() lists attributes in ATTRIBUTES order
+                      if sum(facts[k].value is not None for facts in entities) >= 2]
+            attrs = r.sample(shared, min(len(shared), r.randint(1, 2)))
+            mentioned = [f for facts in entities for f in facts if f.attribute in attrs and f.value is not None]
+        if not mentioned:
+            for facts in entities:
+                stated = [f for f in facts if f.value is not None]
+                mentioned += r.sample(stated, r.randint(min(2, len(stated)), min(5, len(stated))))
         r.shuffle(mentioned)
         mentioned = mentioned[: self.max_facts]  # bounds the document's length (it must fit a training window)
         narrative: list[tuple[str, Fact | None]] = [(f.sentence(r, self.paraphrase), f) for f in mentioned]
@@ -375,7 +387,8 @@ def world_from_config(config) -> World:
     return World(d.factworld_seed, d.factworld_entities, qa_share=d.factworld_qa_share,
                  unknown_share=d.factworld_unknown_share, unstated_prob=d.factworld_unstated_prob,
                  filler_ratio=d.factworld_filler_ratio, paraphrase=d.factworld_paraphrase,
-                 max_entities=d.factworld_max_entities, max_facts=d.factworld_max_facts)
+                 max_entities=d.factworld_max_entities, max_facts=d.factworld_max_facts,
+                 contrast=d.factworld_contrast)
 
 
 def write_corpus(out_dir: str, world: World, *, docs: dict[str, int], qa_per_kind: int = 100,

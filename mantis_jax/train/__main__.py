@@ -40,4 +40,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    cli.reexec_with_malloc_tunables()
     cli.run(main)

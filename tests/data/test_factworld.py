@@ -159,6 +159,34 @@ def test_max_entities_per_document():
         assert max(n) <= top and (max_facts > 15 or max(n) == max_facts)
 
 
+def _stated(text):
+    """(entity, attribute) of every canonical fact sentence in a document."""
+    found = set()
+    for attr, (templates, _) in fw.ATTRIBUTES.items():
+        pattern = re.escape(templates[0]).replace(re.escape("{n}"), r"([A-Z][a-z]+)").replace(re.escape("{v}"), r"\w+")
+        found |= {(name, attr) for name in re.findall(pattern, text)}
+    return found
+
+
+def test_contrast_documents_state_one_attribute_for_several_entities():
+    base = fw.World(5, N_ENT)
+    assert [base.document("train", i) for i in range(30)] == \
+        [fw.World(5, N_ENT, contrast=0.0).document("train", i) for i in range(30)]
+    w = fw.World(5, N_ENT, max_facts=40, contrast=1.0)
+    for i in range(200):
+        stated = _stated(w.document("train", i).text)
+        attrs = {a for _, a in stated}
+        assert 1 <= len(attrs) <= 2, stated
+        for a in attrs:  # every stated attribute is stated for two or more entities
+            assert len({n for n, b in stated if b == a}) >= 2, (i, stated)
+    half = fw.World(5, N_ENT, max_facts=40, contrast=0.5)
+    shared = [len({a for _, a in _stated(t)}) <= 2 and len({n for n, _ in _stated(t)}) >= 2
+              for t in half.iter_documents("train", 0, 400)]
+    assert 0.4 < sum(shared) / len(shared) < 0.8  # half are contrast documents, a few ordinary ones look alike
+    with pytest.raises(ValueError, match="factworld_contrast"):
+        fw.World(0, N_ENT, contrast=1.5)
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="factworld_entities"):
         fw.World(0, 10)
