@@ -6,7 +6,7 @@
 Four wide layers rather than eight narrow ones: at the demo's 1024-token vocabulary the model is ~1.5M
 parameters and half the FLOPs per token of d_model 128 × 8 layers, so twice the steps fit in the demo's budget,
 and 4 layers are plenty for the copy circuit near-range recall needs (induction needs >= 2). With the demo's data
-and schedule it answers 60% of near-range questions about unseen entities after 11 minutes (docs/perf/demo.md).
+and schedule it answers 54-60% of near-range questions about unseen entities after 11-13 minutes (docs/perf/demo.md).
 """
 
 from mantis_jax.config import default_config, set_shape
@@ -20,6 +20,7 @@ def get_config():
     c.model.n_kv_heads = 2
     c.model.d_ff = 384
     c.model.max_seq_len = 512
+    c.model.scan_layers = False  # 4 layers: quick to compile unrolled, ~15% faster step (docs/perf/train_step.md)
     c.data.seq_len = 256
     c.data.batch_size = 8
     c.memory.episodic.d_state = 16

@@ -177,6 +177,7 @@ def default_config() -> ml_collections.ConfigDict:
     d.factworld_max_entities = 3  # entities per training document: uniform in [1, this]
     d.factworld_max_facts = 6  # fact sentences per training document (bounds its length; see docs/data.md)
     d.factworld_contrast = 0.0  # share of documents whose 2+ entities all state the same attributes (docs/perf/demo.md)
+    d.factworld_tail_questions = 0.0  # share of documents that ask all their questions after the whole narrative
     d.answer_loss_weight = 1.0  # loss weight of answer tokens (after "A:" at a line start); 1 = plain LM
     d.add_bos = True  # each packed document is <bos> tokens <eos>
     d.packing = "auto"  # concat | first_fit (whole documents per window) | auto (first_fit for factworld)
@@ -360,6 +361,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              f"config.data.factworld_max_entities ({d.factworld_max_entities}) must be in [1, 8]")
     _require(0.0 <= d.factworld_contrast <= 1.0,
              f"config.data.factworld_contrast ({d.factworld_contrast}) must be in [0, 1]")
+    _require(0.0 <= d.factworld_tail_questions <= 1.0,
+             f"config.data.factworld_tail_questions ({d.factworld_tail_questions}) must be in [0, 1]")
     _require(d.factworld_max_facts >= 1,
              f"config.data.factworld_max_facts ({d.factworld_max_facts}) must be >= 1")
     _require(d.worker_count >= 0, f"config.data.worker_count ({d.worker_count}) must be >= 0")

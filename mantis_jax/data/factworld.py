@@ -119,7 +119,8 @@ class World:
 
     def __init__(self, seed: int = 0, n_entities: int = 2000, *, qa_share: float = 0.35,
                  unknown_share: float = 0.1, unstated_prob: float = 0.15, filler_ratio: float = 0.3,
-                 paraphrase: float = 0.0, max_entities: int = 3, max_facts: int = 6, contrast: float = 0.0):
+                 paraphrase: float = 0.0, max_entities: int = 3, max_facts: int = 6, contrast: float = 0.0,
+                 tail_questions: float = 0.0):
         if n_entities < 30:
             raise ValueError(f"factworld needs >= 30 entities (10 per split), got {n_entities}; "
                              "raise --config.data.factworld_entities")
@@ -139,6 +140,10 @@ class World:
         if not 0.0 <= contrast <= 1.0:
             raise ValueError(f"factworld contrast ({contrast}) must be in [0, 1]; set --config.data.factworld_contrast")
         self.contrast = contrast  # share of training documents whose entities all state the same attributes
+        if not 0.0 <= tail_questions <= 1.0:
+            raise ValueError(f"factworld tail_questions ({tail_questions}) must be in [0, 1]; "
+                             "set --config.data.factworld_tail_questions")
+        self.tail_questions = tail_questions  # share of training documents that ask every question at the end
         self.max_entities = max_entities  # per training document (1 = no distractor entities: easiest)
         self.max_facts = max_facts  # fact sentences per training document
         self.qa_share, self.unknown_share = qa_share, unknown_share
@@ -239,6 +244,9 @@ class World:
                 first_pos.setdefault((f.entity, f.attribute), pos)
                 first_pos.setdefault(f.entity, pos)
         slots: list[list[Fact]] = [[] for _ in narrative]
+        # Tail documents ask after the whole narrative, as the QA records do: the nearest value of the asked type is
+        # then often another entity's, so answering needs the asked entity's own fact.
+        tail = self.tail_questions > 0 and r.random() < self.tail_questions
         asked = [f for f in unstated if f.entity in first_pos]
         for _ in range(n_qa):
             if asked and r.random() < self.unknown_share:
@@ -247,7 +255,7 @@ class World:
             else:
                 f = r.choice(mentioned)
                 start = first_pos[(f.entity, f.attribute)]
-            slot = slots[r.randrange(start, len(narrative))]
+            slot = slots[len(narrative) - 1 if tail else r.randrange(start, len(narrative))]
             if f not in slot:  # the same question twice in a row teaches nothing
                 slot.append(f)
         text, qa, line = [], [], []
@@ -388,7 +396,7 @@ def world_from_config(config) -> World:
                  unknown_share=d.factworld_unknown_share, unstated_prob=d.factworld_unstated_prob,
                  filler_ratio=d.factworld_filler_ratio, paraphrase=d.factworld_paraphrase,
                  max_entities=d.factworld_max_entities, max_facts=d.factworld_max_facts,
-                 contrast=d.factworld_contrast)
+                 contrast=d.factworld_contrast, tail_questions=d.factworld_tail_questions)
 
 
 def write_corpus(out_dir: str, world: World, *, docs: dict[str, int], qa_per_kind: int = 100,

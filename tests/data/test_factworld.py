@@ -187,6 +187,25 @@ def test_contrast_documents_state_one_attribute_for_several_entities():
         fw.World(0, N_ENT, contrast=1.5)
 
 
+def test_tail_questions_follow_the_whole_narrative():
+    base = fw.World(6, N_ENT)
+    assert [base.document("train", i) for i in range(30)] == \
+        [fw.World(6, N_ENT, tail_questions=0.0).document("train", i) for i in range(30)]
+    tail = fw.World(6, N_ENT, tail_questions=1.0)
+    for i in range(100):
+        doc = tail.document("train", i)
+        head, _, questions = doc.text.partition("\nQ: ")
+        assert "Q: " not in head and _stated(questions) == set(), doc.text  # no fact after the first question
+        stated = _stated(head)
+        for question, answer, (a, b) in doc.qa:  # every answer is stated in the narrative above (or unknown)
+            assert doc.text[a:b] == answer
+            assert answer == fw.UNKNOWN or any(n in question for n, _ in stated)
+    mixed = [fw.World(6, N_ENT, tail_questions=0.5).document("train", i).text for i in range(200)]
+    assert 0.35 < sum(_stated(t.partition("\nQ: ")[2]) == set() for t in mixed) / 200 < 0.85
+    with pytest.raises(ValueError, match="factworld_tail_questions"):
+        fw.World(0, N_ENT, tail_questions=-0.1)
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="factworld_entities"):
         fw.World(0, 10)
