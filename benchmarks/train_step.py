@@ -25,10 +25,14 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from mantis_jax import cli  # noqa: E402
+
+if __name__ == "__main__":  # measure the step users get: the trainer's entry points restart the same way
+    cli.reexec_with_malloc_tunables()  # before importing jax, so the restart does not import it twice
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mantis_jax import cli  # noqa: E402
 from mantis_jax.config import validate  # noqa: E402
 from mantis_jax.model.args import ModelArgs  # noqa: E402
 from mantis_jax.model.summary import flops_per_token, param_counts  # noqa: E402
@@ -170,5 +174,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.reexec_with_malloc_tunables()  # the trainer's entry points do the same: measure the step users get
     main()

@@ -23,20 +23,24 @@ import sys
 import time
 from typing import Any, Callable
 
-import flax.linen as nn
-import ml_collections
-import tqdm
-
 from mantis_jax import cli
-from mantis_jax import config as config_lib
-from mantis_jax.data import factworld
-from mantis_jax.data.tokenizer import FILENAME as TOKENIZER_FILENAME, Tokenizer
-from mantis_jax.infer.qa import answer_questions
-from mantis_jax.infer.runner import Generator
-from mantis_jax.model.args import ModelArgs
-from mantis_jax.model.summary import param_counts
-from mantis_jax.train.checkpoint import checkpoint_dir
-from mantis_jax.train.trainer import train
+
+if __name__ == "__main__":  # restart before the heavy imports below (jax, flax, orbax), not after them
+    cli.reexec_with_malloc_tunables()
+
+import flax.linen as nn  # noqa: E402
+import ml_collections  # noqa: E402
+import tqdm  # noqa: E402
+
+from mantis_jax import config as config_lib  # noqa: E402
+from mantis_jax.data import factworld  # noqa: E402
+from mantis_jax.data.tokenizer import FILENAME as TOKENIZER_FILENAME, Tokenizer  # noqa: E402
+from mantis_jax.infer.qa import answer_questions  # noqa: E402
+from mantis_jax.infer.runner import Generator  # noqa: E402
+from mantis_jax.model.args import ModelArgs  # noqa: E402
+from mantis_jax.model.summary import param_counts  # noqa: E402
+from mantis_jax.train.checkpoint import checkpoint_dir  # noqa: E402
+from mantis_jax.train.trainer import train  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "demo.py")
 CONTINUATION_TOKENS = 48
@@ -163,5 +167,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli.reexec_with_malloc_tunables()
     main()

@@ -21,6 +21,7 @@ from the same split, so test entities never appear in training text.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import random
@@ -222,8 +223,8 @@ class World:
         if contrast:
             # Every entity states the same attribute(s): the document holds several values of one type, so a
             # question is answered only by matching its entity, not by copying the one value of the asked type.
-            shared = [a for k, a in enumerate(ATTRIBUTES)  # facts() lists attributes in ATTRIBUTES order
-                      if sum(facts[k].value is not None for facts in entities) >= 2]
+            n_stated = collections.Counter(f.attribute for facts in entities for f in facts if f.value is not None)
+            shared = [a for a in ATTRIBUTES if n_stated[a] >= 2]
             attrs = r.sample(shared, min(len(shared), r.randint(1, 2)))
             mentioned = [f for facts in entities for f in facts if f.attribute in attrs and f.value is not None]
         if not mentioned:

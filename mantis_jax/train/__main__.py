@@ -12,11 +12,15 @@ import json
 from absl import app, flags
 
 from mantis_jax import cli
-from mantis_jax.data.sources import DataError
-from mantis_jax.data.tokenizer import TokenizerMismatchError
-from mantis_jax.parallel import distributed
-from mantis_jax.train.checkpoint import CheckpointError
-from mantis_jax.train.trainer import TrainingError, train
+
+if __name__ == "__main__":  # restart before the heavy imports below (jax, flax, orbax), not after them
+    cli.reexec_with_malloc_tunables()
+
+from mantis_jax.data.sources import DataError  # noqa: E402
+from mantis_jax.data.tokenizer import TokenizerMismatchError  # noqa: E402
+from mantis_jax.parallel import distributed  # noqa: E402
+from mantis_jax.train.checkpoint import CheckpointError  # noqa: E402
+from mantis_jax.train.trainer import TrainingError, train  # noqa: E402
 
 _CONFIG = cli.define_config_flag()
 flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics.jsonl, tensorboard/, tokenizer.json")
@@ -40,5 +44,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    cli.reexec_with_malloc_tunables()
     cli.run(main)
