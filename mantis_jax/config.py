@@ -64,6 +64,10 @@ def default_config() -> ml_collections.ConfigDict:
     m.param_dtype = "float32"
     m.scan_layers = True
     m.remat = "none"  # none | full | dots | dots_no_batch
+    # Causal attention in query blocks of this many rows (at most MAX_ATTN_BLOCKS blocks, larger when the sequence
+    # needs it); block i attends only to the keys up to its end, so ~half of the T x T scores are never computed.
+    # 0 = one block (the full masked T x T). Training and cache-less forward passes only (model/layers.py).
+    m.attn_block_q = 32
     m.init_std = 0.02
 
     moe = c.moe = ml_collections.ConfigDict()
@@ -293,6 +297,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _one_of(config, "model.dtype", ("float32", "bfloat16"))
     _one_of(config, "model.param_dtype", ("float32", "bfloat16"))
     _one_of(config, "model.remat", ("none", "full", "dots", "dots_no_batch"))
+    _require(m.get("attn_block_q", 0) >= 0,
+             f"config.model.attn_block_q ({m.get('attn_block_q')}) must be >= 0 (0 = unblocked attention)")
     _one_of(config, "moe.impl", ("dense", "ragged", "capacity"))
     _one_of(config, "moe.router_impl", ("reference", "pallas", "pallas_interpret"))
     _one_of(config, "moe.gmm_impl", ("auto", "ragged_dot", "megablox", "padded", "block_loop"))

@@ -1,6 +1,9 @@
 """The transformer's building blocks: RMSNorm, rotary embeddings, grouped-query attention with a static KV cache,
 and the SwiGLU feed-forward.
 
+Without a KV cache, attention runs in causal query blocks (`causal_attention`): block i's queries score only the
+keys up to the block's end, skipping the upper triangle that a full masked T x T computes and throws away.
+
 Every parameter is created with logical axis names (`nn.with_logical_partitioning`) and the main activations are
 constrained by logical names (`nn.with_logical_constraint`); the mapping to a device mesh lives in the config
 (`config.mesh.rules`), never here. Parameters are stored in `param_dtype` and cast to the compute `dtype`;
@@ -17,6 +20,41 @@ import jax.numpy as jnp
 
 Dtype = Any
 NEG_INF = -1e30  # finite, so a fully masked row gives a uniform softmax instead of NaN
+MAX_ATTN_BLOCKS = 16  # query blocks per attention call: bounds the unrolled ops (and compile time) at long T
+
+
+def query_blocks(T: int, block_q: int) -> list[tuple[int, int]]:
+    """[lo, hi) row ranges of the causal query blocks: rows of `block_q` (grown so there are at most
+    MAX_ATTN_BLOCKS), the last one possibly shorter; one block when block_q is 0 or >= T."""
+    if block_q <= 0 or block_q >= T:
+        return [(0, T)]
+    size = max(block_q, -(-T // MAX_ATTN_BLOCKS))
+    return [(lo, min(lo + size, T)) for lo in range(0, T, size)]
+
+
+def causal_attention(q_btgqk, keys_bsgk, values_bsgk, mask_bts, block_q: int, dtype) -> jax.Array:
+    """softmax(q·kᵀ/√Dh + mask)·v for grouped queries [B, T, G, q, Dh] over keys/values [B, S, G, Dh].
+
+    `mask_bts` [B or 1, T, S] is True where query t may see key s. With block_q > 0 (and no cache, S == T, the mask
+    causal), query rows [lo, hi) see only keys [0, hi): each block computes its [hi - lo, hi] scores, so the work
+    is ~(T + block)/2T of the full T x T, and every row with a visible key gets the unblocked result (the skipped
+    keys would get probability exactly 0). Scores and softmax in float32, probabilities cast to `dtype`.
+    """
+    T, S = q_btgqk.shape[1], keys_bsgk.shape[1]
+    blocks = query_blocks(T, block_q)
+    if len(blocks) > 1 and S != T:
+        raise ValueError(f"blocked causal attention needs one key per query position (got {T} queries, {S} keys): "
+                         "use block_q=0 with a KV cache")
+    scale = q_btgqk.shape[-1] ** -0.5
+    outs = []
+    for lo, hi in blocks:
+        end = hi if len(blocks) > 1 else S  # one block: every key slot (a cache's S may exceed T)
+        scores = jnp.einsum("btgqk,bsgk->bgqts", q_btgqk[:, lo:hi], keys_bsgk[:, :end],
+                            preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(mask_bts[:, None, None, lo:hi, :end], scores, NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        outs.append(jnp.einsum("bgqts,bsgk->btgqk", probs, values_bsgk[:, :end]))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
 def logical_param(module: nn.Module, name: str, init, shape, axes, dtype) -> jax.Array:
@@ -72,6 +110,7 @@ class Attention(nn.Module):
     init_std: float
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    block_q: int = 0  # causal query-block rows without a cache (0 = one block); see causal_attention
 
     @nn.compact
     def __call__(self, x_btd, positions_bt, cache=None, cache_index=None, kv_mask_bs=None):
@@ -106,11 +145,9 @@ class Attention(nn.Module):
         mask_bts = mask_ts[None] if kv_mask_bs is None else mask_ts[None] & kv_mask_bs[:, None, :].astype(bool)
 
         q_btgqk = q_bthk.reshape(B, T, G, H // G, Dh)
-        scores = jnp.einsum("btgqk,bsgk->bgqts", q_btgqk, keys, preferred_element_type=jnp.float32)
-        scores = scores * (Dh ** -0.5)
-        scores = jnp.where(mask_bts[:, None, None, :, :], scores, NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out_btgqk = jnp.einsum("bgqts,bsgk->btgqk", probs, values)
+        # Query blocks need the keys to be the T input positions (no cache: slot s is position s, causal mask).
+        block_q = self.block_q if cache is None else 0
+        out_btgqk = causal_attention(q_btgqk, keys, values, mask_bts, block_q, self.dtype)
         out_bthk = out_btgqk.reshape(B, T, H, Dh)
         out_btd = jnp.einsum("bthk,hkd->btd", out_bthk, wo.astype(self.dtype))
         return constrain(out_btd, ("batch", "length", "embed")), new_cache

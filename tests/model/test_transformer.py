@@ -7,18 +7,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mantis_jax.model import layers
 from mantis_jax.model import transformer as tfm
 from mantis_jax.model.args import ModelArgs
 from mantis_jax.model.summary import flops_per_token, param_counts
 
 V, B, T = 256, 2, 12
-BASE = ModelArgs(vocab_size=V, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32)
-VARIANTS = {
-    "gqa_scan": BASE,
+BASE = ModelArgs(vocab_size=V, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32,
+                 attn_block_q=0)
+VARIANTS = {  # attention in causal query blocks of 5 rows (5, 5, 2) in two of them: cached decoding must agree
+    "gqa_scan": BASE.replace(attn_block_q=5),
     "gqa_unrolled": BASE.replace(scan_layers=False, tie_embeddings=False),
     "moe_scan": BASE.replace(n_experts=4, top_k=2),
     "moe_unrolled_capacity": BASE.replace(n_experts=4, top_k=2, scan_layers=False, moe_impl="capacity",
-                                          capacity_factor=2.0),
+                                          capacity_factor=2.0, attn_block_q=5),
 }
 
 
@@ -95,6 +97,41 @@ def test_exit_layer_matches_truncated_unrolled_model(models):
     kept = {k: v for k, v in params.items() if k not in ("layer_2",)}
     ref, _ = tfm.MantisLM(args.replace(n_layers=2)).apply({"params": kept}, tokens)
     np.testing.assert_array_equal(early, ref)
+
+
+def test_query_blocks_cover_the_rows_and_cap_the_count():
+    assert layers.query_blocks(12, 5) == [(0, 5), (5, 10), (10, 12)]
+    assert layers.query_blocks(12, 0) == layers.query_blocks(12, 12) == [(0, 12)]
+    many = layers.query_blocks(1000, 8)  # 125 blocks of 8 would be too many ops: grown to 63-row blocks
+    assert len(many) == layers.MAX_ATTN_BLOCKS and many[0] == (0, 63) and many[-1] == (945, 1000)
+
+
+@pytest.mark.parametrize("block_q", [4])
+def test_blocked_causal_attention_equals_dense_loop(block_q):
+    """Values and gradients of the blocked attention against a per-query loop over its visible keys."""
+    Tq, G, R, Dh = 10, 2, 3, 4
+    kq, kk, kv, kr = jax.random.split(jax.random.key(3), 4)
+    q = jax.random.normal(kq, (2, Tq, G, R, Dh))
+    k, v = jax.random.normal(kk, (2, Tq, G, Dh)), jax.random.normal(kv, (2, Tq, G, Dh))
+    r = jax.random.normal(kr, (2, Tq, G, R, Dh))
+    mask = (jnp.arange(Tq)[None, :] <= jnp.arange(Tq)[:, None])[None]
+
+    def loop(q, k, v):
+        rows = []
+        for t in range(Tq):
+            s = jnp.einsum("bgqk,bsgk->bgqs", q[:, t], k[:, :t + 1]) / np.sqrt(Dh)
+            rows.append(jnp.einsum("bgqs,bsgk->bgqk", jax.nn.softmax(s, -1), v[:, :t + 1]))
+        return jnp.stack(rows, 1)
+
+    def blocked(q, k, v):
+        return layers.causal_attention(q, k, v, mask, block_q, jnp.float32)
+
+    np.testing.assert_allclose(jax.jit(blocked)(q, k, v), loop(q, k, v), atol=1e-5)
+    grads = [jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) * r), argnums=(0, 1, 2)))(q, k, v)
+             for f in (blocked, loop)]
+    chex.assert_trees_all_close(grads[0], grads[1], atol=1e-5)
+    with pytest.raises(ValueError, match="block_q=0 with a KV cache"):
+        layers.causal_attention(q, jnp.concatenate([k, k], 1), v, mask, block_q, jnp.float32)
 
 
 def test_scan_equals_unrolled(models):
