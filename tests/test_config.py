@@ -90,6 +90,19 @@ def test_summary_cli_one_clear_error():
         "error: unknown config key config.moe.nope (see mantis_jax/config.py for all keys)"]
 
 
+def test_summary_cli_help_and_unknown_argument(capsys):
+    from mantis_jax.model import summary
+
+    summary.main(["summary", "--help"])
+    assert capsys.readouterr().out.startswith("Parameter counts")
+    with pytest.raises(SystemExit) as e:
+        summary.main(["summary", "--confg=configs/tiny.py"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: unknown arguments ['--confg=configs/tiny.py']: pass --config=<preset.py> [--config.x=y], "
+        "or nothing for every preset")
+
+
 # Targets at vocab 50304 (issue: foundation). base's active target of ~2B is below what top-2 of 8 experts allows
 # (active >= total * K / E = 3B at 12B total), so its active count is checked against the exact formula instead.
 TARGETS = {"micro": (10e6, 10e6), "tiny": (100e6, None), "small": (1e9, None), "base": (12e9, None)}

@@ -148,6 +148,10 @@ def interactive(gen, settings: dict, inp: TextIO, out: TextIO) -> None:
 def main(argv: list[str] | None = None, inp: TextIO | None = None, out: TextIO | None = None) -> None:
     argv = sys.argv if argv is None else argv
     inp, out = inp or sys.stdin, out or sys.stdout
+    if any(a in ("-h", "--help", "-help", "--helpfull", "--helpshort") for a in argv[1:]):
+        # Our flags live outside absl's global FLAGS, so absl's own --help does not know them: print ours.
+        print(__doc__.strip() + "\n\nflags:\n" + FLAGS.get_help(), file=out)
+        sys.exit(0)
     try:
         FLAGS.unparse_flags()
         FLAGS(argv)

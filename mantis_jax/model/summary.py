@@ -79,6 +79,12 @@ def main(argv: list[str]) -> None:
     from mantis_jax import cli  # noqa: PLC0415
     from mantis_jax.config import ConfigError  # noqa: PLC0415
 
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print(__doc__.strip())
+        return
+    unknown = [a for a in argv[1:] if not a.startswith("--config")]
+    if unknown:
+        cli.fail(f"unknown arguments {unknown}: pass --config=<preset.py> [--config.x=y], or nothing for every preset")
     if any(a.startswith("--config") for a in argv[1:]):
         try:
             config = cli.load_config(argv)

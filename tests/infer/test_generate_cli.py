@@ -113,6 +113,17 @@ def test_module_entry_point_with_int8(workdir):
     assert "tokens/s" in proc.stdout.splitlines()[-1]
 
 
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_the_flags(flag, capsys):
+    out = io.StringIO()
+    with pytest.raises(SystemExit) as e:
+        generate_cli.main(["generate", flag], out=out)
+    assert e.value.code == 0
+    text = out.getvalue()
+    assert text.startswith("The generate CLI") and "--checkpoint" in text and "--quantize" in text
+    assert "--max_new_tokens" in text and "weight-only quantization" in text
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--checkpoint=/nonexistent/run", "--prompt=x"], "is not a directory"),
     (["--prompt=x"], "--checkpoint is required"),
