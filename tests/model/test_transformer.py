@@ -106,32 +106,28 @@ def test_query_blocks_cover_the_rows_and_cap_the_count():
     assert len(many) == layers.MAX_ATTN_BLOCKS and many[0] == (0, 63) and many[-1] == (945, 1000)
 
 
-@pytest.mark.parametrize("block_q", [4])
-def test_blocked_causal_attention_equals_dense_loop(block_q):
-    """Values and gradients of the blocked attention against a per-query loop over its visible keys."""
+def test_blocked_causal_attention_equals_dense_masked():
+    """Values and gradients of attention in query blocks (4, 4, 2 rows) against the full masked T x T softmax."""
     Tq, G, R, Dh = 10, 2, 3, 4
-    kq, kk, kv, kr = jax.random.split(jax.random.key(3), 4)
-    q = jax.random.normal(kq, (2, Tq, G, R, Dh))
-    k, v = jax.random.normal(kk, (2, Tq, G, Dh)), jax.random.normal(kv, (2, Tq, G, Dh))
-    r = jax.random.normal(kr, (2, Tq, G, R, Dh))
-    mask = (jnp.arange(Tq)[None, :] <= jnp.arange(Tq)[:, None])[None]
+    rng = np.random.default_rng(3)
+    q, r = (jnp.asarray(rng.normal(size=(2, Tq, G, R, Dh)), jnp.float32) for _ in range(2))
+    k, v = (jnp.asarray(rng.normal(size=(2, Tq, G, Dh)), jnp.float32) for _ in range(2))
+    causal = np.arange(Tq)[None, :] <= np.arange(Tq)[:, None]
 
-    def loop(q, k, v):
-        rows = []
-        for t in range(Tq):
-            s = jnp.einsum("bgqk,bsgk->bgqs", q[:, t], k[:, :t + 1]) / np.sqrt(Dh)
-            rows.append(jnp.einsum("bgqs,bsgk->bgqk", jax.nn.softmax(s, -1), v[:, :t + 1]))
-        return jnp.stack(rows, 1)
+    def dense(q, k, v):
+        s = jnp.einsum("btgqk,bsgk->bgqts", q, k) / np.sqrt(Dh)
+        p = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), axis=-1)
+        return jnp.einsum("bgqts,bsgk->btgqk", p, v)
 
     def blocked(q, k, v):
-        return layers.causal_attention(q, k, v, mask, block_q, jnp.float32)
+        return layers.causal_attention(q, k, v, causal[None], 4, jnp.float32)
 
-    np.testing.assert_allclose(jax.jit(blocked)(q, k, v), loop(q, k, v), atol=1e-5)
+    np.testing.assert_allclose(jax.jit(blocked)(q, k, v), dense(q, k, v), atol=1e-5)
     grads = [jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) * r), argnums=(0, 1, 2)))(q, k, v)
-             for f in (blocked, loop)]
+             for f in (blocked, dense)]
     chex.assert_trees_all_close(grads[0], grads[1], atol=1e-5)
     with pytest.raises(ValueError, match="block_q=0 with a KV cache"):
-        layers.causal_attention(q, jnp.concatenate([k, k], 1), v, mask, block_q, jnp.float32)
+        layers.causal_attention(q, jnp.concatenate([k, k], 1), v, causal[None], 4, jnp.float32)
 
 
 def test_scan_equals_unrolled(models):
