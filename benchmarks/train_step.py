@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py            # micro and tiny, batch 8 x seq 256, vocab 8192, float32
     python benchmarks/train_step.py --quick    # fewer timed steps, micro only
-    python benchmarks/train_step.py --variants # also the config variants below (attention blocks, remat, MoE impl, layer scan)
+    python benchmarks/train_step.py --variants # also the config variants below (attention, remat, MoE, scan)
     python benchmarks/train_step.py --presets micro --profile  # + where the step's CPU time goes (jax.profiler)
 
 The step is the trainer's (`trainer.compiled_steps`: forward, loss, backward, AdamW update; donated state,
@@ -45,7 +45,7 @@ VARIANTS = {
     "micro": [{}, {"model.attn_block_q": 0}, {"model.attn_block_q": 64}, {"model.remat": "full"},
               {"model.scan_layers": True}],
     "tiny": [{}, {"model.attn_block_q": 0}, {"moe.impl": "dense"}, {"moe.impl": "capacity"},
-             {"model.scan_layers": False}],
+             {"model.scan_layers": True}],
 }
 
 

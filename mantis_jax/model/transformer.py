@@ -42,8 +42,9 @@ class Block(nn.Module):
         a = self.args
         dt, pdt = a.compute_dtype, a.weight_dtype
         h = RMSNorm(a.norm_eps, dt, pdt, name="attn_norm")(x_btd)
-        attn_out, new_cache = Attention(a.n_heads, a.n_kv_heads, a.head_dim, a.rope_theta, a.init_std, dt, pdt,
-                                        a.attn_block_q, name="attn")(h, positions_bt, layer_cache, cache_index, kv_mask_bs)
+        attn = Attention(a.n_heads, a.n_kv_heads, a.head_dim, a.rope_theta, a.init_std, dt, pdt, a.attn_block_q,
+                         name="attn")
+        attn_out, new_cache = attn(h, positions_bt, layer_cache, cache_index, kv_mask_bs)
         x_btd = x_btd + attn_out
         h = RMSNorm(a.norm_eps, dt, pdt, name="ffn_norm")(x_btd)
         if a.is_moe:
