@@ -70,4 +70,5 @@ class ModelArgs:
             scan_layers=m.scan_layers, remat=m.remat, attn_block_q=int(m.get("attn_block_q", 0)),
             init_std=m.init_std, n_experts=moe.n_experts, top_k=moe.top_k, moe_impl=moe.impl,
             capacity_factor=moe.capacity_factor, router_impl=moe.router_impl, gmm_impl=moe.gmm_impl,
-            lb_loss_weight=moe.lb_loss_weight, z_loss_weight=moe.z_loss_weight, expert_parallel=bool(moe.get("expert_parallel", False)))
+            lb_loss_weight=moe.lb_loss_weight, z_loss_weight=moe.z_loss_weight,
+            expert_parallel=bool(moe.get("expert_parallel", False)))
