@@ -15,12 +15,12 @@ from mantis_jax.model.summary import flops_per_token, param_counts
 V, B, T = 256, 2, 12
 BASE = ModelArgs(vocab_size=V, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32,
                  attn_block_q=0)
-VARIANTS = {  # attention in causal query blocks of 5 rows (5, 5, 2) in two of them: cached decoding must agree
+VARIANTS = {  # gqa_scan: attention in causal query blocks of 5 rows (5, 5, 2); cached decoding must agree
     "gqa_scan": BASE.replace(attn_block_q=5),
     "gqa_unrolled": BASE.replace(scan_layers=False, tie_embeddings=False),
     "moe_scan": BASE.replace(n_experts=4, top_k=2),
     "moe_unrolled_capacity": BASE.replace(n_experts=4, top_k=2, scan_layers=False, moe_impl="capacity",
-                                          capacity_factor=2.0, attn_block_q=5),
+                                          capacity_factor=2.0),
 }
 
 
