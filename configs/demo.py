@@ -3,9 +3,10 @@
     make demo                                          # = python -m mantis_jax.demo (this preset)
     python -m mantis_jax.demo --minutes=13 --workdir=runs/demo
 
-Status: on an idle 2-core machine this preset trains 2300 steps (4.7M tokens) in ~12 minutes (`make demo` on
-2026-11-21: 12.2 minutes of training, whole demo 12.6) and answers 76% of near-range questions about unseen
-entities exactly (69% on 150 questions; 70% of unanswerable ones with "unknown"); the issue's goal is >= 80%
+Status: on an idle 2-core machine this preset trains 2300 steps (4.7M tokens) in ~11-12 minutes and answers
+~45-76% of near-range questions about unseen entities exactly (session 3's `make demo`: 76%; session 4's
+research runs: 44-55% on 150 questions): recall forms at a step that varies between runs and the budget ends on
+the rising curve. The issue's goal is >= 80%; configs/demo_long.py (the same run for ~1 hour) reaches 80%
 (docs/perf/demo.md: learning curves, what made the difference, what did not).
 
 What differs from configs/micro.py, and why (measurements in docs/perf/demo.md):
@@ -26,7 +27,7 @@ What differs from configs/micro.py, and why (measurements in docs/perf/demo.md):
 - at most 3 facts per document (they fit the 128-token window) and 5% "unknown" questions;
 - half the documents ask all their questions after the whole narrative (as the test does) and half state one
   attribute for several entities: without them the model learns to copy *a* value of the asked type from the
-  context, which is wrong whenever the context holds several, and plateaus at 50-59% (with them: 76%).
+  context, which is wrong whenever the context holds several, and plateaus at 50-59% (with them: up to 76%).
 """
 
 import os
