@@ -182,6 +182,7 @@ def default_config() -> ml_collections.ConfigDict:
     d.factworld_max_facts = 6  # fact sentences per training document (bounds its length; see docs/data.md)
     d.factworld_contrast = 0.0  # share of documents whose 2+ entities all state the same attributes (docs/perf/demo.md)
     d.factworld_tail_questions = 0.0  # share of documents that ask all their questions after the whole narrative
+    d.factworld_curriculum_docs = 0  # ramp contrast/tail shares up from 0 over this many training docs (0 = none)
     d.answer_loss_weight = 1.0  # loss weight of answer tokens (after "A:" at a line start); 1 = plain LM
     d.add_bos = True  # each packed document is <bos> tokens <eos>
     d.packing = "auto"  # concat | first_fit (whole documents per window) | auto (first_fit for factworld)
@@ -369,6 +370,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              f"config.data.factworld_contrast ({d.factworld_contrast}) must be in [0, 1]")
     _require(0.0 <= d.factworld_tail_questions <= 1.0,
              f"config.data.factworld_tail_questions ({d.factworld_tail_questions}) must be in [0, 1]")
+    _require(d.factworld_curriculum_docs >= 0,
+             f"config.data.factworld_curriculum_docs ({d.factworld_curriculum_docs}) must be >= 0 (0 = no ramp)")
     _require(d.factworld_max_facts >= 1,
              f"config.data.factworld_max_facts ({d.factworld_max_facts}) must be >= 1")
     _require(d.worker_count >= 0, f"config.data.worker_count ({d.worker_count}) must be >= 0")

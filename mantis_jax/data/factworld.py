@@ -212,10 +212,15 @@ class World:
         return r.choice(_FILLER_TEMPLATES).format(place=r.choice(_PLACES), adj=r.choice(_ADJS), time=r.choice(_TIMES))
 
     # ---- training documents ---------------------------------------------------------------------------------
-    def document(self, split: str, index: int) -> Document:
-        """Document `index` of `split`: narrative lines with QA pairs placed after the facts they ask about."""
+    def document(self, split: str, index: int, hardness: float = 1.0) -> Document:
+        """Document `index` of `split`: narrative lines with QA pairs placed after the facts they ask about.
+
+        `hardness` in [0, 1] scales the shares of contrast and tail documents (a curriculum's ramp: 0 = none of
+        either); the document is a pure function of (split, index, hardness)."""
+        if not 0.0 <= hardness <= 1.0:
+            raise ValueError(f"factworld document hardness ({hardness}) must be in [0, 1]")
         r = _rng(self.seed, "doc", split, index)
-        contrast = self.contrast > 0 and self.max_entities >= 2 and r.random() < self.contrast
+        contrast = self.contrast > 0 and self.max_entities >= 2 and r.random() < self.contrast * hardness
         n_entities = r.randint(2, self.max_entities) if contrast else r.randint(1, self.max_entities)
         entities = self._random_entities(r, split, n_entities)
         mentioned: list[Fact] = []
@@ -247,7 +252,7 @@ class World:
         slots: list[list[Fact]] = [[] for _ in narrative]
         # Tail documents ask after the whole narrative, as the QA records do: the nearest value of the asked type is
         # then often another entity's, so answering needs the asked entity's own fact.
-        tail = self.tail_questions > 0 and r.random() < self.tail_questions
+        tail = self.tail_questions > 0 and r.random() < self.tail_questions * hardness
         asked = [f for f in unstated if f.entity in first_pos]
         for _ in range(n_qa):
             if asked and r.random() < self.unknown_share:

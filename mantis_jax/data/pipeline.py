@@ -188,8 +188,14 @@ def make_datasets(config, tokenizer: Tokenizer, *, process_index: int = 0, proce
         train_docs, val_docs = train_docs[: n - n_val], train_docs[n - n_val:]
     options = dict(tokenizer=tokenizer, seq_len=d.seq_len, add_bos=d.add_bos, answer_weight=d.answer_loss_weight,
                    packing=resolve_packing(config), bins=max(batch, 8), seed=d.shuffle_seed)
+    curriculum = d.source == "factworld" and d.factworld_curriculum_docs > 0
+    if curriculum:  # shuffle document indices; generate each at its stream position's hardness
+        train_docs = grain.MapDataset.range(len(train_src))
     train_docs = _shard(train_docs, process_index, process_count, "the training data")
     train_docs = train_docs.shuffle(seed=d.shuffle_seed).repeat(None)  # reshuffled every epoch
+    if curriculum:
+        train_docs = train_docs.map_with_index(
+            sources.CurriculumDocument(train_src, d.factworld_curriculum_docs, process_count))
     train = pack(train_docs, **options).batch(batch, drop_remainder=True)
     train = _with_workers(train, d.worker_count)
     val = None

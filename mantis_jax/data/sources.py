@@ -268,7 +268,27 @@ class FactworldSource:
         return self.n_docs
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return np.asarray(self.tokenizer.encode(self.world.document(self.split, int(i)).text), np.int32)
+        return self.tokens(i)
+
+    def tokens(self, i: int, hardness: float = 1.0) -> np.ndarray:
+        """Document i's token ids; `hardness` < 1 lowers its odds of being a contrast or tail document."""
+        return np.asarray(self.tokenizer.encode(self.world.document(self.split, int(i), hardness).text), np.int32)
+
+
+class CurriculumDocument:
+    """(stream position, document index) -> token ids, with contrast and tail documents ramped in linearly over
+    the first `ramp_docs` documents of the training stream (`data.factworld_curriculum_docs`): early steps see
+    the easier documents recall forms on, later ones the documents that defeat copying by type."""
+
+    def __init__(self, source: FactworldSource, ramp_docs: int, process_count: int = 1):
+        self.source, self.ramp_docs, self.process_count = source, ramp_docs, process_count
+
+    def hardness(self, position: int) -> float:
+        """Each process reads every process_count-th document: its position k is global document ~k * count."""
+        return min(1.0, (position * self.process_count + 1) / self.ramp_docs)
+
+    def __call__(self, position: int, index: int) -> np.ndarray:
+        return self.source.tokens(index, self.hardness(position))
 
 
 class TfdsSource:

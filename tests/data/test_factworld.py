@@ -206,6 +206,20 @@ def test_tail_questions_follow_the_whole_narrative():
         fw.World(0, N_ENT, tail_questions=-0.1)
 
 
+def test_hardness_scales_the_contrast_and_tail_shares():
+    hard = fw.World(7, N_ENT, max_facts=40, contrast=1.0, tail_questions=1.0)
+    # Hardness 0: neither kind (the documents of a world whose shares are ~0: the same random draws, none below
+    # the share); 1: the world's own shares.
+    plain = fw.World(7, N_ENT, max_facts=40, contrast=1e-12, tail_questions=1e-12)
+    assert [hard.document("train", i, 0.0) for i in range(40)] == [plain.document("train", i) for i in range(40)]
+    assert [hard.document("train", i, 1.0) for i in range(40)] == [hard.document("train", i) for i in range(40)]
+    half = [hard.document("train", i, 0.5).text for i in range(300)]
+    tail = sum(_stated(t.partition("\nQ: ")[2]) == set() for t in half) / len(half)
+    assert 0.35 < tail < 0.85  # ~half are tail documents (a few ordinary ones ask only after the last fact)
+    with pytest.raises(ValueError, match="hardness"):
+        hard.document("train", 0, 1.5)
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="factworld_entities"):
         fw.World(0, 10)

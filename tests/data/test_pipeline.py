@@ -174,6 +174,34 @@ def test_each_process_reads_its_own_shard(tok):
         pipeline.make_datasets(_config(batch_size=3), tok, process_count=2)
 
 
+def test_curriculum_ramps_contrast_and_tail_documents_in(tok):
+    cfg = _config(factworld_contrast=1.0, factworld_tail_questions=1.0, factworld_curriculum_docs=40,
+                  factworld_max_facts=40)
+    src = sources.open_source(cfg, tok)
+    ramp = sources.CurriculumDocument(src, 40)
+    assert [ramp.hardness(p) for p in (0, 19, 39, 40, 500)] == [1 / 40, 0.5, 1.0, 1.0, 1.0]
+    assert sources.CurriculumDocument(src, 40, process_count=2).hardness(10) == 21 / 40
+    # The same shuffled order as without a curriculum; document p generated at its position's hardness.
+    order = list(itertools.islice(grain.MapDataset.range(len(src)).shuffle(seed=0).repeat(None), 200))
+    stream, need = [], 6 * B * (T + 1)
+    for p, i in enumerate(order):
+        stream += [tok.bos_id] + src.tokens(i, ramp.hardness(p)).tolist() + [tok.eos_id]
+        if len(stream) >= need:
+            break
+    ref = np.asarray(stream[:need]).reshape(6 * B, T + 1)
+    it = iter(pipeline.make_datasets(cfg, tok).train)
+    got = np.concatenate([next(it)["inputs"] for _ in range(6)])
+    np.testing.assert_array_equal(got, ref[:, :-1])
+    assert not np.array_equal(src.tokens(order[0], ramp.hardness(0)), src.tokens(order[0]))  # the ramp acts
+    state = it.get_state()  # resume inside the ramp gives the same next batch
+    expected = next(it)["inputs"]
+    again = iter(pipeline.make_datasets(cfg, tok).train)
+    again.set_state(state)
+    np.testing.assert_array_equal(next(again)["inputs"], expected)
+    with pytest.raises(C.ConfigError, match="factworld_curriculum_docs"):
+        _config(factworld_curriculum_docs=-1)
+
+
 def test_validation_batches_are_padded_and_fixed(tok, setup):
     _, ds, _ = setup
     val = ds.val_batches()
