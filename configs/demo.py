@@ -1,7 +1,7 @@
 """demo: the micro model with the data, vocabulary and schedule chosen for learning factworld recall on 2 CPU cores.
 
     make demo                                          # = python -m mantis_jax.demo (this preset)
-    python -m mantis_jax.demo --minutes=13 --workdir=runs/demo
+    python -m mantis_jax.demo --minutes=14 --workdir=runs/demo
 
 Status: on an idle 2-core machine this preset trains 2300 steps (4.7M tokens) in ~11-12 minutes and answers
 ~45-76% of near-range questions about unseen entities exactly (session 3's `make demo`: 76%; session 4's
@@ -54,10 +54,11 @@ def get_config():
     c.data.factworld_entities = 27000  # ~3 mentions per training entity: answers must come from the context
     c.data.factworld_tail_questions = 0.5  # half the documents ask after the whole narrative, as the test does
     c.data.factworld_contrast = 0.5  # half state one attribute for several entities: copying by type fails
+    c.data.factworld_curriculum_docs = 20000  # ~1150 steps of ~17 documents: contrast/tail ramp in from 0
     c.train.lr = 5e-3
     c.train.warmup_steps = 100
-    c.train.total_steps = 2300
-    c.train.max_minutes = 13.0
+    c.train.total_steps = 2600
+    c.train.max_minutes = 14.0
     c.train.log_every = 10
     c.train.eval_every = 250
     c.train.eval_steps = 8

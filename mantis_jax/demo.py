@@ -1,6 +1,6 @@
 """`make demo`: train the micro model on factworld under a wall-clock budget, then generate and answer questions.
 
-    python -m mantis_jax.demo [--minutes=13] [--workdir=runs/demo] [--questions=50] [--config=configs/demo.py]
+    python -m mantis_jax.demo [--minutes=14] [--workdir=runs/demo] [--questions=50] [--config=configs/demo.py]
 
 What goes in: the `configs/demo.py` preset (the micro shape, a 1024-token BPE, QA-dense documents, answer tokens
 weighted in the loss; see docs/perf/demo.md for why). What happens: `train.trainer.train` runs with its progress
@@ -152,7 +152,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, n_questions: int = 5
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m mantis_jax.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=None,
-                   help="training budget in minutes (default: the preset's train.max_minutes: 13 in configs/demo.py)")
+                   help="training budget in minutes (default: the preset's train.max_minutes: 14 in configs/demo.py)")
     p.add_argument("--workdir", default="runs/demo", help="run folder (cleared first unless --resume)")
     p.add_argument("--questions", type=int, default=50, help="near-range questions (and as many unanswerable)")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="preset file with get_config()")
