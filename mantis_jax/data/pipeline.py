@@ -3,7 +3,9 @@
 Documents enter from a source (`sources.open_source`): token ids per document. Each becomes
 `<bos> ids <eos>` (bos optional) with its answer mask (`Tokenizer.answer_mask`); documents are shuffled with
 `data.shuffle_seed` (a new order each epoch), packed into windows of `seq_len + 1` tokens (`data.packing`:
-concat-then-split, or first-fit which keeps each document whole in one window, padding the rest) and batched. A batch leaves as
+concat-then-split, or first-fit which keeps each document whole in one window, padding the rest) and batched.
+With `data.factworld_curriculum_docs` the shuffled factworld indices are generated at their stream position's
+hardness (`sources.CurriculumDocument`). A batch leaves as
     {"inputs": int32 [B, T], "targets": int32 [B, T], "loss_mask": float32 [B, T], "answer_mask": float32 [B, T]}
 with targets = inputs shifted by one, loss_mask 0 on padding and on the bos that follows an eos (it carries no
 information), and `data.answer_loss_weight` on answer tokens. B is the per-process batch
