@@ -5,7 +5,7 @@
 
 Status: on an idle 2-core machine this preset trains 2600 steps (5.3M tokens) in ~12 minutes and answers 72% of
 near-range questions about unseen entities exactly (session 5's `make demo`, 36/50; research runs with seeds
-0 / 1 / 2: 70.0% / 62.7% / E13_NEAR150 on 150 questions): recall forms at a step that varies with the seed and the
+0 / 1 / 2: 70.0% / 62.7% / 57.3% on 150 questions): recall forms at a step that varies with the seed and the
 budget ends on the rising curve. The issue's goal is >= 80%; configs/demo_long.py (the same model and data
 for ~1 hour) reaches 80% (docs/perf/demo.md: learning curves, what made the difference, what did not).
 
