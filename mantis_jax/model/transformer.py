@@ -164,7 +164,8 @@ def forward(args: ModelArgs, params: dict, tokens_bt, *, exit_layer: int | None 
 def init_params(args: ModelArgs, rng: jax.Array, batch: int = 1, seq_len: int = 8) -> dict:
     """Unboxed float parameters (for tests and single-device use; sharded init lives in parallel/)."""
     tokens = jnp.zeros((batch, seq_len), jnp.int32)
-    variables = MantisLM(args).init(rng, tokens)
+    # jitted: an eager init dispatches op by op, several times slower than compiling it once
+    variables = jax.jit(lambda key: MantisLM(args).init(key, tokens))(rng)
     return nn.unbox(variables)["params"]
 
 

@@ -31,10 +31,11 @@ def _batch(B=4, T=16, seed=0):
 def _init(config):
     args = ModelArgs.from_config(config)
     tx = st.make_optimizer(config)
-    state = jax.tree.map(lambda x: x, st.init_state_fn(args, tx)(jax.random.key(0)))
     import flax.linen as nn
 
-    return args, tx, nn.unbox(state)
+    # jitted: the eager init dispatches op by op (~13 s for this model on 2 cores, ~2 s compiled)
+    state = jax.jit(lambda key: nn.unbox(st.init_state_fn(args, tx)(key)))(jax.random.key(0))
+    return args, tx, state
 
 
 def test_cross_entropy_matches_log_softmax():
