@@ -16,6 +16,7 @@ def _config(**train):
     c = default_config()
     set_shape(c, d_model=32, n_layers=2, n_experts=4, top_k=2)
     c.model.vocab_size, c.model.n_heads, c.model.n_kv_heads, c.model.d_ff = 128, 4, 2, 64
+    c.model.scan_layers = False  # 2 layers: quicker to compile unrolled (the layer scan is tested with the model)
     c.train.lr, c.train.warmup_steps, c.train.total_steps = 1e-2, 5, 100
     for k, v in train.items():
         c.train[k] = v
