@@ -4,8 +4,8 @@
 
 Same shape, tokenizer, data mix and peak learning rate as configs/demo.py (without its curriculum: this
 recipe was measured before it); the cosine schedule spans 12,000 steps (~24.6M tokens), what an idle 2-core
-machine runs in about an hour (~200-220 steps/min), with `train.max_minutes` 75 as the cap. The accuracy it reaches and its learning curve: docs/perf/demo.md ("Longer
-CPU recipe").
+machine runs in about an hour (~200-220 steps/min), with `train.max_minutes` 75 as the cap. The accuracy it
+reaches and its learning curve: docs/perf/demo.md ("Longer CPU recipe").
 """
 
 import os
