@@ -25,6 +25,7 @@ DEFAULT_RULES = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
+    ("kv_conv", None),
     ("mlp", "tensor"),
     ("exp", "expert"),
     ("layers", None),
@@ -68,6 +69,9 @@ def default_config() -> ml_collections.ConfigDict:
     # needs it); block i attends only to the keys up to its end, so ~half of the T x T scores are never computed.
     # 0 = one block (the full masked T x T). Training and cache-less forward passes only (model/layers.py).
     m.attn_block_q = 32
+    # Width of a causal depthwise convolution on each layer's keys and values (0 = none): a key also carries the
+    # tokens just before it, which makes copy (induction) circuits quick to learn (model/layers.py, docs/perf/demo.md).
+    m.kv_conv = 0
     m.init_std = 0.02
 
     moe = c.moe = ml_collections.ConfigDict()
@@ -300,6 +304,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _one_of(config, "model.remat", ("none", "full", "dots", "dots_no_batch"))
     _require(m.get("attn_block_q", 0) >= 0,
              f"config.model.attn_block_q ({m.get('attn_block_q')}) must be >= 0 (0 = unblocked attention)")
+    _require(m.get("kv_conv", 0) >= 0,
+             f"config.model.kv_conv ({m.get('kv_conv')}) must be >= 0 (0 = no convolution on keys and values)")
     _one_of(config, "moe.impl", ("dense", "ragged", "capacity"))
     _one_of(config, "moe.router_impl", ("reference", "pallas", "pallas_interpret"))
     _one_of(config, "moe.gmm_impl", ("auto", "ragged_dot", "megablox", "padded", "block_loop"))

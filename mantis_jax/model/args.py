@@ -30,6 +30,7 @@ class ModelArgs:
     scan_layers: bool = True
     remat: str = "none"
     attn_block_q: int = 32
+    kv_conv: int = 0
     init_std: float = 0.02
     n_experts: int = 1
     top_k: int = 1
@@ -68,6 +69,7 @@ class ModelArgs:
             n_kv_heads=m.n_kv_heads, d_ff=m.d_ff, max_seq_len=m.max_seq_len, rope_theta=m.rope_theta,
             norm_eps=m.norm_eps, tie_embeddings=m.tie_embeddings, dtype=m.dtype, param_dtype=m.param_dtype,
             scan_layers=m.scan_layers, remat=m.remat, attn_block_q=int(m.get("attn_block_q", 0)),
+            kv_conv=int(m.get("kv_conv", 0)),
             init_std=m.init_std, n_experts=moe.n_experts, top_k=moe.top_k, moe_impl=moe.impl,
             capacity_factor=moe.capacity_factor, router_impl=moe.router_impl, gmm_impl=moe.gmm_impl,
             lb_loss_weight=moe.lb_loss_weight, z_loss_weight=moe.z_loss_weight,

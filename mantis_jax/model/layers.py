@@ -57,6 +57,22 @@ def causal_attention(q_btgqk, keys_bsgk, values_bsgk, mask_bts, block_q: int, dt
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
+def causal_conv(x_btgk: jax.Array, w_lgk: jax.Array, tail_blgk: jax.Array | None = None):
+    """y_t = x_t + sum_{j=1..W-1} w[j-1] * x_{t-j}: a depthwise causal convolution over the time axis (residual form).
+
+    x [B, T, G, Dh]; w [W-1, G, Dh] (lag 1 first); `tail` [B, W-1, G, Dh] holds the W-1 inputs before x (oldest
+    first; None = zeros, the start of a sequence). Returns (y, the new tail: the last W-1 inputs of tail ++ x).
+    """
+    lags, T = w_lgk.shape[0], x_btgk.shape[1]
+    if tail_blgk is None:
+        tail_blgk = jnp.zeros((x_btgk.shape[0], lags) + x_btgk.shape[2:], x_btgk.dtype)
+    full = jnp.concatenate([tail_blgk.astype(x_btgk.dtype), x_btgk], axis=1)  # [B, W-1+T, G, Dh]
+    y = x_btgk
+    for j in range(1, lags + 1):
+        y = y + w_lgk[j - 1] * full[:, lags - j:lags - j + T]
+    return y, full[:, -lags:]
+
+
 def logical_param(module: nn.Module, name: str, init, shape, axes, dtype) -> jax.Array:
     """`module.param` with logical axis names attached (unboxed when read)."""
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
@@ -101,6 +117,11 @@ class Attention(nn.Module):
     Without a cache, keys are the T input positions. With a cache ({"k", "v"}: [B, S, G, Dh]), the T new keys are
     written at slots [index, index + T) and every query attends to cache slots <= its own slot, so a prefill call
     followed by one-token steps equals the full forward pass. `kv_mask` [B, S] marks valid key slots (left padding).
+
+    `kv_conv` W > 1 mixes each key and value with the W-1 before it (`causal_conv`, before RoPE; weights start at
+    0): a key then says which tokens precede its own, the previous-token half of an induction (copy) circuit that
+    plain attention must build from two layers. The cache then also holds the last W-1 raw keys and values
+    ("k_tail", "v_tail": [B, W-1, G, Dh]); masked (padding) positions enter the convolution as zeros.
     """
 
     n_heads: int
@@ -111,6 +132,7 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     block_q: int = 0  # causal query-block rows without a cache (0 = one block); see causal_attention
+    kv_conv: int = 0  # width of the causal convolution on keys and values (0 or 1 = none)
 
     @nn.compact
     def __call__(self, x_btd, positions_bt, cache=None, cache_index=None, kv_mask_bs=None):
@@ -126,6 +148,24 @@ class Attention(nn.Module):
         q_bthk = jnp.einsum("btd,dhk->bthk", x, wq.astype(self.dtype))
         k_btgk = jnp.einsum("btd,dgk->btgk", x, wk.astype(self.dtype))
         v_btgk = jnp.einsum("btd,dgk->btgk", x, wv.astype(self.dtype))
+        new_tails = {}
+        if self.kv_conv > 1:
+            if kv_mask_bs is not None:  # padding enters the convolution as zeros (as a sequence start does)
+                start_slot = 0 if cache is None else cache_index
+                keep_bt = jax.lax.dynamic_slice_in_dim(kv_mask_bs, start_slot, T, axis=1).astype(self.dtype)
+                k_btgk, v_btgk = k_btgk * keep_bt[:, :, None, None], v_btgk * keep_bt[:, :, None, None]
+            for name in ("k", "v"):
+                w = logical_param(self, f"{name}_conv", nn.initializers.zeros, (self.kv_conv - 1, G, Dh),
+                                  ("kv_conv", "kv_heads", "head_dim"), self.param_dtype).astype(self.dtype)
+                tail = None
+                if cache is not None:  # slot 0 starts a sequence: a reused cache's old tail must not leak in
+                    tail = cache[f"{name}_tail"] * (cache_index > 0).astype(cache[f"{name}_tail"].dtype)
+                raw = k_btgk if name == "k" else v_btgk
+                mixed, new_tails[f"{name}_tail"] = causal_conv(raw, w, tail)
+                if name == "k":
+                    k_btgk = mixed
+                else:
+                    v_btgk = mixed
         q_bthk = constrain(apply_rope(q_bthk, positions_bt, self.rope_theta), ("batch", "length", "heads", "head_dim"))
         k_btgk = constrain(apply_rope(k_btgk, positions_bt, self.rope_theta),
                            ("batch", "length", "kv_heads", "head_dim"))
@@ -138,6 +178,7 @@ class Attention(nn.Module):
             keys = jax.lax.dynamic_update_slice(cache["k"], k_btgk.astype(cache["k"].dtype), start)
             values = jax.lax.dynamic_update_slice(cache["v"], v_btgk.astype(cache["v"].dtype), start)
             new_cache = {"k": keys, "v": values}
+            new_cache.update({n: t.astype(cache[n].dtype) for n, t in new_tails.items()})
             keys, values = keys.astype(self.dtype), values.astype(self.dtype)
             q_slots = cache_index + jnp.arange(T)
         S = keys.shape[1]

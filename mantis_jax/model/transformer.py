@@ -43,7 +43,7 @@ class Block(nn.Module):
         dt, pdt = a.compute_dtype, a.weight_dtype
         h = RMSNorm(a.norm_eps, dt, pdt, name="attn_norm")(x_btd)
         attn = Attention(a.n_heads, a.n_kv_heads, a.head_dim, a.rope_theta, a.init_std, dt, pdt, a.attn_block_q,
-                         name="attn")
+                         a.kv_conv, name="attn")
         attn_out, new_cache = attn(h, positions_bt, layer_cache, cache_index, kv_mask_bs)
         x_btd = x_btd + attn_out
         h = RMSNorm(a.norm_eps, dt, pdt, name="ffn_norm")(x_btd)
@@ -83,7 +83,7 @@ class MantisLM(nn.Module):
                                   ("vocab", "embed"), a.weight_dtype)
         x_btd = jnp.take(embedding, tokens_bt, axis=0).astype(a.compute_dtype)
         x_btd = constrain(x_btd, ("batch", "length", "embed"))
-        layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+        layer_caches = None if cache is None else {n: c for n, c in cache.items() if n != "index"}
 
         block_cls = _block_class(a)
         if a.scan_layers:
@@ -119,16 +119,21 @@ class MantisLM(nn.Module):
             "expert_load": aux["expert_load"], "dropped_frac": aux["dropped_frac"], "hidden": hidden_btd,
         }
         if cache is not None:
-            out_aux["cache"] = {"k": new_caches["k"], "v": new_caches["v"], "index": cache_index + T}
+            out_aux["cache"] = dict(new_caches, index=cache_index + T)
         return logits, out_aux
 
 
 def init_cache(args: ModelArgs, batch: int, max_len: int | None = None, dtype=None) -> dict:
-    """A zeroed static KV cache: k, v [L, B, S, G, Dh] and the next write slot `index`."""
+    """A zeroed static KV cache: k, v [L, B, S, G, Dh] and the next write slot `index`; with `kv_conv` W > 1 also
+    k_tail, v_tail [L, B, W-1, G, Dh] (the last W-1 raw keys and values the convolution reads)."""
     max_len = max_len or args.max_seq_len
     shape = (args.n_layers, batch, max_len, args.n_kv_heads, args.head_dim)
     dtype = dtype or args.compute_dtype
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.zeros((), jnp.int32)}
+    cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.zeros((), jnp.int32)}
+    if args.kv_conv > 1:
+        tail = (args.n_layers, batch, args.kv_conv - 1, args.n_kv_heads, args.head_dim)
+        cache.update(k_tail=jnp.zeros(tail, dtype), v_tail=jnp.zeros(tail, dtype))
+    return cache
 
 
 def _first_layers(args: ModelArgs, params: dict, k: int) -> dict:
@@ -153,7 +158,7 @@ def forward(args: ModelArgs, params: dict, tokens_bt, *, exit_layer: int | None 
             raise ValueError(f"exit_layer ({exit_layer}) must be in [1, {args.n_layers}] (config.model.n_layers)")
         params = _first_layers(args, params, exit_layer)
         if cache is not None:
-            cache = {"k": cache["k"][:exit_layer], "v": cache["v"][:exit_layer], "index": cache["index"]}
+            cache = {n: (c if n == "index" else c[:exit_layer]) for n, c in cache.items()}
         if expert_bias_le is not None:
             expert_bias_le = expert_bias_le[:exit_layer]
         args = args.replace(n_layers=exit_layer)

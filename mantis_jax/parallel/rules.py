@@ -1,7 +1,7 @@
 """Named presets of logical-axis rules: which mesh axis each of the model's logical names lives on.
 
-The model speaks only logical names (batch, length, embed, vocab, heads, kv_heads, head_dim, mlp, exp, layers,
-ssm_*); a rule set maps each to a mesh axis of ("data", "fsdp", "expert", "tensor"), a tuple of them, or None
+The model speaks only logical names (batch, length, embed, vocab, heads, kv_heads, head_dim, kv_conv, mlp, exp,
+layers, ssm_*); a rule set maps each to a mesh axis of ("data", "fsdp", "expert", "tensor"), a tuple of them, or None
 (replicated). `config.mesh.rules_preset` picks one of these by name; "" keeps `config.mesh.rules` as written.
 Nothing here imports jax: the presets are plain data, resolved by `mantis_jax.parallel.mesh.logical_rules`.
 
@@ -20,7 +20,7 @@ from typing import Any
 Rules = tuple[tuple[str, Any], ...]
 
 _REPLICATED_REST = (("length", None), ("head_dim", None), ("layers", None), ("ssm_state", None),
-                    ("ssm_rank", None), ("ssm_conv", None))
+                    ("ssm_rank", None), ("ssm_conv", None), ("kv_conv", None))
 
 PRESETS: dict[str, Rules] = {
     "dp": (

@@ -15,8 +15,9 @@ from mantis_jax.model.summary import flops_per_token, param_counts
 V, B, T = 256, 2, 12
 BASE = ModelArgs(vocab_size=V, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32,
                  attn_block_q=0)
-VARIANTS = {  # gqa_scan: attention in causal query blocks of 5 rows (5, 5, 2); cached decoding must agree
-    "gqa_scan": BASE.replace(attn_block_q=5),
+VARIANTS = {  # gqa_scan: attention in causal query blocks of 5 rows (5, 5, 2) and a width-3 convolution on keys
+    # and values; cached decoding (whose cache then carries the convolution's tails) and left padding must agree
+    "gqa_scan": BASE.replace(attn_block_q=5, kv_conv=3),
     "gqa_unrolled": BASE.replace(scan_layers=False, tie_embeddings=False),
     "moe_scan": BASE.replace(n_experts=4, top_k=2),
     "moe_unrolled_capacity": BASE.replace(n_experts=4, top_k=2, scan_layers=False, moe_impl="capacity",
@@ -30,12 +31,16 @@ def models():
     out = {}
     for name, args in VARIANTS.items():
         params = tfm.init_params(args, jax.random.key(0))
+        # the convolution's weights start at 0 (plain attention): random ones make the comparisons below bite
+        params = jax.tree_util.tree_map_with_path(
+            lambda path, p: jax.random.normal(jax.random.key(2), p.shape) * 0.5
+            if jax.tree_util.keystr(path).endswith("_conv']") else p, params)
         logits, aux = jax.jit(lambda p, t, a=args: tfm.forward(a, p, t))(params, tokens)
         out[name] = (args, params, logits, aux)
     return tokens, out
 
 
-@pytest.mark.parametrize("name", ["gqa_unrolled", "moe_scan"])
+@pytest.mark.parametrize("name", ["gqa_scan", "gqa_unrolled", "moe_scan"])
 def test_causality(models, name):
     tokens, out = models
     args, params, logits, _ = out[name]
@@ -88,6 +93,22 @@ def test_exit_layer(models, name):
     assert np.max(np.abs(np.asarray(early - logits))) > 1e-3
     with pytest.raises(ValueError, match="exit_layer"):
         tfm.forward(args, params, tokens, exit_layer=args.n_layers + 1)
+
+
+def test_causal_conv_matches_a_loop_and_carries_its_tail():
+    x = jax.random.normal(jax.random.key(3), (2, 9, 2, 4))
+    w = jax.random.normal(jax.random.key(4), (3, 2, 4))
+    y, tail = layers.causal_conv(x, w)
+    ref = np.array(x)
+    for t in range(9):
+        for j in range(1, 4):
+            if t - j >= 0:
+                ref[:, t] += np.asarray(w[j - 1] * x[:, t - j])
+    np.testing.assert_allclose(y, ref, atol=1e-5)
+    np.testing.assert_array_equal(tail, x[:, -3:])
+    y1, tail1 = layers.causal_conv(x[:, :4], w)  # in two pieces, the tail carried: the same outputs
+    y2, _ = layers.causal_conv(x[:, 4:], w, tail1)
+    np.testing.assert_allclose(jnp.concatenate([y1, y2], axis=1), y, atol=1e-5)
 
 
 def test_exit_layer_matches_truncated_unrolled_model(models):
