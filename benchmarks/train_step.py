@@ -3,6 +3,7 @@
     python benchmarks/train_step.py            # micro and tiny, batch 8 x seq 256, vocab 8192, float32
     python benchmarks/train_step.py --quick    # fewer timed steps, micro only
     python benchmarks/train_step.py --variants # also the config variants below (attention, remat, MoE, scan)
+    python benchmarks/train_step.py --presets demo --variants --batch 16 --seq 128 --vocab 1024  # kv_conv cost
     python benchmarks/train_step.py --presets micro --profile  # + where the step's CPU time goes (jax.profiler)
 
 The step is the trainer's (`trainer.compiled_steps`: forward, loss, backward, AdamW update; donated state,
@@ -46,6 +47,8 @@ VARIANTS = {
               {"model.scan_layers": True}],
     "tiny": [{}, {"model.attn_block_q": 0}, {"moe.impl": "dense"}, {"moe.impl": "capacity"},
              {"model.scan_layers": True}],
+    # the demo preset's convolution on keys and values (width 8) against none and width 4
+    "demo": [{}, {"model.kv_conv": 0}, {"model.kv_conv": 4}],
 }
 
 
