@@ -5,9 +5,9 @@
 
 Four wide layers rather than eight narrow ones: at the demo's 1024-token vocabulary the model is ~1.5M
 parameters and half the FLOPs per token of d_model 128 × 8 layers, so twice the steps fit in the demo's budget,
-and 4 layers are plenty for the copy circuit near-range recall needs (induction needs >= 2). With the demo's data
-and schedule it answers ~45-76% of near-range questions about unseen entities after 12 minutes, 80% after an
-hour (configs/demo_long.py; docs/perf/demo.md).
+and 4 layers are plenty for the copy circuit near-range recall needs (induction needs >= 2). With the demo's data,
+schedule and convolution on keys and values (configs/demo.py) it answers ~77-84% of near-range questions about
+unseen entities after 13 minutes (docs/perf/demo.md).
 """
 
 from mantis_jax.config import default_config, set_shape
