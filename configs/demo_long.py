@@ -3,8 +3,9 @@
     python -m mantis_jax.demo --config=configs/demo_long.py --workdir=runs/demo_long
 
 Same shape, tokenizer, data mix and peak learning rate as configs/demo.py (without its curriculum and its
-convolution on keys and values: this recipe was measured before them); the cosine schedule spans 12,000 steps (~24.6M tokens), what an idle 2-core
-machine runs in about an hour (~200-220 steps/min), with `train.max_minutes` 75 as the cap. The accuracy it
+convolution on keys and values: this recipe was measured before them); the cosine schedule spans 12,000 steps
+(~24.6M tokens), what an idle 2-core machine runs in about an hour (~200-220 steps/min), with
+`train.max_minutes` 75 as the cap. The accuracy it
 reaches and its learning curve: docs/perf/demo.md ("Longer CPU recipe").
 """
 
