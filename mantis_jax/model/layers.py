@@ -154,18 +154,15 @@ class Attention(nn.Module):
                 start_slot = 0 if cache is None else cache_index
                 keep_bt = jax.lax.dynamic_slice_in_dim(kv_mask_bs, start_slot, T, axis=1).astype(self.dtype)
                 k_btgk, v_btgk = k_btgk * keep_bt[:, :, None, None], v_btgk * keep_bt[:, :, None, None]
-            for name in ("k", "v"):
+            kv = {"k": k_btgk, "v": v_btgk}
+            for name, raw in kv.items():
                 w = logical_param(self, f"{name}_conv", nn.initializers.zeros, (self.kv_conv - 1, G, Dh),
                                   ("kv_conv", "kv_heads", "head_dim"), self.param_dtype).astype(self.dtype)
                 tail = None
                 if cache is not None:  # slot 0 starts a sequence: a reused cache's old tail must not leak in
                     tail = cache[f"{name}_tail"] * (cache_index > 0).astype(cache[f"{name}_tail"].dtype)
-                raw = k_btgk if name == "k" else v_btgk
-                mixed, new_tails[f"{name}_tail"] = causal_conv(raw, w, tail)
-                if name == "k":
-                    k_btgk = mixed
-                else:
-                    v_btgk = mixed
+                kv[name], new_tails[f"{name}_tail"] = causal_conv(raw, w, tail)
+            k_btgk, v_btgk = kv["k"], kv["v"]
         q_bthk = constrain(apply_rope(q_bthk, positions_bt, self.rope_theta), ("batch", "length", "heads", "head_dim"))
         k_btgk = constrain(apply_rope(k_btgk, positions_bt, self.rope_theta),
                            ("batch", "length", "kv_heads", "head_dim"))
