@@ -4,8 +4,8 @@
     python -m mantis_jax.demo --minutes=14 --workdir=runs/demo
 
 Status: on an idle 2-core machine this preset trains 2600 steps (5.3M tokens) in ~12-14 minutes and answers
-80-84% of near-range questions about unseen entities exactly (session 6: research runs with seeds 0 / 1, 82.0% /
-76.7% on 150 questions; the demo's 50: 84% / 76%). The convolution on keys and values (`model.kv_conv`, session 6) is
+76-84% of near-range questions about unseen entities exactly (2026-11-22, research runs with seeds 0 / 1: 82.0% /
+76.7% on 150 questions; the demo's 50: 84% / 76%). The convolution on keys and values (`model.kv_conv`, c5f91d4) is
 what took it past the issue's 80% goal: before it, friend questions (a multi-token name to copy) scored 0/24 and
 recall formed at a seed-dependent step (55-72%). docs/perf/demo.md: learning curves, what made the difference,
 what did not.
@@ -20,7 +20,7 @@ What differs from configs/micro.py, and why (measurements in docs/perf/demo.md):
 - 27,000 entities (2,000 by default): each training entity then appears in only ~3 documents, so answers have
   to come from the context, not from memorised entity facts that do not transfer to unseen test entities;
 - a high learning rate (5e-3) with a short warm-up for a ~1.5M-parameter model: at 3e-3 the model still
-  answered "unknown" (the most frequent single answer) to everything after 150 steps; 8e-3 (session 1-2) formed
+  answered "unknown" (the most frequent single answer) to everything after 150 steps; 8e-3 (the first presets) formed
   recall later and reached a higher validation loss than 5e-3;
 - `total_steps` (2600) is what an idle 2-core machine reaches in ~11.5-13 minutes (190-225 steps/min, with the
   CLIs' huge-page malloc and micro's unrolled layers); `train.max_minutes` (14) caps a slower machine, which then

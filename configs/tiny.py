@@ -17,7 +17,7 @@ def get_config():
     c.model.d_ff = 1408
     c.model.max_seq_len = 1024
     # 8 layers compile in seconds unrolled, and the step is faster than the layer scan's (no stacked residuals,
-    # no per-layer weight slicing): 64% vs 51% MFU on 2 CPU cores (docs/perf/train_step.md, session 4).
+    # no per-layer weight slicing): 64% vs 51% MFU on 2 CPU cores (docs/perf/train_step.md, 2026-11-21).
     c.model.scan_layers = False
     c.data.seq_len = 512
     c.data.batch_size = 16
