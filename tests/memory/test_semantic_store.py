@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from mantis_jax.config import default_config, validate
-from mantis_jax.memory import _faiss_log, _faiss_ondisk, _faiss_store
-from mantis_jax.memory._faiss_index import IndexSpec
-from mantis_jax.memory.semantic import InvalidArgument, NotFound, Payload, SemanticMemory
+from mantis_jax.memory.semantic import (IndexSpec, InvalidArgument, NotFound, Payload, ResourceExhausted,
+                                        SemanticMemory, SemanticStore)
+from mantis_jax.memory.semantic import ondisk_lists, wal
 
 D = 16
 SPEC = dict(nlist=8, pq_m=8, pq_nbits=4, nprobe=8, hnsw_m=16, ef_search=64)  # ivfpq trains at 39*16 = 624
@@ -158,7 +158,7 @@ def test_torn_log_tail_is_dropped(tmp_path):
     mem.add(x[:10], [Payload(f"fact {i}") for i in range(10)], ids=np.arange(10))
     mem.close()
     with open(tmp_path / "wal.0.log", "ab") as f:  # a crash in the middle of writing an (unacknowledged) record
-        f.write(_faiss_log._HEADER.pack(_faiss_log._MAGIC, 1000, 0) + b"partial")
+        f.write(wal._HEADER.pack(wal._MAGIC, 1000, 0) + b"partial")
     again = SemanticMemory.in_process(D, data_dir=str(tmp_path))
     assert again.stats()["count"] == 10
     again.add(x[10:], [Payload(f"fact {i}") for i in range(10, 20)], ids=np.arange(10, 20))
@@ -181,7 +181,7 @@ def test_bad_input_is_rejected_and_changes_nothing():
         (lambda: mem.add(x[:2], ["a"]), InvalidArgument, "payloads"),
         (lambda: mem.add(x[:2], ["a", "b"], ids=[5, 5]), InvalidArgument, "duplicates"),
         (lambda: mem.add(x[:1], ["a"], ids=[-1]), InvalidArgument, "-1"),
-        (lambda: mem.add(np.ones((101, D)), ["a"] * 101), _faiss_store.ResourceExhausted, "limit"),
+        (lambda: mem.add(np.ones((101, D)), ["a"] * 101), ResourceExhausted, "limit"),
         (lambda: mem.search(x, 0), InvalidArgument, "k (0)"),
         (lambda: mem.search(x, 10 ** 9), InvalidArgument, "k (1000000000)"),
         (lambda: mem.search(x[:, :3], 2), InvalidArgument, "dimension 3"),
@@ -253,7 +253,7 @@ def test_durable_compaction_survives_restart(tmp_path):
 
 
 def test_periodic_snapshot_timer(tmp_path):
-    store = _faiss_store.SemanticStore(IndexSpec(dim=D), str(tmp_path), snapshot_interval_s=0.1)
+    store = SemanticStore(IndexSpec(dim=D), str(tmp_path), snapshot_interval_s=0.1)
     store.add(clustered(5, seed=15), [Payload("a")] * 5)
     deadline = time.monotonic() + 20
     while store.stats()["generation"] == 0 and time.monotonic() < deadline:
@@ -267,7 +267,7 @@ ONDISK = dict(nlist=16, pq_m=8, pq_nbits=4, nprobe=4, train_min=2000, ondisk_mer
 
 
 def lists_files(path):
-    return sorted(n for n in os.listdir(path) if _faiss_ondisk.LISTS_FILE.match(n))
+    return sorted(n for n in os.listdir(path) if ondisk_lists.LISTS_FILE.match(n))
 
 
 def test_ondisk_lists_equal_in_ram_and_survive_restart(tmp_path):
@@ -284,7 +284,7 @@ def test_ondisk_lists_equal_in_ram_and_survive_restart(tmp_path):
             mem.add(x[lo:lo + 400], [Payload(f"fact {i}") for i in ids[lo:lo + 400]], ids=ids[lo:lo + 400])
         mem.remove(gone)
     disk = mems["disk"]._backend.store.index.index
-    assert isinstance(disk, _faiss_ondisk.OnDiskIVF) and isinstance(disk.base, faiss.OnDiskInvertedLists)
+    assert isinstance(disk, ondisk_lists.OnDiskIVF) and isinstance(disk.base, faiss.OnDiskInvertedLists)
     assert disk.base.read_only and (disk.base_rows, disk.delta.ntotal) == (4600, 400)  # searched as one
     assert lists_files(tmp_path / "disk") == sorted([disk.saved_name, disk.base_name])  # nothing in between
     unsaved = disk.base_name
@@ -329,8 +329,8 @@ def test_ondisk_lists_equal_in_ram_and_survive_restart(tmp_path):
     for on in (False, True, True):
         mem = SemanticMemory.in_process(D, index="ivfpq", data_dir=str(tmp_path / "disk"), ondisk=on, **ONDISK)
         index = mem._backend.store.index.index
-        assert isinstance(index, _faiss_ondisk.OnDiskIVF) == on
-        assert isinstance(_faiss_ondisk.lists_of(index), faiss.OnDiskInvertedLists if on else faiss.ArrayInvertedLists)
+        assert isinstance(index, ondisk_lists.OnDiskIVF) == on
+        assert isinstance(ondisk_lists.lists_of(index), faiss.OnDiskInvertedLists if on else faiss.ArrayInvertedLists)
         np.testing.assert_array_equal(mem.search(q, 10).ids, want.ids)
         assert not np.isin(mem.search(x[4000:], 10).ids, ids[4000:]).any()
         mem.snapshot()

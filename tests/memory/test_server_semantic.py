@@ -15,10 +15,10 @@ import grpc
 import numpy as np
 import pytest
 
-from mantis_jax.memory import _faiss_store
-from mantis_jax.memory.proto import semantic_pb2 as pb
-from mantis_jax.memory.proto import semantic_pb2_grpc as pb_grpc
-from mantis_jax.memory.semantic import InvalidArgument, NotFound, Payload, SemanticMemory
+from mantis_jax.memory.semantic import (InvalidArgument, NotFound, Payload, ResourceExhausted, SemanticMemory,
+                                        SemanticMemoryError, Unauthenticated)
+from mantis_jax.memory.semantic.proto import semantic_pb2 as pb
+from mantis_jax.memory.semantic.proto import semantic_pb2_grpc as pb_grpc
 from mantis_jax.memory.server import launch
 
 D = 16
@@ -106,7 +106,7 @@ def test_bad_input_gets_clear_status_and_changes_nothing(token_server):
         (lambda: mem.add(np.zeros((0, D)), []), InvalidArgument, "non-empty"),
         (lambda: mem.remove([int(ids[0]), 10 ** 17]), NotFound, "unknown"),
         (lambda: mem.get([10 ** 17 + 1]), NotFound, "unknown"),
-        (lambda: mem.add(np.ones((20000, D)), ["a"] * 20000), _faiss_store.ResourceExhausted, "max-request-mb"),
+        (lambda: mem.add(np.ones((20000, D)), ["a"] * 20000), ResourceExhausted, "max-request-mb"),
     ]
     for call, error, words in cases:
         with pytest.raises(error, match=words):
@@ -125,9 +125,9 @@ def test_bad_input_gets_clear_status_and_changes_nothing(token_server):
 def test_token_auth(token_server):
     x = clustered(3, seed=5)
     for token, words in (("", "missing token"), ("wrong", "wrong token")):
-        with pytest.raises(_faiss_store.Unauthenticated, match=words):
+        with pytest.raises(Unauthenticated, match=words):
             SemanticMemory.connect(token_server, token=token).search(x, 1)
-        with pytest.raises(_faiss_store.Unauthenticated):
+        with pytest.raises(Unauthenticated):
             SemanticMemory.connect(token_server, token=token).add(x, ["a", "b", "c"])
     assert SemanticMemory.connect(token_server, token=TOKEN).health() == "SERVING"
 
@@ -136,7 +136,7 @@ def test_refuses_non_loopback_without_token(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MANTIS_SEMANTIC_TOKEN"}
     out = subprocess.run([sys.executable, "-m", "mantis_jax.memory.server", "--data-dir", str(tmp_path),
                           "--dim", "4", "--host", "0.0.0.0"], env=env, capture_output=True, text=True, timeout=60)
-    assert out.returncode != 0 and "refusing to bind 0.0.0.0 without a token" in out.stderr
+    assert out.returncode != 0 and "refusing to bind 0.0.0.0 without TLS and a token" in out.stderr
 
 
 def test_concurrent_readers_during_writes(token_server):
@@ -176,7 +176,7 @@ def test_kill_9_during_concurrent_adds_loses_nothing_acknowledged(tmp_path):
             texts = [f"w{w} b{b} #{i}" for i in ids]
             try:
                 client.add(np.random.default_rng(int(ids[0])).normal(size=(20, D)), texts, ids=ids)
-            except _faiss_store.SemanticMemoryError:
+            except SemanticMemoryError:
                 return  # the service died: this batch was never acknowledged
             with lock:
                 acked.update(zip(ids.tolist(), texts))

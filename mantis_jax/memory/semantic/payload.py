@@ -1,5 +1,4 @@
-"""Types shared by the semantic store, its service and its client: errors (each maps to one gRPC status),
-the Payload of a stored fact, and the SearchResult of a query batch."""
+"""What crosses the semantic memory's API: the Payload of a stored fact and the SearchResult of a query batch."""
 
 from __future__ import annotations
 
@@ -7,35 +6,6 @@ import dataclasses
 import json
 
 import numpy as np
-
-
-class SemanticMemoryError(Exception):
-    """Base class; `code` is the gRPC status name the service answers with."""
-
-    code = "INTERNAL"
-
-
-class InvalidArgument(SemanticMemoryError, ValueError):
-    code = "INVALID_ARGUMENT"
-
-
-class NotFound(SemanticMemoryError, LookupError):
-    code = "NOT_FOUND"
-
-
-class ResourceExhausted(SemanticMemoryError):
-    code = "RESOURCE_EXHAUSTED"
-
-
-class Unauthenticated(SemanticMemoryError):
-    code = "UNAUTHENTICATED"
-
-
-class Unavailable(SemanticMemoryError):
-    code = "UNAVAILABLE"
-
-
-ERRORS = {cls.code: cls for cls in (InvalidArgument, NotFound, ResourceExhausted, Unauthenticated, Unavailable)}
 
 
 @dataclasses.dataclass
