@@ -105,6 +105,49 @@ def test_ivf_training_keeps_every_vector_searchable():
     np.testing.assert_array_equal(top1, np.arange(700))
 
 
+def test_failed_training_keeps_every_acknowledged_write(tmp_path, monkeypatch):
+    """A training failure (FAISS out of memory, say) after the add was logged must not fail the add, mark the index
+    trained, or leave a log the restart cannot replay: the exact buffer keeps serving and training is retried."""
+    attempts = []
+
+    def failing_train(index, sample_nd):
+        attempts.append(len(sample_nd))
+        raise RuntimeError("Error in void faiss::Clustering::train: simulated allocation failure")
+
+    monkeypatch.setattr(faiss.IndexIVFPQ, "train", failing_train)
+    x = clustered(760, seed=40)
+    mem = SemanticMemory.in_process(D, index="ivfpq", data_dir=str(tmp_path), **SPEC)
+    first = mem.add(x[:650], [Payload(f"fact {i}") for i in range(650)])  # crosses 624: training fails
+    second = mem.add(x[650:700], [Payload(f"fact {i}") for i in range(650, 700)])  # < 10% more: no retry yet
+    np.testing.assert_array_equal(np.concatenate([first, second]), np.arange(700))  # no id handed out twice
+    stats = mem.stats()
+    assert attempts == [650] and not stats["trained"] and "simulated allocation failure" in stats["train_error"]
+    ref = dict(zip(range(700), x[:700]))
+    check_against_reference(mem, ref, clustered(30, seed=41), 5, 1.0)  # exact search over every row
+    mem.close()
+    monkeypatch.undo()
+    again = SemanticMemory.in_process(D, index="ivfpq", data_dir=str(tmp_path), **SPEC)  # replays the whole log
+    stats = again.stats()
+    assert stats["count"] == 700 and stats["trained"] and stats["train_error"] == ""
+    np.testing.assert_array_equal(again.add(x[700:], [Payload(f"fact {i}") for i in range(700, 760)]),
+                                  np.arange(700, 760))
+    ref.update(zip(range(700, 760), x[700:]))
+    check_against_reference(again, ref, clustered(30, seed=41), 5, 0.9)
+
+
+def test_ivfpq_train_min_must_cover_its_clusters():
+    with pytest.raises(ValueError, match=r"train_min \(10\) must be 0 \(= 39 x 64\) or at least .* = 64"):
+        IndexSpec(dim=D, kind="ivfpq", nlist=64, pq_m=8, pq_nbits=4, train_min=10)
+    with pytest.raises(ValueError, match=r"train_sample \(32\) must be at least"):
+        IndexSpec(dim=D, kind="ivfpq", nlist=64, pq_m=8, pq_nbits=4, train_sample=32)
+    IndexSpec(dim=D, kind="ivfpq", nlist=64, pq_m=8, pq_nbits=4, train_min=64)  # enough points for k-means
+    IndexSpec(dim=D, kind="flat", nlist=64, train_min=10)  # only ivfpq trains
+    cfg = default_config()
+    cfg.memory.semantic.index, cfg.memory.semantic.nlist, cfg.memory.semantic.train_min = "ivfpq", 64, 10
+    with pytest.raises(ValueError, match=r"config.memory.semantic.train_min \(10\)"):
+        validate(cfg)
+
+
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])
 def test_compaction_after_many_deletions(kind):
     mem = SemanticMemory.in_process(D, index=kind, **SPEC)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 
@@ -26,7 +27,9 @@ class Payload:
     def from_row(cls, row) -> "Payload":
         text, source, timestamp, importance, namespace, metadata = row
         meta = json.loads(metadata) if isinstance(metadata, str) else metadata
-        return cls(text, source, float(timestamp), float(importance), namespace, meta)
+        # NULL: a NaN that SQLite stored before non-finite numbers were refused; read it back rather than fail
+        timestamp, importance = (math.nan if v is None else float(v) for v in (timestamp, importance))
+        return cls(text, source, timestamp, importance, namespace, meta)
 
 
 @dataclasses.dataclass
