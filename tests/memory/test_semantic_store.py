@@ -2,7 +2,9 @@
 reference, deletions, IVF training, compaction, durability (snapshot + log replay, torn log tail), bad input,
 and IVF inverted lists on disk (equal to in RAM, across restarts, compaction and conversion)."""
 
+import math
 import os
+import sqlite3
 import threading
 import time
 
@@ -207,6 +209,17 @@ def test_torn_log_tail_is_dropped(tmp_path):
     again.add(x[10:], [Payload(f"fact {i}") for i in range(10, 20)], ids=np.arange(10, 20))
     again.close()
     assert SemanticMemory.in_process(D, data_dir=str(tmp_path)).stats()["count"] == 20
+
+
+def test_payload_rows_with_null_numbers_read_back(tmp_path):
+    """Rows stored before non-finite numbers were refused hold NULL (SQLite's NaN): reads must not fail."""
+    mem = SemanticMemory.in_process(D, data_dir=str(tmp_path))
+    ids = mem.add(clustered(2, seed=42), [Payload("a", timestamp=2.0), Payload("b", importance=0.5)])
+    with sqlite3.connect(tmp_path / "payloads.sqlite") as conn:
+        conn.execute("UPDATE payloads SET timestamp = NULL, importance = NULL WHERE id = ?", (int(ids[0]),))
+    first, second = mem.get(ids)[1]
+    assert math.isnan(first.timestamp) and math.isnan(first.importance) and first.text == "a"
+    assert (second.timestamp, second.importance) == (0.0, 0.5)
 
 
 def test_bad_input_is_rejected_and_changes_nothing():

@@ -31,11 +31,27 @@ def _is_int(value) -> bool:
     return isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def normalize_rows(x_nd: np.ndarray) -> np.ndarray:
-    """Unit rows, for any finite non-zero row: dividing by the largest |component| first keeps the squares of
-    ~1e20 components from overflowing float32 and those of ~1e-30 from underflowing to zero."""
-    x_nd = x_nd / np.abs(x_nd).max(axis=1, keepdims=True)  # every row now has a component of magnitude 1
-    return x_nd / np.linalg.norm(x_nd, axis=1, keepdims=True)
+def row_norms(x_nd: np.ndarray) -> np.ndarray:
+    """[N] float64 norms of float32 rows. Rows whose float32 squared norm could have overflowed or underflowed are
+    summed again in float64, where no float32 component's square does (1e20 squares to 1e40, 1e-30 to 1e-60), so
+    any finite non-zero row has a finite, non-zero norm."""
+    sq = np.einsum("nd,nd->n", x_nd, x_nd)
+    norms = np.sqrt(sq.astype(np.float64))
+    risky = ~((sq > 1e-30) & (sq < 1e30))
+    if risky.any():
+        rows = x_nd[risky].astype(np.float64)
+        norms[risky] = np.sqrt(np.einsum("nd,nd->n", rows, rows))
+    return norms
+
+
+def normalize_rows(x_nd: np.ndarray, norms: np.ndarray | None = None) -> np.ndarray:
+    """Unit float32 rows of finite non-zero rows, whatever their magnitude (extreme ones divided in float64)."""
+    norms = row_norms(x_nd) if norms is None else norms
+    out = x_nd / norms.astype(np.float32)[:, None]
+    risky = ~((norms > 1e-15) & (norms < 1e15))
+    if risky.any():
+        out[risky] = (x_nd[risky] / norms[risky, None]).astype(np.float32)
+    return out
 
 
 def as_vectors(x, dim: int | None, what: str, *, max_batch: int | None = None,
@@ -59,19 +75,21 @@ def as_vectors(x, dim: int | None, what: str, *, max_batch: int | None = None,
     if dim is not None and x_nd.shape[1] != dim:
         raise InvalidArgument(f"{what} have dimension {x_nd.shape[1]} but the index has dimension {dim}; "
                               "pass vectors of the model's d_model (config.memory.semantic.dim)")
-    bad = ~(np.isfinite(x_nd) & (np.abs(x_nd) <= FLOAT32_MAX)).all(axis=1)
-    if bad.any():
-        raise InvalidArgument(f"{what} contain NaN or inf, or values beyond the float32 range (rows "
-                              f"{np.flatnonzero(bad)[:5].tolist()}); drop or fix those rows")
+    finite = np.isfinite(x_nd) if x_nd.dtype == np.float32 else np.isfinite(x_nd) & (np.abs(x_nd) <= FLOAT32_MAX)
+    if not finite.all():
+        bad = np.flatnonzero(~finite.all(axis=1))[:5].tolist()
+        raise InvalidArgument(f"{what} contain NaN or inf, or values beyond the float32 range (rows {bad}); "
+                              "drop or fix those rows")
     x_nd = x_nd.astype(np.float32, copy=False)
     if normalize:
-        zero = ~x_nd.any(axis=1)
+        norms = row_norms(x_nd)
+        zero = norms == 0
         if zero.any():
             raise InvalidArgument(f"{what} contain all-zero rows (rows {np.flatnonzero(zero)[:5].tolist()}, in "
                                   "float32), which cannot be normalised; drop them")
-        x_nd = normalize_rows(x_nd)
+        x_nd = normalize_rows(x_nd, norms)
     elif dim is not None:
-        big = np.linalg.norm(x_nd.astype(np.float64), axis=1) > RAW_NORM_MAX
+        big = row_norms(x_nd) > RAW_NORM_MAX
         if big.any():
             raise InvalidArgument(f"{what} have rows of norm above {RAW_NORM_MAX:g} (rows "
                                   f"{np.flatnonzero(big)[:5].tolist()}), whose scores overflow float32 without "
@@ -127,36 +145,83 @@ def _metadata_depth(meta, limit: int) -> int:
 
 
 def check_metadata(meta, where: str) -> None:
-    if not isinstance(meta, dict):
+    if type(meta) is not dict and not isinstance(meta, dict):
         raise InvalidArgument(f"{where}: metadata must be a JSON object (a dict); got {type(meta).__name__}")
-    if _metadata_depth(meta, METADATA_DEPTH_MAX) > METADATA_DEPTH_MAX:
-        raise InvalidArgument(f"{where}: metadata is nested deeper than {METADATA_DEPTH_MAX} levels; flatten it")
+    if not meta:
+        return
+    too_deep = InvalidArgument(f"{where}: metadata is nested deeper than {METADATA_DEPTH_MAX} levels; flatten it")
     try:
-        json.dumps(meta)
+        text = json.dumps(meta)
+    except RecursionError:
+        raise too_deep from None
     except (TypeError, ValueError) as e:
         raise InvalidArgument(f"{where}: metadata is not JSON-serialisable ({e}); store plain str, int, float, "
                               "bool, None, lists and dicts") from None
+    # Only a text with more brackets than the limit can nest that deep: the walk runs for those alone.
+    if text.count("{") + text.count("[") > METADATA_DEPTH_MAX and _metadata_depth(meta, METADATA_DEPTH_MAX) > \
+            METADATA_DEPTH_MAX:
+        raise too_deep
+
+
+def _finite(value, name: str, where: str, limit: float) -> None:
+    if not isinstance(value, (numbers.Real, np.floating, np.integer)) or isinstance(value, (bool, np.bool_)):
+        raise InvalidArgument(f"{where}: {name} must be a number; got {type(value).__name__}")
+    try:
+        x = float(value)
+    except OverflowError:  # an int beyond float64
+        x = math.inf
+    if not (math.isfinite(x) and abs(x) <= limit):
+        raise InvalidArgument(f"{where}: {name} ({value}) must be a finite number"
+                              + (" within the float32 range" if limit < math.inf else ""))
 
 
 def check_payload(p: Payload, where: str) -> None:
     for name in ("text", "source", "namespace"):
         value = getattr(p, name)
-        if not isinstance(value, str):
+        if type(value) is not str and not isinstance(value, str):
             raise InvalidArgument(f"{where}: {name} must be a str; got {type(value).__name__}")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise InvalidArgument(f"{where}: {name} is not valid Unicode ({e.reason} at {e.start}); "
-                                  "drop lone surrogates") from None
-    for name in ("timestamp", "importance"):
-        value = getattr(p, name)
-        if not isinstance(value, (numbers.Real, np.floating, np.integer)) or isinstance(value, (bool, np.bool_)):
-            raise InvalidArgument(f"{where}: {name} must be a number; got {type(value).__name__}")
-        limit = FLOAT32_MAX if name == "importance" else math.inf  # importance is a float32 on the wire
-        if not (math.isfinite(float(value)) and abs(float(value)) <= limit):
-            raise InvalidArgument(f"{where}: {name} ({value}) must be a finite number"
-                                  + (" within the float32 range" if limit < math.inf else ""))
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise InvalidArgument(f"{where}: {name} is not valid Unicode ({e.reason} at {e.start}); "
+                                      "drop lone surrogates") from None
+    _finite(p.timestamp, "timestamp", where, math.inf)
+    _finite(p.importance, "importance", where, FLOAT32_MAX)  # importance is a float32 on the wire
     check_metadata(p.metadata, where)
+
+
+_BRACKET_STEP = np.zeros(256, np.int8)
+_BRACKET_STEP[[ord("{"), ord("[")]], _BRACKET_STEP[[ord("}"), ord("]")]] = 1, -1
+
+
+def _json_depth(text: str) -> int:
+    """Deepest nesting of brackets in a JSON text written by json.dumps (ASCII). Its strings may hold brackets, so
+    they go first: drop escaped backslashes, then escaped quotes; what remains between quotes is string content."""
+    structure = "".join(text.replace("\\\\", "").replace('\\"', "").split('"')[::2])
+    return int(np.cumsum(_BRACKET_STEP[np.frombuffer(structure.encode(), np.uint8)], dtype=np.int32).max(initial=0))
+
+
+def _all_valid(payloads: list) -> bool:
+    """Every payload valid, by a few whole-batch checks (C loops); False sends the batch to the per-payload checks,
+    which find the culprit and name it."""
+    if set(map(type, payloads)) != {Payload}:
+        return False
+    strings = [p.text for p in payloads] + [p.source for p in payloads] + [p.namespace for p in payloads]
+    numeric = [p.timestamp for p in payloads], [p.importance for p in payloads]
+    metas = [p.metadata for p in payloads]
+    if not set(map(type, strings)) <= {str} or not all(set(map(type, v)) <= {float, int} for v in numeric) or \
+            set(map(type, metas)) != {dict}:
+        return False
+    metas = [m for m in metas if m]  # {} (the common case) needs no encoding
+    try:
+        "".join(strings).encode("utf-8")
+        timestamps, importances = (np.asarray(v, np.float64) for v in numeric)
+        text = json.dumps(metas) if metas else "[]"
+    except (UnicodeEncodeError, OverflowError, TypeError, ValueError, RecursionError):
+        return False
+    return bool(np.isfinite(timestamps).all() and (np.abs(importances) <= FLOAT32_MAX).all()
+                and _json_depth(text) - 1 <= METADATA_DEPTH_MAX)  # - 1: the list around them
 
 
 def as_payloads(payloads, n: int) -> list[Payload]:
@@ -166,6 +231,8 @@ def as_payloads(payloads, n: int) -> list[Payload]:
     if len(payloads) != n:
         raise InvalidArgument(f"got {n} vectors but {len(payloads)} payloads; pass one payload per vector")
     out = [Payload(text=p) if isinstance(p, str) else p for p in payloads]
+    if _all_valid(out):
+        return out
     for i, p in enumerate(out):
         if not isinstance(p, Payload):
             raise InvalidArgument(f"payload {i} is a {type(p).__name__}; pass a Payload "
