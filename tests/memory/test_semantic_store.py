@@ -137,6 +137,24 @@ def test_failed_training_keeps_every_acknowledged_write(tmp_path, monkeypatch):
     check_against_reference(again, ref, clustered(30, seed=41), 5, 0.9)
 
 
+def test_history_of_a_failed_ivfpq_add_replays(tmp_path):
+    """A data dir written with `--nlist 64 --train-min 10` before that was refused: its log holds an add whose
+    training failed (answered INTERNAL, half-applied) and a second add that reused its ids. Restarted with a valid
+    train_min, it replays: the second add's entries (the acknowledged ones) are what is stored."""
+    x = clustered(20, seed=43)
+    log = wal.Wal(str(tmp_path / "wal.0.log"))
+    for lo, label in ((0, "failed"), (10, "acknowledged")):
+        log.append(wal.encode_add(np.arange(10), unit(x[lo:lo + 10]), [Payload(f"{label} {i}") for i in range(10)],
+                                  assigned=True))
+    log.close()
+    spec = IndexSpec(dim=D, kind="ivfpq", nlist=64, pq_m=8, pq_nbits=4, train_min=64)
+    store = SemanticStore(spec, str(tmp_path))
+    assert store.stats()["count"] == 10 and not store.stats()["trained"]
+    assert [p.text for p in store.get(np.arange(10))[1]] == [f"acknowledged {i}" for i in range(10)]
+    np.testing.assert_array_equal(store.add(x[:2], [Payload("new")] * 2), [10, 11])  # past the replayed ids
+    store.close()
+
+
 def test_ivfpq_train_min_must_cover_its_clusters():
     with pytest.raises(ValueError, match=r"train_min \(10\) must be 0 \(= 39 x 64\) or at least .* = 64"):
         IndexSpec(dim=D, kind="ivfpq", nlist=64, pq_m=8, pq_nbits=4, train_min=10)

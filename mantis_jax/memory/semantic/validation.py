@@ -123,7 +123,7 @@ def check_search_args(k, nprobe=None, ef_search=None, *, max_k: int | None = Non
     """k in [1, max_k] (the wire's uint32 bound when max_k is None: the service checks its own), and nprobe /
     ef_search None (the index's default) or integers in [1, 2^20]."""
     if not _is_int(k) or not 0 < k <= (max_k if max_k is not None else WIRE_MAX):
-        bound = max_k if max_k is not None else "max_k (the service's --max-k)"
+        bound = max_k if max_k is not None else "max_k"
         raise InvalidArgument(f"k ({k!r}) must be an integer in [1, {bound}]")
     for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
         if value is not None and (not _is_int(value) or not 0 < value <= SEARCH_PARAM_MAX):
@@ -202,6 +202,9 @@ def _json_depth(text: str) -> int:
     return int(np.cumsum(_BRACKET_STEP[np.frombuffer(structure.encode(), np.uint8)], dtype=np.int32).max(initial=0))
 
 
+_NUMBER_TYPES = {float, int, np.float64, np.float32, np.int64, np.int32}
+
+
 def _all_valid(payloads: list) -> bool:
     """Every payload valid, by a few whole-batch checks (C loops); False sends the batch to the per-payload checks,
     which find the culprit and name it."""
@@ -210,7 +213,7 @@ def _all_valid(payloads: list) -> bool:
     strings = [p.text for p in payloads] + [p.source for p in payloads] + [p.namespace for p in payloads]
     numeric = [p.timestamp for p in payloads], [p.importance for p in payloads]
     metas = [p.metadata for p in payloads]
-    if not set(map(type, strings)) <= {str} or not all(set(map(type, v)) <= {float, int} for v in numeric) or \
+    if not set(map(type, strings)) <= {str} or not all(set(map(type, v)) <= _NUMBER_TYPES for v in numeric) or \
             set(map(type, metas)) != {dict}:
         return False
     metas = [m for m in metas if m]  # {} (the common case) needs no encoding
