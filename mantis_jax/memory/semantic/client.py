@@ -257,8 +257,9 @@ class SemanticMemory:
         """`config.memory.semantic`: a service when `address` is set, else in-process (durable if data_dir)."""
         if sem.address:
             token = os.environ.get(sem.token_env, "")
-            return cls.connect(sem.address, token=token, timeout_s=sem.timeout_s, default_k=sem.k, tls=sem.tls,
-                               tls_ca=sem.tls_ca, tls_server_name=sem.tls_server_name)
+            return cls.connect(sem.address, token=token, timeout_s=sem.timeout_s, default_k=sem.k,
+                               tls=sem.get("tls", False), tls_ca=sem.get("tls_ca", ""),  # configs saved before TLS
+                               tls_server_name=sem.get("tls_server_name", ""))
         store = SemanticStore(IndexSpec.from_config(sem), sem.data_dir or None, max_k=sem.max_k,
                               max_batch=sem.max_batch)
         return cls(_LocalBackend(store), sem.k)
