@@ -25,9 +25,9 @@ demo: $(STAMP)
 	$(PY) -m mantis_jax.demo
 
 proto: $(STAMP)
-	$(PY) -m grpc_tools.protoc -I mantis_jax/memory/proto --python_out=mantis_jax/memory/proto \
-	  --grpc_python_out=mantis_jax/memory/proto mantis_jax/memory/proto/semantic.proto
-	sed -i 's/^import semantic_pb2 as/from . import semantic_pb2 as/' mantis_jax/memory/proto/semantic_pb2_grpc.py
+	$(PY) -m grpc_tools.protoc -I mantis_jax/memory/semantic/proto --python_out=mantis_jax/memory/semantic/proto \
+	  --grpc_python_out=mantis_jax/memory/semantic/proto mantis_jax/memory/semantic/proto/semantic.proto
+	sed -i 's/^import semantic_pb2 as/from . import semantic_pb2 as/' mantis_jax/memory/semantic/proto/semantic_pb2_grpc.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

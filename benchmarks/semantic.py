@@ -28,9 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mantis_jax.memory._faiss_index import IndexSpec  # noqa: E402
-from mantis_jax.memory._faiss_store import Payload, SemanticStore  # noqa: E402
-from mantis_jax.memory.semantic import SemanticMemory  # noqa: E402
+from mantis_jax.memory.semantic import IndexSpec, Payload, SemanticMemory, SemanticStore  # noqa: E402
 from mantis_jax.memory.server import launch  # noqa: E402
 
 ADD_BATCH = 1024

@@ -134,6 +134,14 @@ def default_config() -> ml_collections.ConfigDict:
     sem.snapshot_interval_s = 300.0  # service snapshots (and truncates its log) this often; 0 = never
     sem.token_env = "MANTIS_SEMANTIC_TOKEN"  # env var holding the service token (required off loopback)
     sem.timeout_s = 30.0  # client deadline per call
+    # TLS. Service (defaults of --tls-cert / --tls-key): PEM certificate and key; required, with the token, off
+    # loopback. Client: tls_ca = the CA's PEM file (the service's self-signed certificate works); tls = True uses the
+    # system's roots; tls_server_name overrides the host name checked against the certificate.
+    sem.tls_cert = ""
+    sem.tls_key = ""
+    sem.tls = False
+    sem.tls_ca = ""
+    sem.tls_server_name = ""
 
     con = mem.consolidation = ml_collections.ConfigDict()
     con.dedup_threshold = 0.95  # cosine above which a new entry merges into a stored one
@@ -337,6 +345,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              "(or address, for a service started with --ondisk)")
     _require(0.0 < sem.compact_ratio < 1.0,
              f"config.memory.semantic.compact_ratio ({sem.compact_ratio}) must be in (0, 1)")
+    clusters = max(sem.nlist, 2 ** sem.pq_nbits)  # ivfpq's k-means needs at least this many training points
+    _require(sem.index != "ivfpq" or sem.train_min == 0 or sem.train_min >= clusters,
+             f"config.memory.semantic.train_min ({sem.train_min}) must be 0 (= 39 x {clusters}) or at least "
+             f"max(nlist, 2**pq_nbits) = {clusters}, the clusters ivfpq trains")
+    _require(sem.index != "ivfpq" or sem.train_sample >= clusters,
+             f"config.memory.semantic.train_sample ({sem.train_sample}) must be at least max(nlist, 2**pq_nbits) "
+             f"= {clusters}, the clusters ivfpq trains")
+    _require(bool(sem.tls_cert) == bool(sem.tls_key),
+             "config.memory.semantic.tls_cert and tls_key go together: set both (PEM files) or neither")
     _require(-1.0 <= config.memory.consolidation.dedup_threshold <= 1.0,
              f"config.memory.consolidation.dedup_threshold ({config.memory.consolidation.dedup_threshold}) "
              "is a cosine and must be in [-1, 1]")

@@ -2,7 +2,9 @@
 reference, deletions, IVF training, compaction, durability (snapshot + log replay, torn log tail), bad input,
 and IVF inverted lists on disk (equal to in RAM, across restarts, compaction and conversion)."""
 
+import math
 import os
+import sqlite3
 import threading
 import time
 
@@ -11,9 +13,9 @@ import numpy as np
 import pytest
 
 from mantis_jax.config import default_config, validate
-from mantis_jax.memory import _faiss_log, _faiss_ondisk, _faiss_store
-from mantis_jax.memory._faiss_index import IndexSpec
-from mantis_jax.memory.semantic import InvalidArgument, NotFound, Payload, SemanticMemory
+from mantis_jax.memory.semantic import (IndexSpec, InvalidArgument, NotFound, Payload, ResourceExhausted,
+                                        SemanticMemory, SemanticStore)
+from mantis_jax.memory.semantic import ondisk_lists, wal
 
 D = 16
 SPEC = dict(nlist=8, pq_m=8, pq_nbits=4, nprobe=8, hnsw_m=16, ef_search=64)  # ivfpq trains at 39*16 = 624
@@ -105,6 +107,67 @@ def test_ivf_training_keeps_every_vector_searchable():
     np.testing.assert_array_equal(top1, np.arange(700))
 
 
+def test_failed_training_keeps_every_acknowledged_write(tmp_path, monkeypatch):
+    """A training failure (FAISS out of memory, say) after the add was logged must not fail the add, mark the index
+    trained, or leave a log the restart cannot replay: the exact buffer keeps serving and training is retried."""
+    attempts = []
+
+    def failing_train(index, sample_nd):
+        attempts.append(len(sample_nd))
+        raise RuntimeError("Error in void faiss::Clustering::train: simulated allocation failure")
+
+    monkeypatch.setattr(faiss.IndexIVFPQ, "train", failing_train)
+    x = clustered(760, seed=40)
+    mem = SemanticMemory.in_process(D, index="ivfpq", data_dir=str(tmp_path), **SPEC)
+    first = mem.add(x[:650], [Payload(f"fact {i}") for i in range(650)])  # crosses 624: training fails
+    second = mem.add(x[650:700], [Payload(f"fact {i}") for i in range(650, 700)])  # < 10% more: no retry yet
+    np.testing.assert_array_equal(np.concatenate([first, second]), np.arange(700))  # no id handed out twice
+    stats = mem.stats()
+    assert attempts == [650] and not stats["trained"] and "simulated allocation failure" in stats["train_error"]
+    ref = dict(zip(range(700), x[:700]))
+    check_against_reference(mem, ref, clustered(30, seed=41), 5, 1.0)  # exact search over every row
+    mem.close()
+    monkeypatch.undo()
+    again = SemanticMemory.in_process(D, index="ivfpq", data_dir=str(tmp_path), **SPEC)  # replays the whole log
+    stats = again.stats()
+    assert stats["count"] == 700 and stats["trained"] and stats["train_error"] == ""
+    np.testing.assert_array_equal(again.add(x[700:], [Payload(f"fact {i}") for i in range(700, 760)]),
+                                  np.arange(700, 760))
+    ref.update(zip(range(700, 760), x[700:]))
+    check_against_reference(again, ref, clustered(30, seed=41), 5, 0.9)
+
+
+def test_history_of_a_failed_ivfpq_add_replays(tmp_path):
+    """A data dir written with `--nlist 64 --train-min 10` before that was refused: its log holds an add whose
+    training failed (answered INTERNAL, half-applied) and a second add that reused its ids. Restarted with a valid
+    train_min, it replays: the second add's entries (the acknowledged ones) are what is stored."""
+    x = clustered(20, seed=43)
+    log = wal.Wal(str(tmp_path / "wal.0.log"))
+    for lo, label in ((0, "failed"), (10, "acknowledged")):
+        log.append(wal.encode_add(np.arange(10), unit(x[lo:lo + 10]), [Payload(f"{label} {i}") for i in range(10)],
+                                  assigned=True))
+    log.close()
+    spec = IndexSpec(dim=D, kind="ivfpq", nlist=64, pq_m=8, pq_nbits=4, train_min=64)
+    store = SemanticStore(spec, str(tmp_path))
+    assert store.stats()["count"] == 10 and not store.stats()["trained"]
+    assert [p.text for p in store.get(np.arange(10))[1]] == [f"acknowledged {i}" for i in range(10)]
+    np.testing.assert_array_equal(store.add(x[:2], [Payload("new")] * 2), [10, 11])  # past the replayed ids
+    store.close()
+
+
+def test_ivfpq_train_min_must_cover_its_clusters():
+    with pytest.raises(ValueError, match=r"train_min \(10\) must be 0 \(= 39 x 64\) or at least .* = 64"):
+        IndexSpec(dim=D, kind="ivfpq", nlist=64, pq_m=8, pq_nbits=4, train_min=10)
+    with pytest.raises(ValueError, match=r"train_sample \(32\) must be at least"):
+        IndexSpec(dim=D, kind="ivfpq", nlist=64, pq_m=8, pq_nbits=4, train_sample=32)
+    IndexSpec(dim=D, kind="ivfpq", nlist=64, pq_m=8, pq_nbits=4, train_min=64)  # enough points for k-means
+    IndexSpec(dim=D, kind="flat", nlist=64, train_min=10)  # only ivfpq trains
+    cfg = default_config()
+    cfg.memory.semantic.index, cfg.memory.semantic.nlist, cfg.memory.semantic.train_min = "ivfpq", 64, 10
+    with pytest.raises(ValueError, match=r"config.memory.semantic.train_min \(10\)"):
+        validate(cfg)
+
+
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])
 def test_compaction_after_many_deletions(kind):
     mem = SemanticMemory.in_process(D, index=kind, **SPEC)
@@ -158,12 +221,23 @@ def test_torn_log_tail_is_dropped(tmp_path):
     mem.add(x[:10], [Payload(f"fact {i}") for i in range(10)], ids=np.arange(10))
     mem.close()
     with open(tmp_path / "wal.0.log", "ab") as f:  # a crash in the middle of writing an (unacknowledged) record
-        f.write(_faiss_log._HEADER.pack(_faiss_log._MAGIC, 1000, 0) + b"partial")
+        f.write(wal._HEADER.pack(wal._MAGIC, 1000, 0) + b"partial")
     again = SemanticMemory.in_process(D, data_dir=str(tmp_path))
     assert again.stats()["count"] == 10
     again.add(x[10:], [Payload(f"fact {i}") for i in range(10, 20)], ids=np.arange(10, 20))
     again.close()
     assert SemanticMemory.in_process(D, data_dir=str(tmp_path)).stats()["count"] == 20
+
+
+def test_payload_rows_with_null_numbers_read_back(tmp_path):
+    """Rows stored before non-finite numbers were refused hold NULL (SQLite's NaN): reads must not fail."""
+    mem = SemanticMemory.in_process(D, data_dir=str(tmp_path))
+    ids = mem.add(clustered(2, seed=42), [Payload("a", timestamp=2.0), Payload("b", importance=0.5)])
+    with sqlite3.connect(tmp_path / "payloads.sqlite") as conn:
+        conn.execute("UPDATE payloads SET timestamp = NULL, importance = NULL WHERE id = ?", (int(ids[0]),))
+    first, second = mem.get(ids)[1]
+    assert math.isnan(first.timestamp) and math.isnan(first.importance) and first.text == "a"
+    assert (second.timestamp, second.importance) == (0.0, 0.5)
 
 
 def test_bad_input_is_rejected_and_changes_nothing():
@@ -181,7 +255,7 @@ def test_bad_input_is_rejected_and_changes_nothing():
         (lambda: mem.add(x[:2], ["a"]), InvalidArgument, "payloads"),
         (lambda: mem.add(x[:2], ["a", "b"], ids=[5, 5]), InvalidArgument, "duplicates"),
         (lambda: mem.add(x[:1], ["a"], ids=[-1]), InvalidArgument, "-1"),
-        (lambda: mem.add(np.ones((101, D)), ["a"] * 101), _faiss_store.ResourceExhausted, "limit"),
+        (lambda: mem.add(np.ones((101, D)), ["a"] * 101), ResourceExhausted, "limit"),
         (lambda: mem.search(x, 0), InvalidArgument, "k (0)"),
         (lambda: mem.search(x, 10 ** 9), InvalidArgument, "k (1000000000)"),
         (lambda: mem.search(x[:, :3], 2), InvalidArgument, "dimension 3"),
@@ -253,7 +327,7 @@ def test_durable_compaction_survives_restart(tmp_path):
 
 
 def test_periodic_snapshot_timer(tmp_path):
-    store = _faiss_store.SemanticStore(IndexSpec(dim=D), str(tmp_path), snapshot_interval_s=0.1)
+    store = SemanticStore(IndexSpec(dim=D), str(tmp_path), snapshot_interval_s=0.1)
     store.add(clustered(5, seed=15), [Payload("a")] * 5)
     deadline = time.monotonic() + 20
     while store.stats()["generation"] == 0 and time.monotonic() < deadline:
@@ -267,7 +341,7 @@ ONDISK = dict(nlist=16, pq_m=8, pq_nbits=4, nprobe=4, train_min=2000, ondisk_mer
 
 
 def lists_files(path):
-    return sorted(n for n in os.listdir(path) if _faiss_ondisk.LISTS_FILE.match(n))
+    return sorted(n for n in os.listdir(path) if ondisk_lists.LISTS_FILE.match(n))
 
 
 def test_ondisk_lists_equal_in_ram_and_survive_restart(tmp_path):
@@ -284,7 +358,7 @@ def test_ondisk_lists_equal_in_ram_and_survive_restart(tmp_path):
             mem.add(x[lo:lo + 400], [Payload(f"fact {i}") for i in ids[lo:lo + 400]], ids=ids[lo:lo + 400])
         mem.remove(gone)
     disk = mems["disk"]._backend.store.index.index
-    assert isinstance(disk, _faiss_ondisk.OnDiskIVF) and isinstance(disk.base, faiss.OnDiskInvertedLists)
+    assert isinstance(disk, ondisk_lists.OnDiskIVF) and isinstance(disk.base, faiss.OnDiskInvertedLists)
     assert disk.base.read_only and (disk.base_rows, disk.delta.ntotal) == (4600, 400)  # searched as one
     assert lists_files(tmp_path / "disk") == sorted([disk.saved_name, disk.base_name])  # nothing in between
     unsaved = disk.base_name
@@ -329,8 +403,8 @@ def test_ondisk_lists_equal_in_ram_and_survive_restart(tmp_path):
     for on in (False, True, True):
         mem = SemanticMemory.in_process(D, index="ivfpq", data_dir=str(tmp_path / "disk"), ondisk=on, **ONDISK)
         index = mem._backend.store.index.index
-        assert isinstance(index, _faiss_ondisk.OnDiskIVF) == on
-        assert isinstance(_faiss_ondisk.lists_of(index), faiss.OnDiskInvertedLists if on else faiss.ArrayInvertedLists)
+        assert isinstance(index, ondisk_lists.OnDiskIVF) == on
+        assert isinstance(ondisk_lists.lists_of(index), faiss.OnDiskInvertedLists if on else faiss.ArrayInvertedLists)
         np.testing.assert_array_equal(mem.search(q, 10).ids, want.ids)
         assert not np.isin(mem.search(x[4000:], 10).ids, ids[4000:]).any()
         mem.snapshot()

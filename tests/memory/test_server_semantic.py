@@ -1,6 +1,9 @@
 """The semantic memory service as a real process on a free loopback port: round trips per index kind (equal to
 the in-process backend), bad input, auth, kill -9 during concurrent adds, snapshot + log replay, concurrent
-readers, a sharded client equal to one big index, and ivfpq with on-disk inverted lists across a kill -9."""
+readers, a sharded client equal to one big index, ivfpq with on-disk inverted lists across a kill -9, and the
+inputs adversarial testing found (extreme magnitudes, non-finite payload numbers, one error contract for client
+and in-process backend, deep metadata, an explicit id of 2^63 - 1, ivfpq train_min below its clusters).
+TLS: test_server_tls.py."""
 
 import json
 import os
@@ -15,10 +18,10 @@ import grpc
 import numpy as np
 import pytest
 
-from mantis_jax.memory import _faiss_store
-from mantis_jax.memory.proto import semantic_pb2 as pb
-from mantis_jax.memory.proto import semantic_pb2_grpc as pb_grpc
-from mantis_jax.memory.semantic import InvalidArgument, NotFound, Payload, SemanticMemory
+from mantis_jax.memory.semantic import (InvalidArgument, NotFound, Payload, ResourceExhausted, SemanticMemory,
+                                        SemanticMemoryError, Unauthenticated)
+from mantis_jax.memory.semantic.proto import semantic_pb2 as pb
+from mantis_jax.memory.semantic.proto import semantic_pb2_grpc as pb_grpc
 from mantis_jax.memory.server import launch
 
 D = 16
@@ -106,7 +109,7 @@ def test_bad_input_gets_clear_status_and_changes_nothing(token_server):
         (lambda: mem.add(np.zeros((0, D)), []), InvalidArgument, "non-empty"),
         (lambda: mem.remove([int(ids[0]), 10 ** 17]), NotFound, "unknown"),
         (lambda: mem.get([10 ** 17 + 1]), NotFound, "unknown"),
-        (lambda: mem.add(np.ones((20000, D)), ["a"] * 20000), _faiss_store.ResourceExhausted, "max-request-mb"),
+        (lambda: mem.add(np.ones((20000, D)), ["a"] * 20000), ResourceExhausted, "max-request-mb"),
     ]
     for call, error, words in cases:
         with pytest.raises(error, match=words):
@@ -125,18 +128,11 @@ def test_bad_input_gets_clear_status_and_changes_nothing(token_server):
 def test_token_auth(token_server):
     x = clustered(3, seed=5)
     for token, words in (("", "missing token"), ("wrong", "wrong token")):
-        with pytest.raises(_faiss_store.Unauthenticated, match=words):
+        with pytest.raises(Unauthenticated, match=words):
             SemanticMemory.connect(token_server, token=token).search(x, 1)
-        with pytest.raises(_faiss_store.Unauthenticated):
+        with pytest.raises(Unauthenticated):
             SemanticMemory.connect(token_server, token=token).add(x, ["a", "b", "c"])
     assert SemanticMemory.connect(token_server, token=TOKEN).health() == "SERVING"
-
-
-def test_refuses_non_loopback_without_token(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "MANTIS_SEMANTIC_TOKEN"}
-    out = subprocess.run([sys.executable, "-m", "mantis_jax.memory.server", "--data-dir", str(tmp_path),
-                          "--dim", "4", "--host", "0.0.0.0"], env=env, capture_output=True, text=True, timeout=60)
-    assert out.returncode != 0 and "refusing to bind 0.0.0.0 without a token" in out.stderr
 
 
 def test_concurrent_readers_during_writes(token_server):
@@ -176,7 +172,7 @@ def test_kill_9_during_concurrent_adds_loses_nothing_acknowledged(tmp_path):
             texts = [f"w{w} b{b} #{i}" for i in ids]
             try:
                 client.add(np.random.default_rng(int(ids[0])).normal(size=(20, D)), texts, ids=ids)
-            except _faiss_store.SemanticMemoryError:
+            except SemanticMemoryError:
                 return  # the service died: this batch was never acknowledged
             with lock:
                 acked.update(zip(ids.tolist(), texts))
@@ -322,3 +318,128 @@ def test_ondisk_lists_survive_kill_9_and_equal_in_ram(tmp_path):
         manifest = json.load(f)
     assert manifest["generation"] == 2
     assert [n for n in os.listdir(tmp_path) if n.endswith(".ivfdata")] == [manifest["lists"]]
+
+
+# ------------------------------------------------------------------ inputs found by adversarial testing
+def both(address):
+    """The service and the in-process backend, which must answer every input alike."""
+    return {"service": SemanticMemory.connect(address, token=TOKEN), "in-process": SemanticMemory.in_process(D)}
+
+
+def test_huge_and_tiny_components_are_normalised_without_overflow(token_server):
+    u = clustered(3, seed=20)
+    u_unit = u / np.linalg.norm(u, axis=1, keepdims=True)
+    x = np.concatenate([u * 1e20, u * 1e-30, u]).astype(np.float32)  # 1e20^2 overflows float32, 1e-30^2 underflows
+    for name, mem in both(token_server).items():
+        ids = mem.add(x, [f"magnitude {i}" for i in range(9)], ids=np.arange(9) + 10 ** 15)
+        vecs, _ = mem.get(ids)
+        np.testing.assert_allclose(vecs, np.tile(u_unit, (3, 1)), atol=1e-6, err_msg=name)  # each the unit direction
+        r = mem.search(u[:1] * 1e20, 3)
+        assert set(r.ids[0].tolist()) == {ids[0], ids[3], ids[6]}, name  # the same direction at every scale
+        np.testing.assert_allclose(r.scores[0], 1.0, atol=1e-5, err_msg=name)
+        mem.remove(ids)
+    raw = SemanticMemory.in_process(D, normalize=False)  # without normalisation the scores would overflow: refused
+    with pytest.raises(InvalidArgument, match="norm above"):
+        raw.add(u * 1e20, ["a", "b", "c"])
+
+
+def test_non_finite_payload_numbers_are_refused_and_not_logged(token_server):
+    x = clustered(2, seed=21)
+    bad = [Payload("t", timestamp=float("nan")), Payload("i", importance=float("inf")),
+           Payload("i", importance=1e39), Payload("t", timestamp=-float("inf"))]  # importance is float32 on the wire
+    for name, mem in both(token_server).items():
+        before = mem.stats()
+        for p in bad:
+            with pytest.raises(InvalidArgument, match="must be a finite number"):
+                mem.add(x, [Payload("fine"), p])
+        after = mem.stats()
+        assert (after["count"], after["wal_bytes"]) == (before["count"], before["wal_bytes"]), name
+        ids = mem.add(x, [Payload("ok", timestamp=1.5, importance=0.25)] * 2)
+        assert [(p.timestamp, p.importance) for p in mem.get(ids)[1]] == [(1.5, 0.25)] * 2  # reads still work
+
+
+def test_one_error_contract_for_client_and_in_process(token_server):
+    x = clustered(2, seed=22)
+    cases = [
+        (lambda m: m.search(x, -1), r"k \(-1\)"),
+        (lambda m: m.search(x, 2 ** 32), r"k \(4294967296\)"),
+        (lambda m: m.search(x, 1e9), r"k \(1000000000.0\)"),
+        (lambda m: m.search(x, True), r"k \(True\)"),
+        (lambda m: m.search(x, 3, nprobe=-1), r"nprobe \(-1\)"),
+        (lambda m: m.search(x, 3, nprobe=0), r"nprobe \(0\)"),  # the wire's "unset" must not hide it
+        (lambda m: m.search(x, 3, ef_search=2 ** 40), r"ef_search"),
+        (lambda m: m.search(x, 3, ef_search=2.0), r"ef_search"),
+        (lambda m: m.get([1.5]), "integers"),  # not silently truncated to id 1
+        (lambda m: m.remove([2 ** 64 - 1]), "64-bit"),
+        (lambda m: m.add(x, ["a", "b"], ids=[1.0, 2.0]), "integers"),
+        (lambda m: m.add(x, [Payload(5), Payload("b")]), "text must be a str"),
+        (lambda m: m.add(x, ["a", 7]), "pass a Payload"),
+        (lambda m: m.add(x, ["a", Payload("b", metadata={"f": object()})]), "JSON-serialisable"),
+        (lambda m: m.add(x, ["a", Payload("b", metadata=[1])]), "must be a JSON object"),
+        (lambda m: m.add(x, ["a", "\ud800"]), "not valid Unicode"),
+    ]
+    for name, mem in both(token_server).items():
+        before = mem.stats()
+        for call, words in cases:
+            with pytest.raises(InvalidArgument, match=words):
+                call(mem)
+        assert mem.stats()["count"] == before["count"] and mem.stats()["wal_bytes"] == before["wal_bytes"], name
+
+
+def deep(levels):
+    meta = {"leaf": 1}
+    for _ in range(levels - 1):
+        meta = {"a": meta}
+    return meta
+
+
+def test_deeply_nested_metadata_is_invalid_argument(token_server):
+    x = clustered(1, seed=23)
+    stub = pb_grpc.SemanticMemoryStub(grpc.insecure_channel(token_server))
+    auth = (("authorization", f"Bearer {TOKEN}"),)
+    for levels in (100_000, 65):  # the decoder's recursion limit, and just past the store's depth limit
+        request = pb.AddRequest(vectors=pb.Matrix(rows=1, dim=D, data=x.astype("<f4").tobytes()), payloads=[
+            pb.Payload(text="deep", metadata_json='{"a":' * (levels - 1) + '{"leaf":1}' + "}" * (levels - 1),
+                       present=True)])
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Add(request, metadata=auth)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "nested deeper" in err.value.details()
+    for name, mem in both(token_server).items():
+        with pytest.raises(InvalidArgument, match="nested deeper than 64"):
+            mem.add(x, [Payload("deep", metadata=deep(100_000))])
+        ids = mem.add(x, [Payload("deep", metadata=deep(64))])  # at the limit: stored and read back whole
+        assert mem.get(ids)[1][0].metadata == deep(64), name
+
+
+def test_explicit_top_id_never_blocks_assigned_ids(tmp_path):
+    proc, address = launch(str(tmp_path), D, "--threads", "1")
+    x = clustered(12, seed=24)
+    top = 2 ** 63 - 1
+    try:
+        mem = SemanticMemory.connect(address, token="")
+        mem.add(x[:2], ["top", "five"], ids=[top, 5])
+        first = mem.add(x[2:8], [f"auto {i}" for i in range(6)])  # counter from 0, stepping over the explicit 5
+        np.testing.assert_array_equal(first, [0, 1, 2, 3, 4, 6])
+        assert mem.get([5])[1][0].text == "five"  # not overwritten by an assigned id
+        mem.remove([top])
+        stop(proc, signal.SIGKILL)  # the log replays: explicit ids must not move the counter there either
+        proc, address = launch(str(tmp_path), D, "--threads", "1")
+        mem = SemanticMemory.connect(address, token="")
+        np.testing.assert_array_equal(mem.add(x[8:10], ["after kill a", "after kill b"]), [7, 8])
+        mem.add(x[10:11], ["top again"], ids=[top])
+        stop(proc)  # a clean stop snapshots the counter
+        proc, address = launch(str(tmp_path), D, "--threads", "1")
+        mem = SemanticMemory.connect(address, token="")
+        np.testing.assert_array_equal(mem.add(x[11:12], ["after snapshot"]), [9])
+        assert mem.stats()["count"] == 11 and mem.get([top])[1][0].text == "top again"
+    finally:
+        stop(proc)
+
+
+def test_ivfpq_train_min_below_its_clusters_is_refused_at_start_up(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "mantis_jax.memory.server", "--data-dir", str(tmp_path), "--dim", "16",
+                          "--index", "ivfpq", "--nlist", "64", "--pq-m", "8", "--train-min", "10"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "train_min (10) must be 0 (= 39 x 256) or at least max(nlist, 2**pq_nbits) = 256" in out.stderr
+    assert not os.path.exists(tmp_path / "wal.0.log")  # refused before the data dir was touched

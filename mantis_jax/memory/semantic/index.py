@@ -10,27 +10,32 @@ Index kinds (all searched in one FAISS call per batch; scores are "higher is bet
 the squared L2 distance):
   flat   exact `IndexFlat`.
   ivfpq  exact `IndexFlat` until `train_min` live vectors exist; then IVF-PQ is trained on a sample and every
-         live row is added to it. Candidates (k * refine_factor) are re-ranked exactly against the raw rows,
+         live row is added to it. `train_min` and `train_sample` must cover the clusters k-means fits
+         (max(nlist, 2^pq_nbits)), so training cannot fail for lack of points; if it fails anyway (memory), the
+         exact index keeps serving, `train_error` says why, and training is retried once the index grows 10%.
+         Candidates (k * refine_factor) are re-ranked exactly against the raw rows,
          which is what lifts recall@10 above 0.95; only the PQ codes (pq_m bytes per vector) are held by FAISS,
          the raw rows can be a memory-mapped file larger than RAM. With `ondisk` the inverted lists (the PQ
          codes) live in a memory-mapped file too, except the rows added since the last merge (see
-         _faiss_ondisk), so RAM does not grow with the data.
+         ondisk_lists), so RAM does not grow with the data.
   hnsw   `IndexHNSWFlat`; no removal in FAISS, so deleted rows are tombstones filtered at search time, and the
          graph is rebuilt once more than `compact_ratio` are stale.
-Upserting an existing id kills its old row and appends a new one. Callers hold the locks (see _faiss_store).
+Upserting an existing id kills its old row and appends a new one. Callers hold the locks (see store.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 
 import faiss
 import numpy as np
 
-from mantis_jax.memory import _faiss_ondisk as ondisk
+from mantis_jax.memory.semantic import ondisk_lists as ondisk
 
+_log = logging.getLogger(__name__)
 _CHUNK = 65536  # rows per FAISS add call when (re)building, to bound temporary memory
 
 
@@ -69,6 +74,12 @@ class IndexSpec:
                  self.ondisk_merge_rows) > 0,
              "nlist, pq_m, refine_factor, hnsw_m, nprobe, ef_search and ondisk_merge_rows must be > 0"),
             (0.0 < self.compact_ratio < 1.0, f"compact_ratio ({self.compact_ratio}) must be in (0, 1)"),
+            (self.kind != "ivfpq" or self.train_min == 0 or self.train_min >= self.clusters,
+             f"train_min ({self.train_min}) must be 0 (= 39 x {self.clusters}) or at least max(nlist, 2**pq_nbits) "
+             f"= {self.clusters}, the clusters ivfpq trains (--train-min, config.memory.semantic.train_min)"),
+            (self.kind != "ivfpq" or self.train_sample >= self.clusters,
+             f"train_sample ({self.train_sample}) must be at least max(nlist, 2**pq_nbits) = {self.clusters}, the "
+             "clusters ivfpq trains (--train-sample, config.memory.semantic.train_sample)"),
             (not self.ondisk or self.kind == "ivfpq",
              f"ondisk keeps IVF inverted lists on disk and needs kind 'ivfpq' (got {self.kind!r}); use "
              "--index ivfpq or drop --ondisk"),
@@ -78,19 +89,19 @@ class IndexSpec:
                 raise ValueError(f"semantic index spec: {message}")
 
     @property
+    def clusters(self) -> int:
+        """The most centroids ivfpq's k-means fits (IVF lists or PQ codewords): it needs that many points."""
+        return max(self.nlist, 2 ** self.pq_nbits)
+
+    @property
     def min_train(self) -> int:
-        return self.train_min or 39 * max(self.nlist, 2 ** self.pq_nbits)
+        return self.train_min or 39 * self.clusters
 
     @classmethod
     def from_config(cls, sem) -> "IndexSpec":
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: sem[k] for k in names if k in sem and k not in ("dim", "kind")}
         return cls(dim=sem.dim, kind=sem.index, **values)
-
-
-def normalize_rows(x_nd: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x_nd, axis=1, keepdims=True)
-    return x_nd / np.maximum(norms, 1e-30)
 
 
 class VectorIndex:
@@ -113,6 +124,8 @@ class VectorIndex:
         self.live = np.zeros(0, np.uint8)  # [ceil(R/8)] bit r%8 of byte r//8 = row r alive (FAISS bit order)
         self.id2row: dict[int, int] = {}
         self.trained = spec.kind != "ivfpq"
+        self.train_error = ""  # why the last training attempt failed ("" = none failed)
+        self._retrain_at = 0  # live rows at which a failed training is retried
         self._grow(max(n_rows, 1024))
         self.index = self._empty_index()
 
@@ -156,16 +169,19 @@ class VectorIndex:
             index = faiss.IndexHNSWFlat(s.dim, s.hnsw_m, self._faiss_metric())
             index.hnsw.efConstruction = s.ef_construction
             return index
-        if s.kind == "ivfpq" and self.trained:
-            index = faiss.index_factory(s.dim, f"IVF{s.nlist},PQ{s.pq_m}x{s.pq_nbits}np", self._faiss_metric())
-            index.cp.seed = s.seed
-            # PQ k-means on 8-dim sub-vectors is BLAS-unfriendly and dominated training time (20+ s for 10K
-            # vectors at d=256); 64 points per centroid and 10 iterations cost no measurable recall after
-            # the exact re-ranking.
-            index.pq.cp.niter = 10
-            index.pq.cp.max_points_per_centroid = 64
-            return index
-        return faiss.IndexFlat(s.dim, self._faiss_metric())
+        return faiss.IndexFlat(s.dim, self._faiss_metric())  # flat, and ivfpq's exact buffer until it trains
+
+    def _ivfpq_index(self):
+        """An untrained IVF-PQ index."""
+        s = self.spec
+        index = faiss.index_factory(s.dim, f"IVF{s.nlist},PQ{s.pq_m}x{s.pq_nbits}np", self._faiss_metric())
+        index.cp.seed = s.seed
+        # PQ k-means on 8-dim sub-vectors is BLAS-unfriendly and dominated training time (20+ s for 10K
+        # vectors at d=256); 64 points per centroid and 10 iterations cost no measurable recall after
+        # the exact re-ranking.
+        index.pq.cp.niter = 10
+        index.pq.cp.max_points_per_centroid = 64
+        return index
 
     # ------------------------------------------------------------------------------------------ writes
     def rows_of(self, ids: np.ndarray) -> np.ndarray:
@@ -189,7 +205,7 @@ class VectorIndex:
             self.index.add_with_ids(vectors_nd, rows)
         else:
             self.index.add(vectors_nd)  # position == row for flat, hnsw and the pre-training buffer
-        if not self.trained and self.n_live >= self.spec.min_train:
+        if not self.trained and self.n_live >= max(self.spec.min_train, self._retrain_at):
             self._train()
 
     def remove(self, ids: np.ndarray) -> None:
@@ -213,19 +229,31 @@ class VectorIndex:
         return 0.0 if self.n_rows == 0 else (self.n_rows - self.n_live) / self.n_rows
 
     def _train(self) -> None:
-        """Switches ivfpq from the exact buffer to a trained IVF-PQ holding every live row."""
+        """Switches ivfpq from the exact buffer to a trained IVF-PQ holding every live row. The new index is built
+        aside and swapped in only when complete: a failure leaves the exact buffer serving every row."""
         rows = self.live_rows()
         rng = np.random.default_rng(self.spec.seed)
         sample = np.sort(rng.choice(rows, min(len(rows), self.spec.train_sample), replace=False))
-        self.trained = True
-        index = self._empty_index()
-        index.train(np.ascontiguousarray(self.vectors(sample)))
-        if self.spec.ondisk:
-            index = ondisk.OnDiskIVF(index, self.lists_dir, self.spec.ondisk_merge_rows)
-        for lo in range(0, len(rows), _CHUNK):
-            chunk = rows[lo:lo + _CHUNK]
-            index.add_with_ids(np.ascontiguousarray(self.vectors(chunk)), chunk)
-        self.index = index
+        try:
+            index = self._fit(np.ascontiguousarray(self.vectors(sample)))
+            if self.spec.ondisk:
+                index = ondisk.OnDiskIVF(index, self.lists_dir, self.spec.ondisk_merge_rows)
+            for lo in range(0, len(rows), _CHUNK):
+                chunk = rows[lo:lo + _CHUNK]
+                index.add_with_ids(np.ascontiguousarray(self.vectors(chunk)), chunk)
+        except (RuntimeError, MemoryError, OSError) as e:  # FAISS errors arrive as RuntimeError
+            self.train_error = f"{type(e).__name__}: {e}"
+            self._retrain_at = self.n_live + max(1, self.n_live // 10)
+            _log.warning("ivfpq training on %d rows failed (%s); the exact index keeps serving, retrying at %d "
+                         "live rows", len(sample), self.train_error, self._retrain_at)
+            return
+        self.index, self.trained, self.train_error = index, True, ""
+
+    def _fit(self, sample_nd: np.ndarray):
+        """A trained, empty IVF-PQ index."""
+        index = self._ivfpq_index()
+        index.train(sample_nd)
+        return index
 
     def compact(self, new_vectors_path: str | None = None) -> None:
         """Drops dead rows: a fresh raw matrix (a new file when durable) and an index rebuilt from live rows."""

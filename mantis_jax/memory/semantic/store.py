@@ -4,14 +4,17 @@
 `SemanticMemoryError` subclasses, each naming the problem and the fix, and a rejected request changes nothing.
 
 Durability (when `data_dir` is set):
-  1. a write is validated, appended to `wal.<gen>.log` and fsynced, and only then applied and acknowledged;
+  1. a write is validated (validation.py: everything that could make it fail to apply), appended to
+     `wal.<gen>.log` and fsynced, and only then applied and acknowledged; nothing that cannot apply is logged;
   2. payloads live in `payloads.sqlite` (WAL mode), raw vectors in the memory-mapped `vectors.<n>.f32`, and
      with `spec.ondisk` the IVF inverted lists in an immutable memory-mapped `lists.<token>.ivfdata`;
-  3. `snapshot()` writes `snap.<gen+1>/` (FAISS index + row tables; on-disk lists get a new file), starts an empty `wal.<gen+1>.log`, and
-     commits both by atomically renaming `MANIFEST.json`; the old log is then deleted;
+  3. `snapshot()` writes `snap.<gen+1>/` (FAISS index + row tables; on-disk lists get a new file), starts an
+     empty `wal.<gen+1>.log`, and commits both by atomically renaming `MANIFEST.json`; the old log is then deleted;
   4. on start the manifest's snapshot is loaded and its log replayed (a torn tail record was never
      acknowledged and is cut off). Replay is idempotent: adds are upserts and removes are deletes, so replaying
      onto a payload table that is already ahead of the snapshot gives the same state.
+Ids: a client's explicit ids are stored as given; ids the store assigns come from a counter of their own that
+skips ids in use (and wraps at 2^63 - 1), so no explicit id, however large, blocks assignment.
 Concurrency: a readers-writer lock; searches run in parallel (FAISS releases the GIL), writes are exclusive.
 """
 
@@ -25,12 +28,13 @@ import threading
 
 import numpy as np
 
-from mantis_jax.memory import _faiss_ondisk
-from mantis_jax.memory._faiss_index import IndexSpec, VectorIndex, normalize_rows
-from mantis_jax.memory._faiss_log import (_OP_ADD, _MemoryPayloads, _SqlitePayloads, _Wal, _decode, _encode_add,
-                                          _encode_remove, _fsync_dir)
-from mantis_jax.memory._faiss_types import (ERRORS, InvalidArgument, NotFound, Payload, ResourceExhausted,  # noqa: F401
-                                            SearchResult, SemanticMemoryError, Unauthenticated, Unavailable)
+from mantis_jax.memory.semantic import ondisk_lists
+from mantis_jax.memory.semantic.errors import InvalidArgument, NotFound, ResourceExhausted
+from mantis_jax.memory.semantic.index import IndexSpec, VectorIndex
+from mantis_jax.memory.semantic.payload import Payload, SearchResult
+from mantis_jax.memory.semantic.payload_tables import MemoryPayloads, SqlitePayloads
+from mantis_jax.memory.semantic.validation import ID_MAX, as_ids, as_payloads, as_vectors, check_search_args
+from mantis_jax.memory.semantic.wal import OP_ADD_ASSIGNED, OP_REMOVE, Wal, decode, encode_add, encode_remove, fsync_dir
 
 
 class RWLock:
@@ -76,13 +80,13 @@ class SemanticStore:
         self.spec, self.data_dir = spec, data_dir
         self.max_k, self.max_batch = max_k, max_batch
         self._lock = RWLock()
-        self._wal: _Wal | None = None
+        self._wal: Wal | None = None
         self.generation = 0
         self.ns_codes: dict[str, int] = {"": 0}
         self.next_id = 0
         self._closed = threading.Event()
         if data_dir is None:
-            self.payloads = _MemoryPayloads()
+            self.payloads = MemoryPayloads()
             self.index = VectorIndex(spec)
         else:
             self._open(data_dir)
@@ -107,26 +111,30 @@ class SemanticStore:
                 f"snap.{self.generation}", f"wal.{self.generation}.log", self._vectors_name, manifest.get("lists")}
         ours = re.compile(r"^(snap\.\d+(\.tmp)?|wal\.\d+\.log|vectors\.\d+\.f32|MANIFEST\.json\.tmp)$")
         for name in os.listdir(data_dir):  # leftovers of a snapshot that crashed before its commit
-            if (ours.match(name) or _faiss_ondisk.LISTS_FILE.match(name)) and name not in keep:
+            if (ours.match(name) or ondisk_lists.LISTS_FILE.match(name)) and name not in keep:
                 path = self._path(name)
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        self.payloads = _SqlitePayloads(self._path("payloads.sqlite"))
+        self.payloads = SqlitePayloads(self._path("payloads.sqlite"))
         snap = self._path(f"snap.{self.generation}")
         if os.path.isdir(snap):
             self.index = VectorIndex.load(self.spec, snap, self._path(self._vectors_name), data_dir)
             with open(os.path.join(snap, "store.json")) as f:
                 state = json.load(f)
             self.ns_codes, self.next_id = state["ns_codes"], state["next_id"]
+            self.next_id = self.next_id if self.next_id <= ID_MAX else 0  # counters blocked by an explicit 2^63 - 1
         else:
             self.index = VectorIndex(self.spec, self._path(self._vectors_name), 0, data_dir)
         wal_path = self._path(f"wal.{self.generation}.log")
-        for body in _Wal.records(wal_path):
-            op, ids, vectors, payloads = _decode(body)
-            if op == _OP_ADD:
-                self._apply_add(ids, vectors, payloads)
-            else:
+        for body in Wal.records(wal_path):
+            op, ids, vectors, payloads = decode(body)
+            if op == OP_REMOVE:
                 self._apply_remove(ids)
-        self._wal = _Wal(wal_path)
+                continue
+            if op == OP_ADD_ASSIGNED:  # explicit ids (OP_ADD) leave the counter alone
+                self.next_id = max(self.next_id, int(ids.max()) + 1)
+                self.next_id = self.next_id if self.next_id <= ID_MAX else 0
+            self._apply_add(ids, vectors, payloads)
+        self._wal = Wal(wal_path)
 
     def snapshot(self) -> int:
         """Writes the index and truncates the log, atomically; returns the new generation (no-op in memory)."""
@@ -154,15 +162,15 @@ class SemanticStore:
             json.dump({"ns_codes": self.ns_codes, "next_id": self.next_id}, f)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         os.rename(tmp, self._path(f"snap.{gen}"))
-        new_wal = _Wal(self._path(f"wal.{gen}.log"))
+        new_wal = Wal(self._path(f"wal.{gen}.log"))
         with open(self._path("MANIFEST.json.tmp"), "w") as f:
             json.dump({"generation": gen, "vectors": vectors_name, "lists": self.index.lists_file}, f)
             f.flush()
             os.fsync(f.fileno())
         os.rename(self._path("MANIFEST.json.tmp"), self._path("MANIFEST.json"))  # the commit point
-        _fsync_dir(self.data_dir)
+        fsync_dir(self.data_dir)
         old_gen, old_vectors = self.generation, self._vectors_name
         self._wal.close()
         self._wal, self.generation, self._vectors_name = new_wal, gen, vectors_name
@@ -172,7 +180,7 @@ class SemanticStore:
         if old_vectors != vectors_name:
             os.remove(self._path(old_vectors))
         for name in os.listdir(self.data_dir):  # on-disk lists no snapshot names any more
-            if _faiss_ondisk.LISTS_FILE.match(name) and name != self.index.lists_file:
+            if ondisk_lists.LISTS_FILE.match(name) and name != self.index.lists_file:
                 os.remove(self._path(name))
         return gen
 
@@ -195,43 +203,10 @@ class SemanticStore:
 
     # ------------------------------------------------------------------------------------ validation
     def _matrix(self, x, what: str) -> np.ndarray:
-        try:
-            x = np.asarray(x, dtype=np.float32)
-        except (TypeError, ValueError) as e:
-            raise InvalidArgument(f"{what} must be a numeric [N, {self.spec.dim}] array ({e})") from None
-        if x.ndim == 1:
-            x = x[None]
-        if x.ndim != 2 or x.shape[0] == 0:
-            raise InvalidArgument(f"{what} must be a non-empty [N, {self.spec.dim}] array; got shape {x.shape}")
-        if x.shape[0] > self.max_batch:
-            raise ResourceExhausted(f"{what} has {x.shape[0]} rows, above the limit of {self.max_batch}; "
-                                    "split the batch or raise --max-batch")
-        if x.shape[1] != self.spec.dim:
-            raise InvalidArgument(f"{what} have dimension {x.shape[1]} but the index has dimension {self.spec.dim}; "
-                                  "pass vectors of the model's d_model (config.memory.semantic.dim)")
-        if not np.isfinite(x).all():
-            bad = np.flatnonzero(~np.isfinite(x).all(axis=1))[:5].tolist()
-            raise InvalidArgument(f"{what} contain NaN or inf (rows {bad}); drop or fix those rows")
-        if self.spec.normalize:
-            if (np.linalg.norm(x, axis=1) == 0).any():
-                raise InvalidArgument(f"{what} contain an all-zero row, which cannot be normalised; drop it")
-            x = normalize_rows(x)
-        return np.ascontiguousarray(x, dtype=np.float32)
+        return as_vectors(x, self.spec.dim, what, max_batch=self.max_batch, normalize=self.spec.normalize)
 
     def _ids(self, ids, what: str = "ids") -> np.ndarray:
-        ids = np.asarray(ids)
-        if ids.ndim != 1 or len(ids) == 0:
-            raise InvalidArgument(f"{what} must be a non-empty 1-D list of 64-bit integers; got shape {ids.shape}")
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise InvalidArgument(f"{what} must be integers; got dtype {ids.dtype}")
-        if len(ids) > self.max_batch:
-            raise ResourceExhausted(f"{len(ids)} {what} exceed the limit of {self.max_batch}; split the request")
-        ids = ids.astype(np.int64)
-        if (ids == -1).any():
-            raise InvalidArgument(f"{what} contain -1, which marks 'no result'; use any other 64-bit integer")
-        if len(np.unique(ids)) != len(ids):
-            raise InvalidArgument(f"{what} contain duplicates; pass each id once per request")
-        return ids
+        return as_ids(ids, what, max_batch=self.max_batch)
 
     def _known(self, ids: np.ndarray) -> np.ndarray:
         rows = self.index.rows_of(ids)
@@ -242,30 +217,40 @@ class SemanticStore:
 
     # ---------------------------------------------------------------------------------------- writes
     def add(self, vectors, payloads: list[Payload], ids=None) -> np.ndarray:
-        """Upserts vectors with payloads; returns their ids (assigned from a counter when not given)."""
+        """Upserts vectors with payloads; returns their ids (assigned from the counter when not given)."""
         x_nd = self._matrix(vectors, "vectors")
-        if len(payloads) != len(x_nd):
-            raise InvalidArgument(f"got {len(x_nd)} vectors but {len(payloads)} payloads; pass one payload per vector")
-        if not all(isinstance(p, Payload) for p in payloads):
-            raise InvalidArgument("payloads must be Payload objects (mantis_jax.memory.semantic.Payload)")
+        payloads = as_payloads(payloads, len(x_nd))
         if ids is not None:
             ids = self._ids(ids)
             if len(ids) != len(x_nd):
                 raise InvalidArgument(f"got {len(x_nd)} vectors but {len(ids)} ids; pass one id per vector or none")
         self._lock.acquire_write()
         try:
-            if ids is None:
-                if self.next_id + len(x_nd) >= 2 ** 63:
-                    raise InvalidArgument("the id counter would pass 2^63 - 1 (explicit ids near the top of the "
-                                          "int64 range were stored); pass explicit ids")
-                ids = np.arange(self.next_id, self.next_id + len(x_nd), dtype=np.int64)
+            assigned = ids is None
+            if assigned:
+                ids = self._assign_ids(len(x_nd))
+                self.next_id = int(ids[-1]) + 1 if ids[-1] < ID_MAX else 0  # before anything can fail: never reused
             if self._wal is not None:
-                self._wal.append(_encode_add(ids, x_nd, payloads))
+                self._wal.append(encode_add(ids, x_nd, payloads, assigned=assigned))
             self._apply_add(ids, x_nd, payloads)
             self._maybe_compact()
             return ids
         finally:
             self._lock.release_write()
+
+    def _assign_ids(self, n: int) -> np.ndarray:
+        """The next n ids from the counter that no live entry holds (explicit ids are skipped, not blocking)."""
+        found, start, scanned = [], self.next_id, 0
+        while sum(map(len, found)) < n:
+            if scanned > ID_MAX:
+                raise ResourceExhausted("every 64-bit id is in use; remove entries first")
+            need = n - sum(map(len, found))
+            count = min(need, ID_MAX + 1 - start)
+            candidates = start + np.arange(count, dtype=np.int64)
+            found.append(candidates[self.index.rows_of(candidates) < 0])
+            scanned += count
+            start = start + count if start + count <= ID_MAX else 0
+        return np.concatenate(found)[:n]
 
     def remove(self, ids) -> int:
         """Deletes ids, immediately; every id must exist (NotFound otherwise, and nothing is removed)."""
@@ -274,7 +259,7 @@ class SemanticStore:
         try:
             self._known(ids)
             if self._wal is not None:
-                self._wal.append(_encode_remove(ids))
+                self._wal.append(encode_remove(ids))
             self._apply_remove(ids)
             self._maybe_compact()
             return len(ids)
@@ -292,7 +277,6 @@ class SemanticStore:
         codes = np.array([self.ns_codes[p.namespace] for p in payloads], np.int32)
         self.payloads.put(ids.tolist(), payloads)
         self.index.add(ids, x_nd, codes)
-        self.next_id = max(self.next_id, int(ids.max()) + 1)
 
     def _apply_remove(self, ids) -> None:
         self.payloads.delete(ids.tolist())
@@ -301,12 +285,8 @@ class SemanticStore:
     # ----------------------------------------------------------------------------------------- reads
     def search(self, queries, k: int, *, nprobe: int | None = None, ef_search: int | None = None,
                namespace: str | None = None, with_payloads: bool = True) -> SearchResult:
+        check_search_args(k, nprobe, ef_search, max_k=self.max_k)
         q_bd = self._matrix(queries, "queries")
-        if not isinstance(k, (int, np.integer)) or not 0 < k <= self.max_k:
-            raise InvalidArgument(f"k ({k}) must be an integer in [1, {self.max_k}]")
-        for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
-            if value is not None and not 0 < value <= 1 << 20:
-                raise InvalidArgument(f"{name} ({value}) must be in [1, 1048576]; leave it unset for the default")
         self._lock.acquire_read()
         try:
             allowed = None
@@ -343,8 +323,10 @@ class SemanticStore:
         try:
             return {"count": self.index.n_live, "rows": self.index.n_rows, "dim": self.spec.dim,
                     "index": self.spec.kind, "metric": self.spec.metric, "trained": self.index.trained,
+                    "train_error": self.index.train_error,
                     "stale_fraction": self.index.stale_fraction(), "generation": self.generation,
                     "wal_bytes": self._wal.size() if self._wal is not None else 0,
-                    "durable": self.data_dir is not None, "ondisk": isinstance(self.index.index, _faiss_ondisk.OnDiskIVF)}
+                    "durable": self.data_dir is not None,
+                    "ondisk": isinstance(self.index.index, ondisk_lists.OnDiskIVF)}
         finally:
             self._lock.release_read()

@@ -10,8 +10,10 @@ import json
 
 import numpy as np
 
-from mantis_jax.memory._faiss_store import InvalidArgument, Payload
-from mantis_jax.memory.proto import semantic_pb2 as pb
+from mantis_jax.memory.semantic.errors import InvalidArgument
+from mantis_jax.memory.semantic.payload import Payload
+from mantis_jax.memory.semantic.proto import semantic_pb2 as pb
+from mantis_jax.memory.semantic.validation import METADATA_DEPTH_MAX
 
 
 def matrix_to_proto(x_nd: np.ndarray) -> pb.Matrix:
@@ -54,6 +56,9 @@ def proto_to_payload(m: pb.Payload) -> Payload | None:
         meta = json.loads(m.metadata_json) if m.metadata_json else {}
     except json.JSONDecodeError as e:
         raise InvalidArgument(f"payload metadata_json is not valid JSON ({e}); send a JSON object") from None
+    except RecursionError:  # the decoder recurses per level; the store refuses far shallower nesting anyway
+        raise InvalidArgument(f"payload metadata_json is nested deeper than {METADATA_DEPTH_MAX} levels; "
+                              "flatten it") from None
     if not isinstance(meta, dict):
         raise InvalidArgument("payload metadata_json must encode a JSON object")
     return Payload(m.text, m.source, m.timestamp, m.importance, m.namespace, meta)

@@ -2,13 +2,15 @@
 
 `SemanticMemory` has one API over three backends, so notebooks and unit tests run without a server:
   - in-process: a SemanticStore in this process (same index code as the service; durable if given a data_dir);
-  - gRPC: one service started with `python -m mantis_jax.memory.server` (see docs/semantic_memory.md);
+  - gRPC: one service started with `python -m mantis_jax.memory.server` (see docs/semantic_memory.md), in
+    plain text on loopback or over TLS (`tls_ca`: the CA that signed the service's certificate);
   - sharded: several services, each holding the ids with `id % n_shards == i`; searches fan out in parallel
     and the per-shard top-k are merged (scores are "higher is better" everywhere, so merging is a top-k).
 Vectors enter as numpy [N, D] float32 (D = the model's d_model) with one Payload (or text str) each; searches
 return a SearchResult (ids [B, K], scores [B, K], payloads). Call it outside `jit`, between device steps, with
 host numpy arrays (`np.asarray(device_array)`). Errors are the same SemanticMemoryError subclasses locally and
-over gRPC (InvalidArgument, NotFound, ResourceExhausted, Unauthenticated, Unavailable).
+over gRPC (InvalidArgument, NotFound, ResourceExhausted, Unauthenticated, Unavailable): the client runs the
+store's own checks (validation.py) before it encodes a request.
 """
 
 from __future__ import annotations
@@ -20,42 +22,59 @@ import os
 import grpc
 import numpy as np
 
-from mantis_jax.memory._faiss_index import IndexSpec
-from mantis_jax.memory._faiss_store import SemanticStore
-from mantis_jax.memory._faiss_types import (ERRORS, InvalidArgument, NotFound, Payload, ResourceExhausted,
-                                            SearchResult, SemanticMemoryError, Unauthenticated, Unavailable)
-from mantis_jax.memory._faiss_wire import (bytes_to_ids, ids_to_bytes, matrix_to_proto, payload_to_proto,
-                                           proto_to_matrix, proto_to_payload)
-from mantis_jax.memory.proto import semantic_pb2 as pb
-from mantis_jax.memory.proto import semantic_pb2_grpc as pb_grpc
-
-__all__ = ["SemanticMemory", "Payload", "SearchResult", "SemanticMemoryError", "InvalidArgument", "NotFound",
-           "ResourceExhausted", "Unauthenticated", "Unavailable"]
+from mantis_jax.memory.semantic.errors import ERRORS, InvalidArgument, SemanticMemoryError
+from mantis_jax.memory.semantic.index import IndexSpec
+from mantis_jax.memory.semantic.payload import Payload, SearchResult
+from mantis_jax.memory.semantic.proto import semantic_pb2 as pb
+from mantis_jax.memory.semantic.proto import semantic_pb2_grpc as pb_grpc
+from mantis_jax.memory.semantic.store import SemanticStore
+from mantis_jax.memory.semantic.validation import as_ids, as_payloads, check_search_args
+from mantis_jax.memory.semantic.wire import (bytes_to_ids, ids_to_bytes, matrix_to_proto, payload_to_proto,
+                                             proto_to_matrix, proto_to_payload)
 
 _HINTS = {
     "RESOURCE_EXHAUSTED": "split the batch into smaller requests or start the service with a larger "
                           "--max-request-mb / --max-batch",
     "UNAVAILABLE": "is the service running? start it with `python -m mantis_jax.memory.server --data-dir DIR "
-                   "--dim D` and pass its host:port",
+                   "--dim D` and pass its host:port; a service started with --tls-cert needs a client with tls_ca "
+                   "(or tls=True), and a plain service a client without",
     "DEADLINE_EXCEEDED": "the service did not answer in time; raise config.memory.semantic.timeout_s",
 }
 
 
 def _as_matrix(x, what: str) -> np.ndarray:
     try:
-        return np.asarray(x, np.float32)
+        x = np.asarray(x, np.float32)
     except (TypeError, ValueError) as e:
         raise InvalidArgument(f"{what} must be a numeric [N, D] array ({e})") from None
+    return x[None] if x.ndim == 1 else x
+
+
+def _read_pem(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise InvalidArgument(f"cannot read the {what} {path!r} ({e.strerror}); pass the PEM file's path") from None
 
 
 class _GrpcBackend:
-    """One service: numpy in, protobuf over the wire, numpy out; gRPC errors become SemanticMemoryErrors."""
+    """One service: numpy in, protobuf over the wire, numpy out; gRPC errors become SemanticMemoryErrors.
+    TLS when `tls` or `tls_ca` (a PEM file of the CA that signed the service's certificate; without it the
+    system's roots); `tls_server_name` overrides the name checked against the certificate."""
 
-    def __init__(self, address: str, token: str = "", timeout_s: float = 30.0):
+    def __init__(self, address: str, token: str = "", timeout_s: float = 30.0, *, tls: bool = False,
+                 tls_ca: str = "", tls_server_name: str = ""):
         self.address, self.timeout_s = address, timeout_s
         self.addresses, self.data_dirs = [address], []
-        self._channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)])
+        options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+        if tls or tls_ca:
+            if tls_server_name:
+                options.append(("grpc.ssl_target_name_override", tls_server_name))
+            root = _read_pem(tls_ca, "CA certificate (tls_ca)") if tls_ca else None
+            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root), options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
         self._stub = pb_grpc.SemanticMemoryStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
@@ -69,6 +88,7 @@ class _GrpcBackend:
             raise ERRORS.get(code, SemanticMemoryError)(message) from None
 
     def add(self, vectors, payloads, ids=None):
+        payloads = as_payloads(payloads, len(vectors))  # what the encoder cannot carry fails here, as in-process
         request = pb.AddRequest(vectors=matrix_to_proto(vectors), payloads=[payload_to_proto(p) for p in payloads],
                                 ids=ids_to_bytes(ids) if ids is not None else b"")
         return bytes_to_ids(self._call("Add", request).ids)
@@ -213,15 +233,18 @@ class SemanticMemory:
 
     @classmethod
     def connect(cls, address: str | list[str], *, token: str | None = None, timeout_s: float = 30.0,
-                default_k: int = 5) -> "SemanticMemory":
+                default_k: int = 5, tls: bool = False, tls_ca: str = "",
+                tls_server_name: str = "") -> "SemanticMemory":
         """One service ("host:port") or shards ("h1:p1,h2:p2" or a list, in shard order). The token defaults
-        to $MANTIS_SEMANTIC_TOKEN."""
+        to $MANTIS_SEMANTIC_TOKEN. TLS when `tls_ca` (the CA's PEM file; the service's self-signed certificate
+        works) or `tls=True` (the system's roots); `tls_server_name` if the certificate names another host."""
         addresses = address.split(",") if isinstance(address, str) else list(address)
         addresses = [a.strip() for a in addresses if a.strip()]
         if not addresses:
             raise InvalidArgument("no service address given; pass 'host:port' or use SemanticMemory.in_process")
         token = os.environ.get("MANTIS_SEMANTIC_TOKEN", "") if token is None else token
-        shards = [_GrpcBackend(a, token, timeout_s) for a in addresses]
+        shards = [_GrpcBackend(a, token, timeout_s, tls=tls, tls_ca=tls_ca, tls_server_name=tls_server_name)
+                  for a in addresses]
         return cls(shards[0] if len(shards) == 1 else _ShardedBackend(shards), default_k)
 
     @classmethod
@@ -234,7 +257,9 @@ class SemanticMemory:
         """`config.memory.semantic`: a service when `address` is set, else in-process (durable if data_dir)."""
         if sem.address:
             token = os.environ.get(sem.token_env, "")
-            return cls.connect(sem.address, token=token, timeout_s=sem.timeout_s, default_k=sem.k)
+            return cls.connect(sem.address, token=token, timeout_s=sem.timeout_s, default_k=sem.k,
+                               tls=sem.get("tls", False), tls_ca=sem.get("tls_ca", ""),  # configs saved before TLS
+                               tls_server_name=sem.get("tls_server_name", ""))
         store = SemanticStore(IndexSpec.from_config(sem), sem.data_dir or None, max_k=sem.max_k,
                               max_batch=sem.max_batch)
         return cls(_LocalBackend(store), sem.k)
@@ -252,23 +277,26 @@ class SemanticMemory:
     # ------------------------------------------------------------------------------------------- API
     def add(self, vectors, payloads: list, ids=None) -> np.ndarray:
         """Stores vectors [N, D] with one Payload (or text) each; ids are upserted. Returns the ids."""
+        x_nd = _as_matrix(vectors, "vectors")
         payloads = [Payload(text=p) if isinstance(p, str) else p for p in payloads]
-        return self._backend.add(_as_matrix(vectors, "vectors"), payloads, None if ids is None else np.asarray(ids))
+        return self._backend.add(x_nd, payloads, None if ids is None else as_ids(ids))
 
     def search(self, queries, k: int | None = None, *, nprobe: int | None = None, ef_search: int | None = None,
                namespace: str | None = None, with_payloads: bool = True) -> SearchResult:
         """Top-k facts per query row [B, D]; one FAISS call per batch."""
-        return self._backend.search(_as_matrix(queries, "queries"), self.default_k if k is None else k,
+        k = self.default_k if k is None else k
+        check_search_args(k, nprobe, ef_search)  # the backend checks its own max_k
+        return self._backend.search(_as_matrix(queries, "queries"), k,
                                     nprobe=nprobe, ef_search=ef_search, namespace=namespace,
                                     with_payloads=with_payloads)
 
     def remove(self, ids) -> int:
         """Deletes ids now; NotFound (and nothing removed) if any is unknown."""
-        return self._backend.remove(np.asarray(ids))
+        return self._backend.remove(as_ids(ids))
 
     def get(self, ids) -> tuple[np.ndarray, list[Payload]]:
         """(stored vectors [N, D], payloads) of known ids; NotFound if any is unknown."""
-        return self._backend.get(np.asarray(ids))
+        return self._backend.get(as_ids(ids))
 
     def snapshot(self) -> int:
         return self._backend.snapshot()

@@ -1,41 +1,12 @@
-"""Types shared by the semantic store, its service and its client: errors (each maps to one gRPC status),
-the Payload of a stored fact, and the SearchResult of a query batch."""
+"""What crosses the semantic memory's API: the Payload of a stored fact and the SearchResult of a query batch."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import numpy as np
-
-
-class SemanticMemoryError(Exception):
-    """Base class; `code` is the gRPC status name the service answers with."""
-
-    code = "INTERNAL"
-
-
-class InvalidArgument(SemanticMemoryError, ValueError):
-    code = "INVALID_ARGUMENT"
-
-
-class NotFound(SemanticMemoryError, LookupError):
-    code = "NOT_FOUND"
-
-
-class ResourceExhausted(SemanticMemoryError):
-    code = "RESOURCE_EXHAUSTED"
-
-
-class Unauthenticated(SemanticMemoryError):
-    code = "UNAUTHENTICATED"
-
-
-class Unavailable(SemanticMemoryError):
-    code = "UNAVAILABLE"
-
-
-ERRORS = {cls.code: cls for cls in (InvalidArgument, NotFound, ResourceExhausted, Unauthenticated, Unavailable)}
 
 
 @dataclasses.dataclass
@@ -56,7 +27,9 @@ class Payload:
     def from_row(cls, row) -> "Payload":
         text, source, timestamp, importance, namespace, metadata = row
         meta = json.loads(metadata) if isinstance(metadata, str) else metadata
-        return cls(text, source, float(timestamp), float(importance), namespace, meta)
+        # NULL: a NaN that SQLite stored before non-finite numbers were refused; read it back rather than fail
+        timestamp, importance = (math.nan if v is None else float(v) for v in (timestamp, importance))
+        return cls(text, source, timestamp, importance, namespace, meta)
 
 
 @dataclasses.dataclass
