@@ -82,19 +82,21 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=None, help="near-range questions (default 150, --quick 48)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, --quick 3)")
     ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--min_layer", type=int, default=None, help="default: config.model.min_exit_layer")
+    ap.add_argument("--min_layers", default="", help="comma list of first exit layers (default: "
+                    "config.model.min_exit_layer)")
     ap.add_argument("--thresholds", default="0.9,0.8,0.6,0.4")
     a = ap.parse_args()
     n, repeats = a.n or (48 if a.quick else 150), a.repeats or (3 if a.quick else 5)
     config, tokenizer, params = load_for_inference(a.checkpoint)
     args = ModelArgs.from_config(config)
-    min_layer = a.min_layer or args.min_exit_layer
+    min_layers = [int(x) for x in a.min_layers.split(",")] if a.min_layers else [args.min_exit_layer]
     variants = {"full depth (baseline)": (None, 1.0)}
-    for kind in ("softmax", "margin"):
-        for thr in (float(t) for t in a.thresholds.split(",")):
-            variants[f"{kind} >= {thr:g}"] = (EarlyExit(min_layer, kind), thr)
+    for min_layer in min_layers:
+        for kind in ("softmax", "margin"):
+            for thr in (float(t) for t in a.thresholds.split(",")):
+                variants[f"{kind} >= {thr:g}, from layer {min_layer}"] = (EarlyExit(min_layer, kind), thr)
     print(f"{a.checkpoint}: {args.n_layers} layers, d_model {args.d_model}, vocab {args.vocab_size}, "
-          f"exit_loss_weight {args.exit_loss_weight}, exits from layer {min_layer}; load average "
+          f"exit_loss_weight {args.exit_loss_weight}; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
     records = list(factworld.world_from_config(config).qa_records("test", "near", n))
