@@ -173,6 +173,7 @@ def default_config() -> ml_collections.ConfigDict:
     eng.max_new_tokens = 16
     eng.window_tokens = 0  # tokens of recent context kept in the prompt (attention-only path); 0 = data.seq_len
     eng.encoder = ""  # directory of Stage-2 weights (python -m mantis_jax.memory.train); "" = mean-pooled hidden
+    eng.semantic_capacity = 1000000  # semantic items at which the policy's semantic_fill reads 1
     eng.semantic_fallback = False  # service unreachable: log and use the in-process backend instead of failing
 
     d = c.data = ml_collections.ConfigDict()
@@ -372,8 +373,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _one_of(config, "engine.span", ("sentence", "tokens"))
     _require(0.0 < eng.exit_threshold <= 1.0,
              f"config.engine.exit_threshold ({eng.exit_threshold}) must be in (0, 1] (1.0 = full depth)")
-    _positive(config, ("engine.span_tokens", "engine.top_k", "engine.max_new_tokens"))
-    _require(eng.window_tokens >= 0, f"config.engine.window_tokens ({eng.window_tokens}) must be >= 0 (0 = data.seq_len)")
+    _positive(config, ("engine.span_tokens", "engine.top_k", "engine.max_new_tokens", "engine.semantic_capacity"))
+    _require(eng.window_tokens >= 0,
+             f"config.engine.window_tokens ({eng.window_tokens}) must be >= 0 (0 = data.seq_len)")
     d = config.data
     _one_of(config, "data.source", ("factworld", "text", "tokenized", "tfds", "hf"))
     _one_of(config, "data.doc_separator", ("blank_line", "line", "file"))
