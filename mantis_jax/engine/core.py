@@ -17,7 +17,6 @@ FLOPs are added to the trace as each device call returns, from the tokens, layer
 from __future__ import annotations
 
 import os
-import re
 import time
 
 import jax
@@ -33,46 +32,23 @@ from mantis_jax.engine.trace import Answer, Trace
 from mantis_jax.infer.decode import left_pad, stop_mask
 from mantis_jax.infer.runner import newline_ids
 from mantis_jax.memory import encoder as enc
+from mantis_jax.memory.train import complete_config, load_encoder_params, set_key
 from mantis_jax.model.args import ModelArgs
 from mantis_jax.model.ssm import SSMArgs
 from mantis_jax.model.transformer import init_cache
 
 UNKNOWN = "unknown"
 TRAIN_CRITIC = "python -m mantis_jax.control.train_critic"
-_SENTENCE_RE = re.compile(r"[^.!?\n]+[.!?]*")
 ENCODE_BATCH = 64
-
-
-def complete_config(saved: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A saved run's config with every key added since it was written, at its default (then validated)."""
-    full = config_lib.default_config()
-    _merge(full, saved)
-    return config_lib.validate(full)
-
-
-def _merge(into: ml_collections.ConfigDict, other: ml_collections.ConfigDict) -> None:
-    for key, value in other.items():
-        if isinstance(value, ml_collections.ConfigDict) and key in into:
-            _merge(into[key], value)
-        else:
-            with into.ignore_type():
-                into[key] = value
 
 
 def split_spans(text: str, mode: str, tokenizer, span_tokens: int) -> list[str]:
     """Sentences (ending at . ! ? or a newline), or consecutive runs of `span_tokens` tokens."""
     if mode == "sentence":
-        return [m.group(0).strip() for m in _SENTENCE_RE.finditer(text) if m.group(0).strip()]
+        return enc.split_sentences(text)
     ids = tokenizer.encode(text, add_bos=False)
     return [tokenizer.decode(ids[i:i + span_tokens]).strip() for i in range(0, len(ids), span_tokens)
             if tokenizer.decode(ids[i:i + span_tokens]).strip()]
-
-
-def load_encoder(path: str) -> dict:
-    """The retrieval encoder's params from a Stage-2 workdir; one error naming the command when there are none."""
-    from mantis_jax.memory.train import load_encoder_params  # noqa: PLC0415 (orbax only when needed)
-
-    return load_encoder_params(path)
 
 
 class Engine:
@@ -116,7 +92,7 @@ class Engine:
             set_key(config, key, value)
         config_lib.validate(config)
         path = stage2 if stage2 is not None else config.engine.encoder
-        encoder_params = load_encoder(path) if path else None
+        encoder_params = load_encoder_params(path) if path else None
         return cls(config, params, tokenizer, policy=policy, critic=critic, memory=memory,
                    encoder_params=encoder_params)
 
@@ -309,28 +285,6 @@ class Engine:
 
     def close(self) -> None:
         self.memory.close()
-
-
-def set_key(config: ml_collections.ConfigDict, key: str, value) -> None:
-    """`config.<key> = value` for a dotted key, parsing strings to the field's type; unknown keys are an error."""
-    node, parts = config, key.split(".")
-    for p in parts[:-1]:
-        if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
-            raise config_lib.ConfigError(f"unknown config key config.{key} (see mantis_jax/config.py for all keys)")
-        node = node[p]
-    if parts[-1] not in node:
-        raise config_lib.ConfigError(f"unknown config key config.{key} (see mantis_jax/config.py for all keys)")
-    old = node[parts[-1]]
-    if isinstance(value, str) and not isinstance(old, str):
-        if isinstance(old, bool):
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise config_lib.ConfigError(f"config.{key} must be true or false, got {value!r}")
-            value = value.lower() in ("true", "1")
-        elif isinstance(old, int):
-            value = int(value)
-        elif isinstance(old, float):
-            value = float(value)
-    node[parts[-1]] = value
 
 
 def read_context_file(path: str) -> str:

@@ -15,6 +15,7 @@ benchmarks call with host arrays; `flops_per_span` is its cost for the engine's 
 from __future__ import annotations
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -23,6 +24,13 @@ import numpy as np
 
 from mantis_jax.model.args import ModelArgs
 from mantis_jax.model.ssm import MambaStack, SSMArgs
+
+_SENTENCE_RE = re.compile(r"[^.!?\n]+[.!?]*")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of a text (ending at . ! ? or a newline), stripped; the engine's and Stage 2's span unit."""
+    return [m.group(0).strip() for m in _SENTENCE_RE.finditer(text) if m.group(0).strip()]
 
 
 def mean_pool(hidden_btd: jax.Array, mask_bt: jax.Array) -> jax.Array:
@@ -53,7 +61,7 @@ class RetrievalEncoder(nn.Module):
 def init_encoder(config, rng: jax.Array) -> dict:
     args = SSMArgs.from_config(config)
     hidden = jnp.zeros((1, 4, args.d_model), jnp.float32)
-    return jax.jit(RetrievalEncoder(args).init)(rng, hidden, jnp.ones((1, 4), bool))["params"]
+    return nn.unbox(jax.jit(RetrievalEncoder(args).init)(rng, hidden, jnp.ones((1, 4), bool)))["params"]
 
 
 def lm_hidden(model_args: ModelArgs, lm_params, tokens_bt, mask_bt) -> jax.Array:
