@@ -185,6 +185,19 @@ def default_config() -> ml_collections.ConfigDict:
     cr.save_every = 100
     cr.abstain_threshold = 0.5
 
+    eng = c.engine = ml_collections.ConfigDict()  # the per-query pipeline (mantis_jax/engine, docs/engine.md)
+    eng.retrieve = "always"  # always | never: the fixed policy's memory gates (a learned controller replaces it)
+    eng.exit_threshold = 1.0  # per-token confidence at which decoding stops running layers; 1.0 = full depth
+    eng.verify = False  # run the critic on each answer (needs a critic: python -m mantis_jax.control.train_critic)
+    eng.span = "sentence"  # sentence | tokens: what one memory entry holds when reading a context
+    eng.span_tokens = 32  # span = tokens: tokens per span
+    eng.top_k = 3  # retrieved spans placed in the prompt before the question
+    eng.min_score = 0.0  # retrieved spans scoring below this cosine are not placed in the prompt
+    eng.max_new_tokens = 16
+    eng.window_tokens = 0  # tokens of recent context kept in the prompt (attention-only path); 0 = data.seq_len
+    eng.encoder = ""  # directory of Stage-2 weights (python -m mantis_jax.memory.train); "" = mean-pooled hidden
+    eng.semantic_fallback = False  # service unreachable: log and use the in-process backend instead of failing
+
     d = c.data = ml_collections.ConfigDict()
     d.source = "factworld"  # factworld | text | tokenized | tfds | hf
     d.path = ""
@@ -379,6 +392,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(not (config.data.val_split > 0 and config.data.val_file),
              "config.data.val_split and config.data.val_file are both set; use one: "
              "--config.data.val_split=0 or --config.data.val_file=''")
+    eng = config.engine
+    _one_of(config, "engine.retrieve", ("always", "never"))
+    _one_of(config, "engine.span", ("sentence", "tokens"))
+    _require(0.0 < eng.exit_threshold <= 1.0,
+             f"config.engine.exit_threshold ({eng.exit_threshold}) must be in (0, 1] (1.0 = full depth)")
+    _positive(config, ("engine.span_tokens", "engine.top_k", "engine.max_new_tokens"))
+    _require(eng.window_tokens >= 0, f"config.engine.window_tokens ({eng.window_tokens}) must be >= 0 (0 = data.seq_len)")
     d = config.data
     _one_of(config, "data.source", ("factworld", "text", "tokenized", "tfds", "hf"))
     _one_of(config, "data.doc_separator", ("blank_line", "line", "file"))
