@@ -84,6 +84,7 @@ class ControllerNet(nn.Module):
         return out
 
 
+@functools.partial(jax.jit, static_argnums=0)  # jitted: an eager Flax init dispatches op by op
 def init(spec: ControllerSpec, key: jax.Array) -> dict:
     return ControllerNet(spec).init(key, jnp.zeros((1, spec.n_features), jnp.float32))["params"]
 

@@ -15,6 +15,7 @@ from mantis_jax.engine.policy import Decisions, StateSummary
 
 SPEC = ctl.ControllerSpec(d_model=8, n_layers=2, n_experts=3, thresholds=(0.5, 0.9, 1.0), d_hidden=16, depth=1,
                           bias_scale=1.0, bias_std=0.3)
+_apply = jax.jit(ctl.apply, static_argnums=0)  # eager Flax applies dispatch op by op: compile once per shape
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def _direct_log_prob(out, actions):
 
 
 def test_sampled_actions_have_their_distributions_log_prob(params, features):
-    out = ctl.apply(SPEC, params, features)
+    out = _apply(SPEC, params, features)
     actions = ctl.sample(SPEC, out, jax.random.key(2))
     np.testing.assert_allclose(ctl.log_prob(SPEC, out, actions), _direct_log_prob(out, actions), rtol=1e-4,
                                atol=1e-4)
@@ -61,19 +62,19 @@ def test_sampled_actions_have_their_distributions_log_prob(params, features):
 
 def test_samples_follow_the_probabilities_and_mode_is_deterministic(params, features):
     x = jnp.repeat(features[:1], 4000, axis=0)
-    out = ctl.apply(SPEC, params, x)
-    actions = ctl.sample(SPEC, out, jax.random.key(3))
+    out = _apply(SPEC, params, x)
+    actions = jax.jit(ctl.sample, static_argnums=0)(SPEC, out, jax.random.key(3))
     p_gates = np.asarray(jax.nn.sigmoid(out["gate_logits"][0]))
     np.testing.assert_allclose(np.asarray(actions["gates"]).mean(0), p_gates, atol=0.03)
     p_exit = np.asarray(jax.nn.softmax(out["exit_logits"][0]))
     np.testing.assert_allclose(np.bincount(np.asarray(actions["exit"]), minlength=3) / 4000, p_exit, atol=0.03)
     np.testing.assert_allclose(np.asarray(actions["bias"]).std(0), np.exp(np.asarray(out["bias_log_std"])), rtol=0.1)
-    m = ctl.mode(SPEC, ctl.apply(SPEC, params, features))
-    np.testing.assert_array_equal(m["gates"], (np.asarray(ctl.apply(SPEC, params, features)["gate_logits"]) > 0))
+    m = ctl.mode(SPEC, _apply(SPEC, params, features))
+    np.testing.assert_array_equal(m["gates"], (np.asarray(_apply(SPEC, params, features)["gate_logits"]) > 0))
 
 
 def test_entropy_matches_direct_computation(params, features):
-    out = jax.tree.map(np.asarray, ctl.apply(SPEC, params, features))
+    out = jax.tree.map(np.asarray, _apply(SPEC, params, features))
     p = np.exp(out["exit_logits"]) / np.exp(out["exit_logits"]).sum(-1, keepdims=True)
     q = 1 / (1 + np.exp(-out["gate_logits"].astype(np.float64)))
     direct = (-(p * np.log(p)).sum(-1) - (q * np.log(q) + (1 - q) * np.log(1 - q)).sum(-1)
@@ -88,7 +89,7 @@ def test_controller_policy_decides_deterministically(params):
     policy = ctl.Controller(SPEC, params)
     a, b = policy.decide(summary), policy.decide(summary)
     assert isinstance(a, Decisions) and a.to_dict() == b.to_dict()
-    out = ctl.apply(SPEC, params, summary.features()[None])
+    out = _apply(SPEC, params, summary.features()[None])
     assert a.semantic == bool(out["gate_logits"][0, 1] > 0) and a.expert_bias.shape == (2, 3)
     assert a.exit_threshold == SPEC.thresholds[int(jnp.argmax(out["exit_logits"][0]))]
     assert a.probs["verify"] == pytest.approx(float(jax.nn.sigmoid(out["gate_logits"][0, 2])), rel=1e-5)
@@ -116,7 +117,7 @@ def test_ppo_loss_equals_hand_computation():
 
 
 def test_ppo_loss_of_the_network_uses_its_log_probs(params, features):
-    out = ctl.apply(SPEC, params, features)
+    out = _apply(SPEC, params, features)
     actions = ctl.sample(SPEC, out, jax.random.key(4))
     old = jnp.asarray(_direct_log_prob(out, actions)) - 0.1  # the acting policy was a little different
     batch = ppo.Batch(features=features, actions=actions, log_prob=old, value=jnp.zeros(6),
@@ -155,17 +156,17 @@ def test_ppo_learns_to_always_retrieve():
     every state and the sampled policy almost always does."""
     spec = ctl.ControllerSpec(d_model=8, n_layers=2, n_experts=1, thresholds=(0.9, 1.0), d_hidden=16, depth=1)
     args = ppo.PPOArgs(clip=0.2, value_coef=0.5, entropy_coef=0.0, epochs=4, minibatches=2)
-    state = ppo.init_state(spec, jax.random.key(0), 1e-2)
+    state = ppo.init_state(spec, jax.random.key(0), 3e-2)
     key = jax.random.key(1)
-    for i in range(25):
+    for i in range(20):
         k_x, k_a, k_u = jax.random.split(jax.random.fold_in(key, i), 3)
         x = jax.random.normal(k_x, (32, spec.n_features))
         res = ctl.act(spec, state.params, x, False, k_a)
         r = res["actions"]["gates"][:, 1]
-        state, metrics = ppo.update(spec, args, 1e-2, state, ppo.Batch(x, res["actions"], res["log_prob"],
+        state, metrics = ppo.update(spec, args, 3e-2, state, ppo.Batch(x, res["actions"], res["log_prob"],
                                                                        res["value"], r), k_u)
     x = jax.random.normal(jax.random.key(9), (64, spec.n_features))
     res = ctl.act(spec, state.params, x, True, jax.random.key(0))
     assert bool(jnp.all(res["actions"]["gates"][:, 1] == 1.0))
     assert float(jnp.min(res["probs"]["semantic"])) > 0.9
-    assert int(state.step) == 25
+    assert int(state.step) == 20
