@@ -177,7 +177,7 @@ def default_config() -> ml_collections.ConfigDict:
     # The critic: a head on the frozen LM's hidden states over "evidence, Q: question, A: answer" (control/critic.py).
     cr = c.critic = ml_collections.ConfigDict()
     cr.d_hidden = 128
-    cr.window = 256  # tokens the critic reads; longer inputs keep their last tokens (question and answer)
+    cr.window = 256  # tokens the critic reads (at most model.max_seq_len); longer inputs keep their last tokens
     cr.lr = 3e-3
     cr.steps = 400
     cr.batch_size = 64
@@ -468,8 +468,6 @@ def _validate_control(config: ml_collections.ConfigDict) -> None:
              f"({ctl.episodes})")
     _require(0.0 <= cr.abstain_threshold <= 1.0,
              f"config.critic.abstain_threshold ({cr.abstain_threshold}) is a probability and must be in [0, 1]")
-    _require(cr.window <= config.model.max_seq_len,
-             f"config.critic.window ({cr.window}) must be <= config.model.max_seq_len ({config.model.max_seq_len})")
     _require(cr.examples >= 16, f"config.critic.examples ({cr.examples}) must be >= 16")
 
 
