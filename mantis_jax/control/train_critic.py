@@ -69,8 +69,10 @@ def lm_features(args: ModelArgs, lm_params, tokenizer, items: list[dict], window
 
 
 def _answer_fn(config, tokenizer, lm_params, max_new_tokens: int = 8):
+    # one length bucket for the usual prompt (up to 128 tokens): the decode loop compiles once for every split
+    bucket = min(config.model.max_seq_len - max_new_tokens, 128)
     generator = Generator(ModelArgs.from_config(config), lm_params, tokenizer, batch_size=FEATURE_BATCH,
-                          extra_stop_ids=newline_ids(tokenizer))
+                          bucket=bucket, extra_stop_ids=newline_ids(tokenizer))
 
     def answer(records: list[dict]) -> list[str]:
         texts, _ = generator.generate([factworld.prompt(r) for r in records], max_new_tokens=max_new_tokens,
@@ -110,12 +112,17 @@ def _dataset(config, tokenizer, lm_params, workdir: str) -> dict[str, dict]:
     return data
 
 
-def evaluate(config, params, split: dict, threshold: float | None = None) -> dict:
-    d_hidden = config.critic.d_hidden
-    probs = np.asarray(critic_lib.head_probs(d_hidden, params, jax.tree.map(jnp.asarray, split["feats"])))
+@functools.partial(jax.jit, static_argnums=0)
+def _probs_and_loss(d_hidden: int, params, feats: dict, labels_b):
+    return critic_lib.head_probs(d_hidden, params, feats), critic_lib.bce_loss(d_hidden, params, feats, labels_b)
+
+
+def evaluate(config, params, split: dict, threshold: float | None = None) -> tuple[dict, np.ndarray]:
+    """Loss, AUROC, ECE and accuracy at 0.5 of a split (with a threshold, also the abstention figures)."""
     labels = split["labels"]
-    loss = float(critic_lib.bce_loss(d_hidden, params, jax.tree.map(jnp.asarray, split["feats"]),
-                                     jnp.asarray(labels)))
+    probs, loss = _probs_and_loss(config.critic.d_hidden, params, jax.tree.map(jnp.asarray, split["feats"]),
+                                  jnp.asarray(labels))
+    probs, loss = np.asarray(probs), float(loss)
     out = {"loss": loss, "auroc": critic_lib.auroc(probs, labels), "ece": critic_lib.ece(probs, labels),
            "accuracy": float(np.mean((probs >= 0.5) == (labels > 0.5)))}
     if threshold is not None:
