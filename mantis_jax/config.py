@@ -196,7 +196,22 @@ def default_config() -> ml_collections.ConfigDict:
     eng.max_new_tokens = 16
     eng.window_tokens = 0  # tokens of recent context kept in the prompt (attention-only path); 0 = data.seq_len
     eng.encoder = ""  # directory of Stage-2 weights (python -m mantis_jax.memory.train); "" = mean-pooled hidden
+    eng.semantic_capacity = 1000000  # semantic items at which the policy's semantic_fill reads 1
     eng.semantic_fallback = False  # service unreachable: log and use the in-process backend instead of failing
+    rt = c.retrieval = ml_collections.ConfigDict()  # Stage 2: the retrieval encoder (mantis_jax/memory/train.py)
+    rt.steps = 400
+    rt.batch_size = 32  # questions per step; each brings its evidence sentence and its hard negatives
+    rt.context_negatives = 3  # other sentences of the question's context
+    rt.attribute_negatives = 1  # the same attribute of another entity
+    rt.temperature = 0.05  # InfoNCE logits are cosines / temperature
+    rt.lr = 1e-3
+    rt.warmup_steps = 20
+    rt.max_len = 32  # tokens per question or sentence (longer ones are cut)
+    rt.eval_questions = 200  # test-split questions for recall@1/@5 (their contexts' sentences are the gallery)
+    rt.eval_every = 100
+    rt.save_every = 100
+    rt.log_every = 10
+    rt.max_minutes = 0.0  # wall-clock budget (saves and stops when spent); 0 = none
 
     d = c.data = ml_collections.ConfigDict()
     d.source = "factworld"  # factworld | text | tokenized | tfds | hf
@@ -397,8 +412,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _one_of(config, "engine.span", ("sentence", "tokens"))
     _require(0.0 < eng.exit_threshold <= 1.0,
              f"config.engine.exit_threshold ({eng.exit_threshold}) must be in (0, 1] (1.0 = full depth)")
-    _positive(config, ("engine.span_tokens", "engine.top_k", "engine.max_new_tokens"))
-    _require(eng.window_tokens >= 0, f"config.engine.window_tokens ({eng.window_tokens}) must be >= 0 (0 = data.seq_len)")
+    _positive(config, ("engine.span_tokens", "engine.top_k", "engine.max_new_tokens", "engine.semantic_capacity"))
+    _positive(config, ("retrieval.steps", "retrieval.batch_size", "retrieval.temperature", "retrieval.lr",
+                       "retrieval.max_len", "retrieval.eval_questions", "retrieval.eval_every", "retrieval.save_every",
+                       "retrieval.log_every"))
+    for key in ("retrieval.context_negatives", "retrieval.attribute_negatives", "retrieval.warmup_steps",
+                "retrieval.max_minutes"):
+        _require(_get(config, key) >= 0, f"config.{key} ({_get(config, key)}) must be >= 0")
+    _require(eng.window_tokens >= 0,
+             f"config.engine.window_tokens ({eng.window_tokens}) must be >= 0 (0 = data.seq_len)")
     d = config.data
     _one_of(config, "data.source", ("factworld", "text", "tokenized", "tfds", "hf"))
     _one_of(config, "data.doc_separator", ("blank_line", "line", "file"))
