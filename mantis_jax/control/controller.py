@@ -178,6 +178,10 @@ class Controller:
         spec, params = store.load_controller(workdir)
         return cls(spec, params, **kwargs)
 
+    def reseed(self, key: jax.Array) -> None:
+        """Sample the following decisions with keys fold_in(key, 0), fold_in(key, 1), ..."""
+        self._key, self._calls = key, 0
+
     def decide(self, summary: StateSummary) -> Decisions:
         x_bf = jnp.asarray(summary.features(), jnp.float32).reshape(1, -1)
         if x_bf.shape[-1] != self.spec.n_features:

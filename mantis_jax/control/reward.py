@@ -1,9 +1,9 @@
 """The Stage-3 reward: w_c·correct − w_l·latency − w_f·compute + w_cal·calibration, each term in [0, 1].
 
 correct      the final answer matches (exact match; "unknown" on an unanswerable question is correct)
-latency      sequential work counted from what ran, over the full path's: layer steps of the generated tokens,
-             plus one model pass (L layer steps) per retrieval round trip and per critic call. Deterministic:
-             nothing is read from a wall clock.
+latency      sequential work counted from what ran, over the full path's: the layer steps of the generated tokens
+             plus L layer steps per model pass (a prefill, the prefill with retrieved spans, a critic call: a pass
+             is parallel over its tokens, sequential over its layers). Deterministic: no wall clock is read.
 compute      FLOPs that ran over the FLOPs of the same query on the full path (the engine's trace counts both)
 calibration  1 − (confidence − candidate correct)² when the critic ran (a Brier score of its P(supported) against
              whether the answer it judged was right); 0 when it did not run (no confidence was stated)
@@ -41,14 +41,13 @@ class Outcome:
     compute: float  # flops / flops_full
 
 
-def latency_fraction(layers_per_token: list[int], n_layers: int, retrievals: int, critic_calls: int,
-                     full_retrievals: int) -> float:
-    """Sequential layer steps of this query over those of the same tokens on the full path (every token at full
-    depth, `full_retrievals` round trips, one critic call)."""
+def latency_fraction(layers_per_token: list[int], n_layers: int, passes: int, full_passes: int) -> float:
+    """Sequential layer steps of this query (`passes` whole-model passes besides decoding) over those of the same
+    tokens on the full path (every token at full depth, `full_passes` passes)."""
     if not layers_per_token:
         raise ValueError("latency_fraction got no generated tokens; an episode generates at least one")
-    ran = sum(layers_per_token) + n_layers * (retrievals + critic_calls)
-    full = len(layers_per_token) * n_layers + n_layers * (full_retrievals + 1)
+    ran = sum(layers_per_token) + n_layers * passes
+    full = len(layers_per_token) * n_layers + n_layers * full_passes
     return ran / full
 
 

@@ -112,8 +112,10 @@ def parse_args(prog: str, description: str, argv: list[str]) -> tuple[argparse.N
 
 def control_config(saved: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
     """The Stage-1 checkpoint's config with today's control sections (defaults + overrides), validated."""
+    from mantis_jax.memory.train import complete_config  # noqa: PLC0415 (keys added since the run was saved)
+
     flagged = cli.load_config(["prog", *overrides])
-    config = ml_collections.ConfigDict(saved.to_dict())
+    config = complete_config(saved)
     for section in ("controller", "critic", "engine"):
         if section in flagged:
             config[section] = ml_collections.ConfigDict(flagged[section].to_dict())

@@ -1,4 +1,7 @@
-"""A tiny Stage-1 workdir (random weights, one orbax step) shared by the control tests."""
+"""A tiny Stage-1 workdir (random weights, one orbax step) and critics trained on it, shared by the control tests."""
+
+import os
+import shutil
 
 import flax.linen as nn
 import jax
@@ -7,10 +10,12 @@ import numpy as np
 import pytest
 
 from mantis_jax.config import default_config, set_shape, validate
+from mantis_jax.control import train_critic
 from mantis_jax.data import factworld as fw
 from mantis_jax.data import tokenizer as tk
 from mantis_jax.model.args import ModelArgs
 from mantis_jax.train import checkpoint as ckpt_lib
+from mantis_jax.train.checkpoint import load_for_inference
 from mantis_jax.train import state as state_lib
 
 
@@ -44,3 +49,24 @@ def lm_workdir(tmp_path_factory):
     ck.save(1, state, data_states=["{}"], config=config, tokenizer=tokenizer, metrics={})
     ck.close()
     return path
+
+
+FLAGS = ["--config.critic.examples=32", "--config.critic.window=96", "--config.critic.batch_size=16",
+         "--config.critic.save_every=10", "--config.critic.d_hidden=32"]
+
+
+@pytest.fixture(scope="session")
+def lm(lm_workdir):
+    return load_for_inference(lm_workdir)
+
+
+@pytest.fixture(scope="session")
+def critic_runs(lm_workdir, tmp_path_factory):
+    """20 steps in one workdir; 10 then (re-run) 20 in another."""
+    a, b = str(tmp_path_factory.mktemp("critic_a")), str(tmp_path_factory.mktemp("critic_b"))
+    full = train_critic.main([f"--checkpoint={lm_workdir}", f"--workdir={a}", "--config.critic.steps=20", *FLAGS])
+    shutil.copy(os.path.join(a, "critic_data.npz"), b)  # same examples; spares a second feature pass
+    first = train_critic.main([f"--checkpoint={lm_workdir}", f"--workdir={b}", "--config.critic.steps=10", *FLAGS])
+    resumed = train_critic.main([f"--checkpoint={lm_workdir}", f"--workdir={b}", "--config.critic.steps=20",
+                                 *FLAGS])
+    return a, b, full, first, resumed

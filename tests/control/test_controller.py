@@ -133,7 +133,7 @@ def test_ppo_loss_of_the_network_uses_its_log_probs(params, features):
 
 
 def test_reward_terms():
-    lat = reward.latency_fraction([2, 2, 4], n_layers=4, retrievals=1, critic_calls=0, full_retrievals=2)
+    lat = reward.latency_fraction([2, 2, 4], n_layers=4, passes=1, full_passes=3)
     assert lat == pytest.approx((8 + 4) / (12 + 4 * 3))
     w = reward.Weights.from_config(default_config())
     total, terms = reward.reward(reward.Outcome(correct=True, candidate_correct=True, confidence=0.8,

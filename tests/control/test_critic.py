@@ -3,7 +3,6 @@
 
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -15,28 +14,6 @@ from mantis_jax.control import critic as critic_lib
 from mantis_jax.control import critic_data, store, train_critic
 from mantis_jax.data import factworld as fw
 from mantis_jax.model.args import ModelArgs
-from mantis_jax.train.checkpoint import load_for_inference
-
-FLAGS = ["--config.critic.examples=32", "--config.critic.window=96", "--config.critic.batch_size=16",
-         "--config.critic.save_every=10", "--config.critic.d_hidden=32"]
-
-
-@pytest.fixture(scope="module")
-def lm(lm_workdir):
-    return load_for_inference(lm_workdir)
-
-
-@pytest.fixture(scope="module")
-def trained(lm_workdir, tmp_path_factory):
-    """20 steps in one workdir; 10 then (re-run) 20 in another."""
-    a, b = str(tmp_path_factory.mktemp("critic_a")), str(tmp_path_factory.mktemp("critic_b"))
-    full = train_critic.main([f"--checkpoint={lm_workdir}", f"--workdir={a}", "--config.critic.steps=20", *FLAGS])
-    shutil.copy(os.path.join(a, "critic_data.npz"), b)  # same examples; spares a second feature pass
-    first = train_critic.main([f"--checkpoint={lm_workdir}", f"--workdir={b}", "--config.critic.steps=10", *FLAGS])
-    resumed = train_critic.main([f"--checkpoint={lm_workdir}", f"--workdir={b}", "--config.critic.steps=20",
-                                 *FLAGS])
-    return a, b, full, first, resumed
-
 
 def test_loss_falls_on_a_tiny_separable_set():
     """Labels are the sign of one feature direction: the head must drive the loss well down."""
@@ -109,8 +86,8 @@ def test_examples_cover_every_kind():
             assert e["label"] == 0
 
 
-def test_cli_trains_checkpoints_and_resumes_exactly(trained, lm_workdir):
-    a, b, full, first, resumed = trained
+def test_cli_trains_checkpoints_and_resumes_exactly(critic_runs, lm_workdir):
+    a, b, full, first, resumed = critic_runs
     assert np.mean(full["train_losses"][-5:]) < np.mean(full["train_losses"][:5])
     assert store.steps(a) == [10, 20] and store.steps(b) == [10, 20]
     assert first["step"] == 10 and len(resumed["train_losses"]) == 10
@@ -130,8 +107,8 @@ def _config(workdir):
     return store.read_json(workdir, store.CRITIC_COMMAND)[1]
 
 
-def test_critic_scores_like_the_batched_features(trained, lm):
-    a = trained[0]
+def test_critic_scores_like_the_batched_features(critic_runs, lm):
+    a = critic_runs[0]
     critic = critic_lib.Critic.from_workdir(a, lm=lm)
     q, ans, ev = "How old is Bo?", "54", ["Bo is 54 years old. Bo lives in Brisk."]
     config, tokenizer, params = lm
@@ -139,7 +116,7 @@ def test_critic_scores_like_the_batched_features(trained, lm):
                                      [{"question": q, "answer": ans, "evidence": ev}], critic.window)
     expect = float(critic_lib.head_probs(critic.d_hidden, critic.head_params, jax.tree.map(jnp.asarray, feats))[0])
     assert critic.score(q, ans, ev) == pytest.approx(expect, rel=1e-4)
-    assert critic.threshold == pytest.approx(trained[2]["threshold"]) and critic.flops() > 0
+    assert critic.threshold == pytest.approx(critic_runs[2]["threshold"]) and critic.flops() > 0
 
 
 def test_missing_critic_names_the_command(tmp_path):
