@@ -87,7 +87,7 @@ def plot(results: dict, path: str, command: str) -> None:
             best = a
     ax.plot(*zip(*front), color="steelblue", alpha=0.4, linestyle="--", label="front of the fixed policies")
     ax.set_xlabel("compute (FLOPs / full path)")
-    ax.set_ylabel("accuracy (exact match; 'unknown' right when unanswerable)")
+    ax.set_ylabel("accuracy (exact match)")
     ax.set_title(f"accuracy vs compute, factworld test, {DATE}", fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     fig.text(0.01, 0.01, command, fontsize=6, color="gray")

@@ -37,7 +37,7 @@ FEATURE_BATCH = 16
 
 
 def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    return optax.adamw(float(config.critic.lr), weight_decay=1e-4)
+    return optax.adamw(float(config.critic.lr), weight_decay=float(config.critic.weight_decay))
 
 
 def init_state(config: ml_collections.ConfigDict, key: jax.Array) -> dict:
@@ -45,11 +45,11 @@ def init_state(config: ml_collections.ConfigDict, key: jax.Array) -> dict:
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer(config).init(params)}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2,))
-def train_step(d_hidden: int, lr: float, state: dict, feats: dict, labels_b) -> tuple[dict, jax.Array]:
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3,))
+def train_step(d_hidden: int, lr: float, weight_decay: float, state: dict, feats: dict, labels_b) -> tuple[dict, jax.Array]:
     loss, grads = jax.value_and_grad(functools.partial(critic_lib.bce_loss, d_hidden))(state["params"], feats,
                                                                                         labels_b)
-    tx = optax.adamw(lr, weight_decay=1e-4)
+    tx = optax.adamw(lr, weight_decay=weight_decay)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
             "opt_state": opt_state}, loss
@@ -156,7 +156,7 @@ def train(config: ml_collections.ConfigDict, checkpoint: str, workdir: str, *, l
     threshold = float(cr.abstain_threshold)
     for step in range(start, cr.steps):
         idx = jax.random.choice(jax.random.fold_in(jax.random.key(config.seed), step), n, (batch,), replace=False)
-        state, loss = train_step(cr.d_hidden, float(cr.lr), state, jax.tree.map(lambda a: a[idx], feats),
+        state, loss = train_step(cr.d_hidden, float(cr.lr), float(cr.weight_decay), state, jax.tree.map(lambda a: a[idx], feats),
                                  labels[idx])
         losses.append(float(loss))
         progress.update(1)

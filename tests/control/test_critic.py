@@ -23,13 +23,13 @@ def test_loss_falls_on_a_tiny_separable_set():
     rng = np.random.default_rng(0)
     feats = {"h_answer": rng.normal(size=(32, 8)).astype(np.float32),
              "h_prompt": rng.normal(size=(32, 8)).astype(np.float32),
-             "lm": rng.normal(size=(32, 3)).astype(np.float32)}
+             "lm": rng.normal(size=(32, 4)).astype(np.float32)}
     labels = jnp.asarray((feats["h_answer"][:, 0] - feats["h_prompt"][:, 1] > 0).astype(np.float32))
     feats = jax.tree.map(jnp.asarray, feats)
     state = train_critic.init_state(config, jax.random.key(0))
     losses = []
     for _ in range(60):
-        state, loss = train_critic.train_step(16, 1e-2, state, feats, labels)
+        state, loss = train_critic.train_step(16, 1e-2, 1e-4, state, feats, labels)
         losses.append(float(loss))
     assert losses[-1] < 0.25 * losses[0]
     probs = critic_lib.head_probs(16, state["params"], feats)
