@@ -33,6 +33,7 @@ from mantis_jax.control.episodes import EngineEpisodes  # noqa: E402
 from mantis_jax.data import factworld  # noqa: E402
 from mantis_jax.engine.core import Engine  # noqa: E402
 from mantis_jax.engine.policy import Decisions, FixedPolicy  # noqa: E402
+from mantis_jax.memory.train import load_encoder_params  # noqa: E402
 from mantis_jax.train.checkpoint import load_for_inference  # noqa: E402
 from mantis_jax.train.metrics import read_jsonl  # noqa: E402
 
@@ -100,6 +101,7 @@ def main() -> None:
     p.add_argument("--checkpoint", required=True, help="Stage-1 workdir (the LM)")
     p.add_argument("--critic", required=True, help="critic workdir (python -m mantis_jax.control.train_critic)")
     p.add_argument("--controller", default="", help="Stage-3 workdir (python -m mantis_jax.control.train_rl)")
+    p.add_argument("--stage2", default="", help="Stage-2 workdir: its trained retrieval encoder (default: none)")
     p.add_argument("--n", type=int, default=24, help="test questions per kind")
     p.add_argument("--entropy", type=float, default=0.3, help="threshold of the entropy heuristic")
     p.add_argument("--out", default="control_benchmark", help="writes <out>.json and <out>.png")
@@ -108,7 +110,8 @@ def main() -> None:
     saved, tokenizer, params = load_for_inference(a.checkpoint)
     config = store.control_config(saved, [])
     critic = Critic.from_workdir(a.critic, lm=(config, tokenizer, params))
-    engine = Engine(config, params, tokenizer, critic=critic)
+    encoder = load_encoder_params(a.stage2) if a.stage2 else None
+    engine = Engine(config, params, tokenizer, critic=critic, encoder_params=encoder)
     env = EngineEpisodes(engine, "test", distance=config.controller.distance)
     weights = reward.Weights.from_config(config)
     indices = list(range(4 * a.n))

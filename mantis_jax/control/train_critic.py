@@ -46,7 +46,8 @@ def init_state(config: ml_collections.ConfigDict, key: jax.Array) -> dict:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3,))
-def train_step(d_hidden: int, lr: float, weight_decay: float, state: dict, feats: dict, labels_b) -> tuple[dict, jax.Array]:
+def train_step(d_hidden: int, lr: float, weight_decay: float, state: dict, feats: dict,
+               labels_b) -> tuple[dict, jax.Array]:
     loss, grads = jax.value_and_grad(functools.partial(critic_lib.bce_loss, d_hidden))(state["params"], feats,
                                                                                         labels_b)
     tx = optax.adamw(lr, weight_decay=weight_decay)
@@ -156,8 +157,8 @@ def train(config: ml_collections.ConfigDict, checkpoint: str, workdir: str, *, l
     threshold = float(cr.abstain_threshold)
     for step in range(start, cr.steps):
         idx = jax.random.choice(jax.random.fold_in(jax.random.key(config.seed), step), n, (batch,), replace=False)
-        state, loss = train_step(cr.d_hidden, float(cr.lr), float(cr.weight_decay), state, jax.tree.map(lambda a: a[idx], feats),
-                                 labels[idx])
+        state, loss = train_step(cr.d_hidden, float(cr.lr), float(cr.weight_decay), state,
+                                 jax.tree.map(lambda a: a[idx], feats), labels[idx])
         losses.append(float(loss))
         progress.update(1)
         done = step + 1
