@@ -136,13 +136,17 @@ def auroc(probs, labels) -> float:
     return float(greater + 0.5 * ties)
 
 
-def best_threshold(probs, labels, answerable) -> float:
-    """The threshold that maximises final accuracy on a split: an accepted answer counts when it is supported,
-    an abstention ("unknown") counts when the question was unanswerable."""
+def best_threshold(probs, labels, answerable, max_accuracy_loss: float = 0.1) -> float:
+    """The threshold that accepts the fewest unsupported answers while keeping final accuracy within
+    `max_accuracy_loss` (relative) of accepting everything. Final accuracy counts an accepted supported answer, and
+    an abstention ("unknown") on a question the evidence cannot answer, as right."""
     probs, labels, answerable = np.asarray(probs), np.asarray(labels) > 0.5, np.asarray(answerable, bool)
-    candidates = np.unique(np.concatenate([[0.0], probs, [1.0 + 1e-6]]))
-    scores = [np.mean(np.where(probs >= t, labels, ~answerable)) for t in candidates]
-    return float(candidates[int(np.argmax(scores))])
+    candidates = np.unique(np.concatenate([[0.0], probs]))
+    accuracy = np.array([np.mean(np.where(probs >= t, labels, ~answerable)) for t in candidates])
+    accepted_wrong = np.array([np.mean((probs >= t) & ~labels) for t in candidates])
+    ok = accuracy >= (1.0 - max_accuracy_loss) * accuracy[0]
+    best = min(np.flatnonzero(ok), key=lambda i: (accepted_wrong[i], -accuracy[i]))
+    return float(candidates[best])
 
 
 @dataclasses.dataclass

@@ -4,8 +4,9 @@ Examples come from the factworld the LM trained on (control/critic_data.py: trai
 them the LM's own greedy answers. The frozen LM's features of every example are computed once (and cached in the
 workdir); the head then trains for `critic.steps` Adam steps on shuffled minibatches, a pure function of the step
 (so a resume continues exactly). Every `critic.save_every` steps and at the end: validation loss and AUROC, the
-abstain threshold chosen on val (the one that maximises final accuracy there), an orbax checkpoint; at the end, the
-test split's ECE (10 bins), AUROC and accuracy with and without abstaining. Metrics go to `metrics.jsonl` and
+abstain threshold chosen on val (the one accepting the fewest unsupported answers while final accuracy stays
+within 10% of accepting everything), an orbax checkpoint; at the end, the test split's ECE (10 bins), AUROC,
+accuracy with and without abstaining, and the share accepted per kind of example. Metrics go to `metrics.jsonl` and
 TensorBoard in the workdir; the final summary is printed as JSON. Re-running the command resumes.
 """
 
@@ -131,7 +132,9 @@ def evaluate(config, params, split: dict, threshold: float | None = None) -> tup
         out.update(threshold=threshold,
                    answered_accuracy=float(np.mean(np.where(accept, labels > 0.5, ~split["answerable"]))),
                    unsupported_accepted=float(np.mean(accept[labels < 0.5])),
-                   supported_rejected=float(np.mean(~accept[labels > 0.5])))
+                   supported_rejected=float(np.mean(~accept[labels > 0.5])),
+                   accepted_by_kind={str(k): float(np.mean(accept[split["kinds"] == k]))
+                                     for k in np.unique(split["kinds"])})
     return out, probs
 
 

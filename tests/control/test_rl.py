@@ -128,10 +128,11 @@ def test_never_verify_makes_no_critic_call(engine_env):
     assert fixed.info["trace"].retrieved == [] and critic.calls == 1
 
 
-def test_cli_runs_ppo_on_the_engine(lm_workdir, critic_runs, tmp_path):
+def test_cli_runs_ppo_on_the_engine(lm_workdir, critic_runs, engine_env, tmp_path):
+    """Episodes 0 and 1 (near, far), as above: the engine's jitted steps are already compiled for them."""
     w = str(tmp_path / "rl")
     argv = [f"--checkpoint={lm_workdir}", f"--critic={critic_runs[0]}", f"--workdir={w}",
-            "--config.controller.episodes=4", "--config.controller.minibatches=2", "--config.controller.updates=1",
+            "--config.controller.episodes=2", "--config.controller.minibatches=1", "--config.controller.updates=1",
             "--config.controller.distance=32", "--config.controller.d_hidden=16"]
     summary = train_rl.main(argv)
     assert summary["updates"] == 1 and store.steps(w) == [1]
