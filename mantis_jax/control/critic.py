@@ -136,17 +136,15 @@ def auroc(probs, labels) -> float:
     return float(greater + 0.5 * ties)
 
 
-def best_threshold(probs, labels, answerable, max_accuracy_loss: float = 0.1) -> float:
-    """The threshold that accepts the fewest unsupported answers while keeping final accuracy within
-    `max_accuracy_loss` (relative) of accepting everything. Final accuracy counts an accepted supported answer, and
-    an abstention ("unknown") on a question the evidence cannot answer, as right."""
-    probs, labels, answerable = np.asarray(probs), np.asarray(labels) > 0.5, np.asarray(answerable, bool)
-    candidates = np.unique(np.concatenate([[0.0], probs]))
-    accuracy = np.array([np.mean(np.where(probs >= t, labels, ~answerable)) for t in candidates])
-    accepted_wrong = np.array([np.mean((probs >= t) & ~labels) for t in candidates])
-    ok = accuracy >= (1.0 - max_accuracy_loss) * accuracy[0]
-    best = min(np.flatnonzero(ok), key=lambda i: (accepted_wrong[i], -accuracy[i]))
-    return float(candidates[best])
+def best_threshold(probs, labels, max_rejected: float = 0.1) -> float:
+    """The highest threshold that still accepts all but `max_rejected` of the supported answers: the critic's
+    accuracy cost (right answers turned into "unknown") stays within that share, and as many unsupported answers
+    as possible are refused."""
+    probs, labels = np.asarray(probs, np.float64), np.asarray(labels) > 0.5
+    positives = np.sort(probs[labels])
+    if len(positives) == 0:
+        return 0.5
+    return float(positives[int(np.floor(max_rejected * len(positives)))])
 
 
 @dataclasses.dataclass

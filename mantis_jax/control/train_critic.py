@@ -4,8 +4,8 @@ Examples come from the factworld the LM trained on (control/critic_data.py: trai
 them the LM's own greedy answers. The frozen LM's features of every example are computed once (and cached in the
 workdir); the head then trains for `critic.steps` Adam steps on shuffled minibatches, a pure function of the step
 (so a resume continues exactly). Every `critic.save_every` steps and at the end: validation loss and AUROC, the
-abstain threshold chosen on val (the one accepting the fewest unsupported answers while final accuracy stays
-within 10% of accepting everything), an orbax checkpoint; at the end, the test split's ECE (10 bins), AUROC,
+abstain threshold chosen on val (the highest that still accepts 90% of the supported answers: at most 10% of the
+right answers become "unknown"), an orbax checkpoint; at the end, the test split's ECE (10 bins), AUROC,
 accuracy with and without abstaining, and the share accepted per kind of example. Metrics go to `metrics.jsonl` and
 TensorBoard in the workdir; the final summary is printed as JSON. Re-running the command resumes.
 """
@@ -169,7 +169,7 @@ def train(config: ml_collections.ConfigDict, checkpoint: str, workdir: str, *, l
             writer.write(done, {"loss": float(np.mean(losses[-config.train.log_every:]))}, prefix="critic_train")
         if done % cr.save_every == 0 or done == cr.steps:
             val, val_probs = evaluate(config, state["params"], data["val"])
-            threshold = critic_lib.best_threshold(val_probs, data["val"]["labels"], data["val"]["answerable"])
+            threshold = critic_lib.best_threshold(val_probs, data["val"]["labels"])
             writer.write(done, {**val, "threshold": threshold}, prefix="critic_val")
             progress.set_postfix(val_loss=f"{val['loss']:.3f}", auroc=f"{val['auroc']:.3f}")
             store.save(workdir, done, state, config=config,

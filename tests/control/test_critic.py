@@ -69,13 +69,12 @@ def test_metrics_against_direct_definitions():
     expect = 0.25 * (0.1 + 0.65 + 0.4 + 0.2)
     assert critic_lib.ece([0.3, 0.35, 0.9], [0, 1, 1]) == pytest.approx(2 / 3 * abs(0.5 - 0.325) + 1 / 3 * 0.1)
     assert critic_lib.ece(probs, labels) == pytest.approx(expect)
-    # accept all: accuracy 2/4 (0.6 and 0.8 supported), 2 unsupported accepted. t = 0.6: accuracy 3/4 (and 0.4's
-    # question is unanswerable: abstaining is right), none accepted wrongly -> the lowest threshold doing that
-    t = critic_lib.best_threshold([0.1, 0.4, 0.6, 0.8], labels, answerable=[True, False, True, True])
-    assert t == pytest.approx(0.6)
-    # a threshold that would cost more than 10% of the accept-all accuracy is not taken
-    t = critic_lib.best_threshold([0.1, 0.4, 0.6, 0.8], [0, 1, 1, 1], answerable=[True, True, True, True])
-    assert t == pytest.approx(0.4)
+    # the highest threshold keeping >= 90% of the supported answers: with 2 or 3 of them, all (the lowest one)
+    assert critic_lib.best_threshold([0.1, 0.4, 0.6, 0.8], labels) == pytest.approx(0.6)
+    assert critic_lib.best_threshold([0.1, 0.4, 0.6, 0.8], [0, 1, 1, 1]) == pytest.approx(0.4)
+    pos = np.linspace(0.3, 0.9, 10)  # 10 supported: one may be refused, the threshold is the second lowest
+    t = critic_lib.best_threshold(np.concatenate([pos, [0.95]]), np.r_[np.ones(10), 0])
+    assert t == pytest.approx(pos[1]) and np.mean(pos >= t) == pytest.approx(0.9)
 
 
 def test_examples_cover_every_kind():
