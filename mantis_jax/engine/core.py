@@ -255,7 +255,7 @@ class Engine:
         critic_flops = 0.0
         if decisions.verify:
             t = time.perf_counter()
-            evidence = [h.text for h in used]
+            evidence = [text.rsplit("\nQ:", 1)[0].strip()]  # what the model read: retrieved spans and the window
             score = float(self.critic.score(question, candidate, evidence))
             critic_flops = float(getattr(self.critic, "flops", lambda *a: 0.0)(question, candidate, evidence))
             trace.add_flops("critic", critic_flops)
