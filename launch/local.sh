@@ -10,8 +10,12 @@
 #   MANTIS_CPU_DEVICES=K   fake CPU devices per process (sets XLA_FLAGS, JAX_PLATFORMS=cpu)
 #   MANTIS_PORT=P          coordinator port (default: a free one)
 #   PYTHON=...             interpreter (default: .venv/bin/python when present, else python3)
-# Every output line is prefixed with "[p<i>] ". If one process fails, the others are stopped and the exit status
-# is that process's.
+#   MANTIS_STOP_TIMEOUT=S  seconds the processes get to save and exit after a stop request (default 300)
+# Every output line is prefixed with "[p<i>] ". If one process fails, the others are stopped (SIGTERM, SIGKILL after
+# 10 s: without the failed one their collectives cannot finish) and the exit status is that process's.
+# SIGTERM or SIGINT (Ctrl-C) to this script is forwarded to every process as SIGTERM: the trainer's processes agree
+# on a step, save a checkpoint there and exit (re-run the same command to resume). The script waits for them
+# (SIGKILL after MANTIS_STOP_TIMEOUT, or at once on a second signal) and exits 128 + the signal's number.
 set -euo pipefail
 
 if [[ $# -lt 1 || ! "$1" =~ ^[0-9]+$ || "$1" -lt 1 ]]; then
@@ -35,10 +39,34 @@ if [[ -n "${MANTIS_CPU_DEVICES:-}" ]]; then
 fi
 
 pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+stopping=0
+watchdog=""
+signal_status=0
+
+stop_children() {  # $1: the signal; $2: seconds before SIGKILL
+  for pid in "${pids[@]}"; do kill -"$1" "$pid" 2>/dev/null || true; done
+  if [[ -z "$watchdog" ]]; then
+    (trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
+     sleep "$2" & sleeper=$!
+     wait "$sleeper"
+     for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done) &
+    watchdog=$!
+  fi
 }
-trap cleanup INT TERM
+
+on_signal() {  # $1: the exit status this script will report (128 + signal number)
+  if ((stopping)); then
+    echo "launch/local.sh: second stop request: killing the processes" >&2
+    for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    return
+  fi
+  stopping=1
+  signal_status=$1
+  echo "launch/local.sh: stop requested: the processes save a checkpoint and exit" >&2
+  stop_children TERM "${MANTIS_STOP_TIMEOUT:-300}"
+}
+trap 'on_signal 130' INT
+trap 'on_signal 143' TERM
 
 for ((i = 0; i < N; i++)); do
   MANTIS_COORDINATOR="127.0.0.1:$PORT" MANTIS_NUM_PROCESSES="$N" MANTIS_PROCESS_ID="$i" \
@@ -49,17 +77,24 @@ done
 status=0
 live=("${pids[@]}")
 while ((${#live[@]} > 0)); do
+  done_pid=""
   set +e
   wait -n -p done_pid "${live[@]}"
   rc=$?
   set -e
+  [[ -z "${done_pid:-}" ]] && continue  # a signal interrupted the wait (the trap ran): wait again
   next=()
   for pid in "${live[@]}"; do [[ "$pid" != "$done_pid" ]] && next+=("$pid"); done
-  live=("${next[@]}")
+  live=("${next[@]+"${next[@]}"}")
   if ((rc != 0 && status == 0)); then
     status=$rc
-    echo "launch/local.sh: process $done_pid exited with status $rc; stopping the others" >&2
-    cleanup
+    if ((!stopping)); then
+      echo "launch/local.sh: process $done_pid exited with status $rc; stopping the others" >&2
+      stopping=1
+      stop_children TERM 10
+    fi
   fi
 done
+if [[ -n "$watchdog" ]]; then kill "$watchdog" 2>/dev/null || true; fi
+if ((status == 0)); then status=$signal_status; fi
 exit "$status"

@@ -10,8 +10,9 @@ progress bar), orbax checkpoints in `<workdir>/checkpoints`, and the summary dic
 Re-running with the same workdir resumes from its newest readable checkpoint (`resume=` names another workdir),
 exactly: the state, the data iterator position and the early-stopping counters are all restored, and the step rng
 is `fold_in(rng, step)`. Stops: total steps reached, early stop (`train.patience` evals without a val loss below
-best - `train.min_delta`), the time budget (`train.max_minutes`), Ctrl-C (saves, then exits cleanly) or a
-non-finite loss (raises TrainingError; the last good checkpoint stays the newest).
+best - `train.min_delta`), the time budget (`train.max_minutes`), Ctrl-C or SIGTERM (saves, then exits cleanly)
+or a non-finite loss (raises TrainingError; the last good checkpoint stays the newest). In a multi-process run
+every stop, evaluation and save happens at the same step on every process (train/coordination.py).
 """
 
 from __future__ import annotations
@@ -20,9 +21,7 @@ import functools
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from typing import Any, Callable
 
@@ -39,6 +38,7 @@ from mantis_jax.model.args import ModelArgs
 from mantis_jax.model.summary import flops_per_token, param_counts
 from mantis_jax.parallel import mesh as mesh_lib
 from mantis_jax.parallel import throughput
+from mantis_jax.train import coordination
 from mantis_jax.train import metrics as metrics_lib
 from mantis_jax.train import state as state_lib
 from mantis_jax.train.checkpoint import Checkpointer, CheckpointError, config_differences
@@ -80,20 +80,6 @@ def compiled_steps(args: ModelArgs, train_json: str, mesh: jax.sharding.Mesh, ru
     }
 
 
-def _gather_strings(text: str) -> list[str]:
-    """Every process's string, in process order (the data iterator states a checkpoint holds)."""
-    if jax.process_count() == 1:
-        return [text]
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
-    raw = np.frombuffer(text.encode(), np.uint8)
-    sizes = np.asarray(multihost_utils.process_allgather(np.array([raw.size], np.int32))).reshape(-1)
-    padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[:raw.size] = raw
-    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
-    return [bytes(row[:n]).decode() for row, n in zip(rows, sizes)]
-
-
 def _check_batch_fits(config, mesh: jax.sharding.Mesh, sharding) -> None:
     spec = sharding.spec[0]
     axes = [a for a in (spec if isinstance(spec, tuple) else (spec,)) if a]
@@ -103,29 +89,6 @@ def _check_batch_fits(config, mesh: jax.sharding.Mesh, sharding) -> None:
         raise config_lib.ConfigError(
             f"config.data.batch_size ({rows}) must be divisible by the {shards} batch shards of the mesh "
             f"(mesh axes {axes} of {dict(mesh.shape)}); use a multiple of {shards} or shrink --config.mesh.data")
-
-
-class _Interrupt:
-    """Ctrl-C (SIGINT) sets a flag the loop checks between steps, so the state is saved whole; a second Ctrl-C
-    interrupts at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
 
 
 def _prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -189,6 +152,8 @@ def _train(config, workdir, ckpt: Checkpointer, source: Checkpointer, on_log, de
                                       process_count=jax.process_count())
     iterator = iter(datasets.train)
     val_batches = datasets.val_batches(t.eval_steps) if t.eval_every > 0 else []
+    if t.eval_every > 0:  # each eval step is a collective: every process runs as many as the longest shard
+        val_batches = coordination.same_count(val_batches, None if val_batches else next(iter(datasets.train)))
 
     args = ModelArgs.from_config(config)
     mesh = mesh_lib.make_mesh(config, devices)
@@ -208,6 +173,7 @@ def _train(config, workdir, ckpt: Checkpointer, source: Checkpointer, on_log, de
         parts = [next(iterator) for _ in range(t.grad_accum)]
         return put({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
 
+    peak = metrics_lib.agreed_peak_flops(t.peak_flops)
     with mesh_lib.activate(mesh, rules):
         abstract = fns["abstract_state"]
         early = {"best_val_loss": math.inf, "best_step": 0, "evals_without_improvement": 0}
@@ -223,7 +189,6 @@ def _train(config, workdir, ckpt: Checkpointer, source: Checkpointer, on_log, de
                       f"run has {jax.process_count()}: the data iterator restarts from the beginning", flush=True)
         else:
             start, state = 0, fns["init"](rng_init)
-        peak = t.peak_flops or metrics_lib.measure_peak_flops()
         writer = metrics_lib.MetricsWriter(workdir, jsonl=config.logging.jsonl,
                                            tensorboard=config.logging.tensorboard, enabled=primary)
         writer.write(start, {"params": n_params, "flops_per_token": flops, "peak_flops": peak,
@@ -255,7 +220,7 @@ class _Loop:
 
     def run(self, state, start: int, total: int, next_batch, rng) -> dict[str, Any]:
         t = self.t
-        deadline = time.monotonic() + 60 * t.max_minutes if t.max_minutes > 0 else None
+        deadline = coordination.Deadline(t.max_minutes, t.log_every)
         progress = tqdm.tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
                              disable=not (self.config.logging.progress and sys.stderr.isatty()
                                           and jax.process_index() == 0))
@@ -263,11 +228,8 @@ class _Loop:
         pending: list = []
         stopped, done = "done", start
         clock = [time.perf_counter(), 0]  # start of the timed window, steps in it
-        with _Interrupt() as interrupt:
+        with coordination.StopRequests() as stop:
             for step in range(start, total):
-                if interrupt.requested:
-                    stopped = "interrupted"
-                    break
                 state, m = self.fns["train_step"](state, next_batch(), jax.random.fold_in(rng, step))
                 done = step + 1
                 pending.append(m)
@@ -278,7 +240,7 @@ class _Loop:
                 progress.update(1)
                 evaluate = t.eval_every > 0 and self.val_batches and done % t.eval_every == 0
                 save = done % t.save_every == 0 or done == total
-                over_time = deadline is not None and time.monotonic() > deadline and done < total
+                over_time = done < total and deadline.passed(done)
                 if pending and (done % t.log_every == 0 or evaluate or save or over_time):
                     self._log(pending, done, clock, progress)
                     pending, clock = [], [time.perf_counter(), 0]
@@ -286,6 +248,11 @@ class _Loop:
                     stopped = "early_stop"
                 elif over_time:
                     stopped = "time_budget"
+                elif done < total and stop.should_stop(done):  # every process stops at this same step
+                    stopped = "interrupted"
+                    if pending:
+                        self._log(pending, done, clock, progress)
+                        pending = []
                 if save or stopped != "done":
                     self._save(state, done)
                 if stopped != "done":
@@ -364,7 +331,7 @@ class _Loop:
             raise TrainingError(f"parameters are not finite after step {done}: training diverged; the last good "
                                 f"checkpoint is step {self.last_saved} in {self.ckpt.directory}. Lower "
                                 f"--config.train.lr (now {self.t.lr})")
-        data_states = _gather_strings(pipeline.iterator_state_to_json(self.iterator))
+        data_states = coordination.gather_strings(pipeline.iterator_state_to_json(self.iterator))
         metrics = dict(self.early)
         if self.last_val.get("step") == done:
             metrics["val_loss"] = self.last_val["val_loss"]
