@@ -40,30 +40,26 @@ fi
 
 pids=()
 stopping=0
-watchdog=""
 signal_status=0
+
+kill_at=""  # SECONDS at which processes asked to stop are killed
 
 stop_children() {  # $1: the signal; $2: seconds before SIGKILL
   for pid in "${pids[@]}"; do kill -"$1" "$pid" 2>/dev/null || true; done
-  if [[ -z "$watchdog" ]]; then
-    (trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
-     sleep "$2" & sleeper=$!
-     wait "$sleeper"
-     for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done) &
-    watchdog=$!
-  fi
+  if [[ -z "$kill_at" ]]; then kill_at=$((SECONDS + $2)); fi
 }
 
 on_signal() {  # $1: the exit status this script will report (128 + signal number)
   if ((stopping)); then
     echo "launch/local.sh: second stop request: killing the processes" >&2
-    for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-    return
+    kill_at=$SECONDS
+  else
+    stopping=1
+    signal_status=$1
+    echo "launch/local.sh: stop requested: the processes save a checkpoint and exit" >&2
+    stop_children TERM "${MANTIS_STOP_TIMEOUT:-300}"
   fi
-  stopping=1
-  signal_status=$1
-  echo "launch/local.sh: stop requested: the processes save a checkpoint and exit" >&2
-  stop_children TERM "${MANTIS_STOP_TIMEOUT:-300}"
+  return 0  # (a bare return would hand back the interrupted wait's status, and errexit would end the script)
 }
 trap 'on_signal 130' INT
 trap 'on_signal 143' TERM
@@ -75,26 +71,44 @@ for ((i = 0; i < N; i++)); do
 done
 
 status=0
-live=("${pids[@]}")
-while ((${#live[@]} > 0)); do
-  done_pid=""
-  set +e
-  wait -n -p done_pid "${live[@]}"
-  rc=$?
-  set -e
-  [[ -z "${done_pid:-}" ]] && continue  # a signal interrupted the wait (the trap ran): wait again
-  next=()
-  for pid in "${live[@]}"; do [[ "$pid" != "$done_pid" ]] && next+=("$pid"); done
-  live=("${next[@]+"${next[@]}"}")
-  if ((rc != 0 && status == 0)); then
-    status=$rc
+ended() {  # $1: pid, $2: its exit status
+  if (($2 != 0 && status == 0)); then
+    status=$2
     if ((!stopping)); then
-      echo "launch/local.sh: process $done_pid exited with status $rc; stopping the others" >&2
+      echo "launch/local.sh: process $1 exited with status $2; stopping the others" >&2
       stopping=1
       stop_children TERM 10
     fi
   fi
+}
+
+# Polled rather than `wait -n`: a trap that interrupts `wait -n` can lose the status of a process it reaped. The
+# shell reaps each ended process and keeps its status for `wait PID`. The pause is a background sleep and `wait`,
+# which a trapped signal interrupts at once (a foreground sleep would make bash drop a SIGINT its child ignored).
+live=("${pids[@]}")
+while ((${#live[@]} > 0)); do
+  next=()
+  for pid in "${live[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then
+      next+=("$pid")
+    else
+      set +e
+      wait "$pid"
+      rc=$?
+      set -e
+      ended "$pid" "$rc"
+    fi
+  done
+  live=("${next[@]+"${next[@]}"}")
+  if [[ -n "$kill_at" ]] && ((SECONDS >= kill_at)); then
+    for pid in "${live[@]+"${live[@]}"}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  fi
+  if ((${#live[@]} > 0)); then
+    sleep 0.5 &
+    pause=$!
+    wait "$pause" || true
+  fi
 done
-if [[ -n "$watchdog" ]]; then kill "$watchdog" 2>/dev/null || true; fi
+if [[ -n "${pause:-}" ]]; then kill "$pause" 2>/dev/null || true; fi
 if ((status == 0)); then status=$signal_status; fi
 exit "$status"
