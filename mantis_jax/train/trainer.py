@@ -4,7 +4,9 @@ Data enters from the grain pipeline (`data.pipeline.make_datasets`) as per-proce
 global arrays on the mesh (`jax.make_array_from_process_local_data` with the batch sharding). The state is created
 sharded (`parallel.mesh.create_sharded` semantics: `jax.eval_shape` then a jitted init with out_shardings) and
 updated by one jitted, donated `train_step(state, batch, rng)` with explicit shardings. Each optimizer step
-consumes `train.grad_accum` batches of `data.batch_size` rows. What leaves: metrics (JSONL + TensorBoard +
+consumes `train.grad_accum` batches of `data.batch_size` rows, cut into shorter rows early in training by the
+length curriculum (`train.seq_len_schedule`, train/curriculum.py); a step that runs out of device memory is retried
+with twice the micro-batches (`train.oom_recovery`, `_Steps`). What leaves: metrics (JSONL + TensorBoard +
 progress bar), orbax checkpoints in `<workdir>/checkpoints`, and the summary dict the function returns.
 
 Re-running with the same workdir resumes from its newest readable checkpoint (`resume=` names another workdir),
@@ -38,7 +40,7 @@ from mantis_jax.model.args import ModelArgs
 from mantis_jax.model.summary import flops_per_token, param_counts
 from mantis_jax.parallel import mesh as mesh_lib
 from mantis_jax.parallel import throughput
-from mantis_jax.train import coordination
+from mantis_jax.train import coordination, curriculum, hardware
 from mantis_jax.train import metrics as metrics_lib
 from mantis_jax.train import state as state_lib
 from mantis_jax.train.checkpoint import Checkpointer, CheckpointError, config_differences
@@ -80,15 +82,73 @@ def compiled_steps(args: ModelArgs, train_json: str, mesh: jax.sharding.Mesh, ru
     }
 
 
-def _check_batch_fits(config, mesh: jax.sharding.Mesh, sharding) -> None:
+def _batch_shards(sharding) -> tuple[list[str], int]:
+    """The mesh axes a batch's rows are split over, and how many shards that makes."""
     spec = sharding.spec[0]
     axes = [a for a in (spec if isinstance(spec, tuple) else (spec,)) if a]
-    shards = math.prod(mesh.shape[a] for a in axes)
+    return axes, math.prod(sharding.mesh.shape[a] for a in axes)
+
+
+def _check_batch_fits(config, mesh: jax.sharding.Mesh, sharding) -> None:
+    axes, shards = _batch_shards(sharding)
     rows = config.data.batch_size
     if rows % shards:
         raise config_lib.ConfigError(
             f"config.data.batch_size ({rows}) must be divisible by the {shards} batch shards of the mesh "
             f"(mesh axes {axes} of {dict(mesh.shape)}); use a multiple of {shards} or shrink --config.mesh.data")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is XLA running out of device memory (RESOURCE_EXHAUSTED)."""
+    text = str(error)
+    return isinstance(error, jax.errors.JaxRuntimeError) and ("RESOURCE_EXHAUSTED" in text
+                                                                or "out of memory" in text.lower())
+
+
+class _Steps:
+    """The jitted train step at the current micro-batch count, recovering from out-of-memory errors.
+
+    A step that runs out of device memory (`train.oom_recovery`) is retried on the same batch with twice the
+    micro-batches of half the rows (the rows per step, so the update, unchanged: accumulation is exact): the step
+    recompiles and the run goes on from the same step. When the rows cannot be halved over the batch shards, or the
+    failed call had already released its (donated) input state, the error says what to change. In a multi-process
+    run every process must hit the error in the same step (the same program on the same shapes does)."""
+
+    def __init__(self, args: ModelArgs, config, mesh, rules):
+        self.args, self.mesh, self.rules, self.recover = args, mesh, rules, config.train.oom_recovery
+        self.train = {k: config.train[k] for k in STEP_KEYS}
+        self.fns = self._compile()
+        self.micro_batches = self.train["grad_accum"]
+
+    def _compile(self) -> dict[str, Any]:
+        return compiled_steps(self.args, json.dumps(self.train, sort_keys=True), self.mesh, self.rules)
+
+    def __call__(self, state, batch: dict, rng, step: int):
+        while True:
+            try:
+                return self.fns["train_step"](state, batch, rng)
+            except jax.errors.JaxRuntimeError as e:
+                if not (self.recover and is_out_of_memory(e)):
+                    raise
+                self._halve(e, state, batch, step)
+
+    def _halve(self, error, state, batch: dict, step: int) -> None:
+        rows, accum = batch["inputs"].shape[0], self.train["grad_accum"]
+        axes, shards = _batch_shards(self.fns["batch_sharding"])
+        where = f"out of memory in step {step + 1} with {accum} micro-batch(es) of {rows // accum} rows"
+        if rows % (2 * accum * shards):
+            raise TrainingError(f"{where}, which cannot be halved over the {shards} batch shards (mesh axes {axes}): "
+                                "lower --config.data.batch_size or --config.data.seq_len, or set "
+                                "--config.model.remat=full") from error
+        if any(x.is_deleted() for x in jax.tree.leaves(state)):
+            raise TrainingError(f"{where}, after the step had consumed its input state; re-run the same command "
+                                f"with --config.train.grad_accum={2 * self.micro_batches} and "
+                                f"--config.data.batch_size=<half> (resumes from the last checkpoint)") from error
+        self.train["grad_accum"] = 2 * accum
+        self.micro_batches = 2 * accum
+        print(f"warning: {where}: retrying it as {2 * accum} micro-batches of {rows // (2 * accum)} rows (the same "
+              f"{rows} rows per step; the step recompiles)", flush=True)
+        self.fns = self._compile()
 
 
 def _prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -158,7 +218,8 @@ def _train(config, workdir, ckpt: Checkpointer, source: Checkpointer, on_log, de
     args = ModelArgs.from_config(config)
     mesh = mesh_lib.make_mesh(config, devices)
     rules = mesh_lib.logical_rules(config)
-    fns = compiled_steps(args, json.dumps({k: t[k] for k in STEP_KEYS}, sort_keys=True), mesh, rules)
+    steps = _Steps(args, config, mesh, rules)
+    fns = steps.fns
     _check_batch_fits(config, mesh, fns["batch_sharding"])
     n_params = param_counts(args)["total"]  # outside the mesh context: it traces the model abstractly
     total = state_lib.total_steps(config)
@@ -169,10 +230,15 @@ def _train(config, workdir, ckpt: Checkpointer, source: Checkpointer, on_log, de
         return {k: jax.make_array_from_process_local_data(fns["batch_sharding"], np.asarray(v))
                 for k, v in batch.items()}
 
-    def next_batch() -> dict:
-        parts = [next(iterator) for _ in range(t.grad_accum)]
-        return put({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+    lengths = curriculum.Curriculum(config)
 
+    def next_batch(step: int) -> dict:
+        parts = [next(iterator) for _ in range(t.grad_accum)]
+        return put(lengths.cut({k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, step))
+
+    hw = hardware.detect(mesh.devices.flat)
+    if primary:
+        print(hw.describe(config), flush=True)
     peak = metrics_lib.agreed_peak_flops(t.peak_flops)
     with mesh_lib.activate(mesh, rules):
         abstract = fns["abstract_state"]
@@ -193,14 +259,15 @@ def _train(config, workdir, ckpt: Checkpointer, source: Checkpointer, on_log, de
                                            tensorboard=config.logging.tensorboard, enabled=primary)
         writer.write(start, {"params": n_params, "flops_per_token": flops, "peak_flops": peak,
                              "optimizer_bytes_per_param": state_lib.bytes_per_param(abstract),
-                             "devices": mesh.size}, prefix="setup")
-        loop = _Loop(config, ckpt, fns, tokenizer, writer, on_log, peak, flops, iterator, val_batches, put, early)
+                             "devices": mesh.size, **hw.metrics(config)}, prefix="setup")
+        loop = _Loop(config, ckpt, steps, tokenizer, writer, on_log, peak, flops, iterator, val_batches, put, early)
         try:
             summary = loop.run(state, start, total, next_batch, rng_steps)
         finally:
             writer.close()
     summary.update(resumed_from=start if restored is not None else None, workdir=workdir,
                    params=n_params, bytes_per_param=state_lib.bytes_per_param(abstract),
+                   micro_batches=steps.micro_batches,
                    tokenizer_fingerprint=tokenizer.fingerprint())
     return summary
 
@@ -208,9 +275,10 @@ def _train(config, workdir, ckpt: Checkpointer, source: Checkpointer, on_log, de
 class _Loop:
     """The step loop and its bookkeeping (logging, evaluation, early stopping, saving)."""
 
-    def __init__(self, config, ckpt, fns, tokenizer, writer, on_log, peak, flops, iterator, val_batches, put,
-                 early):
-        self.config, self.t, self.ckpt, self.fns, self.tokenizer = config, config.train, ckpt, fns, tokenizer
+    def __init__(self, config, ckpt, steps: _Steps, tokenizer, writer, on_log, peak, flops, iterator, val_batches,
+                 put, early):
+        self.config, self.t, self.ckpt, self.tokenizer = config, config.train, ckpt, tokenizer
+        self.train_step, self.fns = steps, steps.fns  # fns: eval_step, all_finite, shardings (any micro-batch)
         self.writer, self.on_log, self.peak, self.flops = writer, on_log, peak, flops
         self.iterator, self.val_batches, self.put, self.early = iterator, val_batches, put, early
         self.tokens_per_step = config.data.batch_size * config.data.seq_len * config.train.grad_accum
@@ -230,7 +298,7 @@ class _Loop:
         clock = [time.perf_counter(), 0]  # start of the timed window, steps in it
         with coordination.StopRequests() as stop:
             for step in range(start, total):
-                state, m = self.fns["train_step"](state, next_batch(), jax.random.fold_in(rng, step))
+                state, m = self.train_step(state, next_batch(step), jax.random.fold_in(rng, step), step)
                 done = step + 1
                 pending.append(m)
                 clock[1] += 1
