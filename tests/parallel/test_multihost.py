@@ -1,10 +1,11 @@
 """Multi-process training through the commands users run: `launch/local.sh 2 --config=configs/micro.py ...` starts
 2 × `python -m mantis_jax.train` (1 fake CPU device each, gloo collectives) on a tiny shape of the micro preset.
 
-One module fixture makes three launches: A runs 10 steps uninterrupted (the reference; the two processes' shares of
-the validation data have 3 and 2 batches, which used to hang the first evaluation); B is the same command in
-another workdir, stopped by SIGTERM to the launcher once training has begun; C re-runs B's command, which resumes
-B's checkpoint. Then one in-process run resumes B's 2-process checkpoint on 1 process with another mesh.
+One module fixture makes three launches: A runs 10 steps uninterrupted (the reference, with the peak-FLOP/s probe;
+the two processes' shares of the validation data have 3 and 2 batches, which used to hang the first evaluation);
+B is the same run in another workdir, stopped by SIGTERM to the launcher once training has begun; C re-runs B's
+command, which resumes B's checkpoint. Then one in-process run resumes B's 2-process checkpoint on 1 process with
+another mesh.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ TINY = ["--config=configs/micro.py", "--config.model.d_model=32", "--config.memo
         "--config.data.val_split=0.1", "--config.data.seq_len=32", "--config.data.batch_size=4",
         f"--config.train.total_steps={TOTAL}", f"--config.train.save_every={EVERY}",
         f"--config.train.eval_every={EVERY}", "--config.train.log_every=1", "--config.train.warmup_steps=2",
-        "--config.train.peak_flops=1e10", "--config.logging.progress=False", "--config.logging.tensorboard=False"]
+        "--config.logging.progress=False", "--config.logging.tensorboard=False"]
+NO_PROBE = ["--config.train.peak_flops=1e10"]  # B and C skip the peak-FLOP/s probe that A runs
 
 
 def _corpus(root):
@@ -48,7 +50,11 @@ def _corpus(root):
 
 
 def _launch(args, log_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", MANTIS_CPU_DEVICES="1", PYTHON=sys.executable)
+    # The launches share a persistent compilation cache: B and C load the programs A compiled.
+    cache = os.path.join(os.path.dirname(log_path), "xla_cache")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", MANTIS_CPU_DEVICES="1", PYTHON=sys.executable,
+               JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     env.pop("XLA_FLAGS", None)
     log = open(log_path, "w")
     return subprocess.Popen(["bash", os.path.join(ROOT, "launch", "local.sh"), "2", *args], env=env, cwd=ROOT,
@@ -102,7 +108,7 @@ def runs(tmp_path_factory):
     a, b = root / "a", root / "b"
     rc_a, out_a = _finish(_launch([*TINY, *data, f"--workdir={a}"], root / "a.log"), root / "a.log", a)
     assert rc_a == 0, f"launch/local.sh 2 failed:\n{out_a[-4000:]}"
-    proc = _launch([*TINY, *data, f"--workdir={b}"], root / "b.log")
+    proc = _launch([*TINY, *NO_PROBE, *data, f"--workdir={b}"], root / "b.log")
     _wait_for(b / "metrics.jsonl", '"split": "setup"', proc)  # set up: the first step is compiling
     proc.send_signal(signal.SIGTERM)
     live_after_kill = None
@@ -112,7 +118,7 @@ def runs(tmp_path_factory):
     finally:
         rc_b, out_b = _finish(proc, root / "b.log", b)
     shutil.copytree(b, root / "b_stopped")
-    rc_c, out_c = _finish(_launch([*TINY, *data, f"--workdir={b}"], root / "c.log"), root / "c.log", b)
+    rc_c, out_c = _finish(_launch([*TINY, *NO_PROBE, *data, f"--workdir={b}"], root / "c.log"), root / "c.log", b)
     assert rc_c == 0, f"the resume failed:\n{out_c[-4000:]}"
     return {"root": root, "data": data, "a": a, "b": b, "out_a": out_a, "rc_b": rc_b, "out_b": out_b,
             "live_after_kill": live_after_kill, "out_c": out_c}
@@ -140,7 +146,9 @@ def test_two_processes_train_and_evaluate_uneven_validation_shares(runs):
     from mantis_jax.train import checkpoint as ck
     from mantis_jax.train import metrics as metrics_lib
 
-    assert "[p0] " in runs["out_a"] and "[p1] " in runs["out_a"]
+    assert "[p0] hardware: 2 x cpu (cpu) in 2 process(es)" in runs["out_a"] and "[p1] " in runs["out_a"]
+    (setup,) = metrics_lib.read_jsonl(str(runs["a"]), "setup")
+    assert setup["peak_flops"] > 1e8  # probed on each process's own device (it used to crash multi-process)
     assert sorted(_losses(runs["a"])) == list(range(1, TOTAL + 1))
     assert ck.list_steps(str(runs["a"])) == [EVERY, TOTAL]
     val = {r["step"]: r for r in metrics_lib.read_jsonl(str(runs["a"]), "val")}
@@ -189,7 +197,7 @@ def test_two_process_checkpoint_resumes_in_one_process_on_another_mesh(runs, tmp
 
     stopped_dir = runs["root"] / "b_stopped"
     (u,) = ck.list_steps(str(stopped_dir))
-    config = _config([*TINY, *runs["data"], "--config.mesh.data=1", "--config.mesh.fsdp=2",
+    config = _config([*TINY, *NO_PROBE, *runs["data"], "--config.mesh.data=1", "--config.mesh.fsdp=2",
                       "--config.mesh.rules_preset=fsdp", f"--config.train.total_steps={u + 1}"])
     summary = train(config, str(tmp_path), resume=str(stopped_dir), devices=jax.devices()[:2])
     assert summary["resumed_from"] == u and summary["step"] == u + 1

@@ -239,9 +239,9 @@ def test_data_parallel_over_two_devices_matches_one(runs, tmp_path):
 
 
 def test_length_curriculum_resumes_exactly_across_a_boundary(runs, tmp_path):
-    """Rows of 8 tokens for steps 1-2, 16 for 3-4, 32 after; a Ctrl-C at step 4 and a resume cross the last
-    boundary. The same windows are read as without a curriculum (the same tokens every step)."""
-    config = make_config(_corpus_of(runs), seq_len_schedule="0:8,2:16,4:32")
+    """Rows of 16 tokens for steps 1-5, 32 after; stopped by Ctrl-C at step 4, the resumed run crosses the boundary
+    at the step the schedule says. The same windows are read as without a curriculum (the same tokens each step)."""
+    config = make_config(_corpus_of(runs), seq_len_schedule="0:16,5:32")
 
     def ctrl_c_at_4(step, split, metrics):
         if split == "train" and step == 4:
