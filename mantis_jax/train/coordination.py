@@ -20,7 +20,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -54,19 +54,20 @@ def gather_strings(text: str) -> list[str]:
     return [bytes(row[:n]).decode() for row, n in zip(rows, sizes)]
 
 
-def same_count(batches: list[dict[str, np.ndarray]], template: dict[str, np.ndarray] | None = None) -> list[dict]:
+def same_count(batches: list[dict[str, np.ndarray]],
+               template: Callable[[], dict[str, np.ndarray]] | None = None) -> list[dict]:
     """`batches` padded with zero-weight batches to the largest count any process has (every eval step is a
     collective). A zero batch has loss_mask 0 everywhere, so it adds no tokens and changes no weighted metric.
-    `template` gives the batch layout to a process that has no batch of its own."""
+    `template()` gives the batch layout to a process that has no batch of its own (called only then)."""
     if jax.process_count() == 1:
         return batches
     counts = np.asarray(_multihost().process_allgather(np.array([len(batches)], np.int32))).reshape(-1)
     missing = int(counts.max()) - len(batches)
     if missing == 0:
         return batches
-    like = batches[0] if batches else template
-    if like is None:
+    if not batches and template is None:
         raise ValueError("same_count: a process without batches needs a template batch for the layout")
+    like = batches[0] if batches else template()
     blank = {k: np.zeros_like(v) for k, v in like.items()}
     return batches + [blank] * missing
 

@@ -213,7 +213,7 @@ def _train(config, workdir, ckpt: Checkpointer, source: Checkpointer, on_log, de
     iterator = iter(datasets.train)
     val_batches = datasets.val_batches(t.eval_steps) if t.eval_every > 0 else []
     if t.eval_every > 0:  # each eval step is a collective: every process runs as many as the longest shard
-        val_batches = coordination.same_count(val_batches, None if val_batches else next(iter(datasets.train)))
+        val_batches = coordination.same_count(val_batches, lambda: next(iter(datasets.train)))
 
     args = ModelArgs.from_config(config)
     mesh = mesh_lib.make_mesh(config, devices)
