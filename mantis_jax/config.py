@@ -61,7 +61,7 @@ def default_config() -> ml_collections.ConfigDict:
     m.rope_theta = 10000.0
     m.norm_eps = 1e-6
     m.tie_embeddings = True
-    m.dtype = "float32"  # compute dtype: float32 | bfloat16
+    m.dtype = "auto"  # compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16
     m.param_dtype = "float32"
     m.scan_layers = True
     m.remat = "none"  # none | full | dots | dots_no_batch
@@ -285,6 +285,9 @@ def default_config() -> ml_collections.ConfigDict:
     t.peak_flops = 0.0  # FLOP/s for MFU; 0 = measure with a matmul probe at start-up
     t.max_minutes = 0.0  # wall-clock budget of a run (saves and stops when spent); 0 = none
     t.min_delta = 0.0  # a val loss counts as an improvement (early stopping) when below best - min_delta
+    # Trainer robustness (train/curriculum.py, train/trainer.py; checked by _validate_trainer).
+    t.seq_len_schedule = ""  # length curriculum "step:len,...", e.g. "0:64,1000:256"; "" = data.seq_len throughout
+    t.oom_recovery = True  # a step that runs out of memory: halve the micro-batch, double the accumulation, retry
 
     mesh = c.mesh = ml_collections.ConfigDict()
     mesh.data = -1  # -1 fills the remaining devices
@@ -367,7 +370,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(config.data.seq_len <= m.max_seq_len,
              f"config.data.seq_len ({config.data.seq_len}) must be <= config.model.max_seq_len "
              f"({m.max_seq_len}); raise --config.model.max_seq_len")
-    _one_of(config, "model.dtype", ("float32", "bfloat16"))
+    _one_of(config, "model.dtype", ("auto", "float32", "bfloat16"))
     _one_of(config, "model.param_dtype", ("float32", "bfloat16"))
     _one_of(config, "model.remat", ("none", "full", "dots", "dots_no_batch"))
     _require(m.get("attn_block_q", 0) >= 0,
@@ -496,6 +499,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         for t in targets:
             _require(t is None or t in MESH_AXES,
                      f"config.mesh.rules maps {name!r} to unknown mesh axis {t!r}; use one of {MESH_AXES}")
+    _validate_trainer(config)
     return config
 
 
@@ -520,6 +524,41 @@ def _validate_control(config: ml_collections.ConfigDict) -> None:
              f"config.critic.abstain_threshold ({cr.abstain_threshold}) is a probability and must be in [0, 1]")
     _require(cr.examples >= 16, f"config.critic.examples ({cr.examples}) must be >= 16")
     _require(cr.weight_decay >= 0, f"config.critic.weight_decay ({cr.weight_decay}) must be >= 0")
+
+
+def resolve_dtype(name: str) -> str:
+    """A compute dtype name, with "auto" made concrete by the platform: bfloat16 on GPU/TPU, float32 on CPU.
+
+    Called when the model is built (after `jax.distributed.initialize`), never by `validate`: asking JAX for its
+    backend initialises it."""
+    if name != "auto":
+        return name
+    import jax  # noqa: PLC0415 (config stays free of JAX at import time)
+
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def seq_len_schedule(config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
+    """`train.seq_len_schedule` as [(first step, row length), ...] ([(0, data.seq_len)] when empty)."""
+    text = config.train.seq_len_schedule.strip()
+    if not text:
+        return [(0, config.data.seq_len)]
+    try:
+        stages = [(int(step), int(length)) for step, length in (part.split(":") for part in text.split(","))]
+    except ValueError:  # not two integers per stage
+        raise ConfigError(f"config.train.seq_len_schedule ({text!r}) must read 'step:len,step:len,...', e.g. "
+                          f"'0:64,1000:{config.data.seq_len}'") from None
+    return stages
+
+
+def _validate_trainer(config: ml_collections.ConfigDict) -> None:
+    stages, full = seq_len_schedule(config), config.data.seq_len
+    key = f"config.train.seq_len_schedule ({config.train.seq_len_schedule!r})"
+    _require(stages[0][0] == 0, f"{key} must start at step 0, e.g. '0:64,...'")
+    _require(all(a[0] < b[0] for a, b in zip(stages, stages[1:])), f"{key}: its steps must increase")
+    for _, length in stages:
+        _require(0 < length <= full and full % length == 0,
+                 f"{key}: each length must divide config.data.seq_len ({full}); {length} does not")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

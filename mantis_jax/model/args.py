@@ -10,6 +10,8 @@ import dataclasses
 import jax.numpy as jnp
 import ml_collections
 
+from mantis_jax.config import resolve_dtype
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -69,7 +71,8 @@ class ModelArgs:
         return cls(
             vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
             n_kv_heads=m.n_kv_heads, d_ff=m.d_ff, max_seq_len=m.max_seq_len, rope_theta=m.rope_theta,
-            norm_eps=m.norm_eps, tie_embeddings=m.tie_embeddings, dtype=m.dtype, param_dtype=m.param_dtype,
+            norm_eps=m.norm_eps, tie_embeddings=m.tie_embeddings, dtype=resolve_dtype(m.dtype),
+            param_dtype=m.param_dtype,
             scan_layers=m.scan_layers, remat=m.remat, attn_block_q=int(m.get("attn_block_q", 0)),
             kv_conv=int(m.get("kv_conv", 0)),
             init_std=m.init_std, n_experts=moe.n_experts, top_k=moe.top_k, moe_impl=moe.impl,

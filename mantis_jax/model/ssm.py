@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax import lax
 
+from mantis_jax.config import resolve_dtype
 from mantis_jax.model.layers import RMSNorm, constrain, logical_param
 
 SCAN_IMPLS = ("sequential", "associative", "chunked")
@@ -225,8 +226,8 @@ class SSMArgs:
         ep, m = config.memory.episodic, config.model
         return cls(d_model=ep.d_model, d_state=ep.d_state, d_conv=ep.d_conv, expand=ep.expand,
                    n_layers=ep.n_layers, dt_rank=ep.dt_rank, dt_min=ep.dt_min, dt_max=ep.dt_max,
-                   scan_impl=ep.scan_impl, chunk_size=ep.chunk_size, norm_eps=m.norm_eps, dtype=m.dtype,
-                   param_dtype=m.param_dtype)
+                   scan_impl=ep.scan_impl, chunk_size=ep.chunk_size, norm_eps=m.norm_eps,
+                   dtype=resolve_dtype(m.dtype), param_dtype=m.param_dtype)
 
     def replace(self, **changes) -> "SSMArgs":
         return dataclasses.replace(self, **changes)

@@ -2,7 +2,7 @@
 
 Re-running the same command resumes from the workdir's newest checkpoint; `--resume=<workdir>` resumes from
 another run's. Bad input (data, tokenizer, checkpoint, a diverging loss) ends with one line on stderr and status
-2; Ctrl-C saves a checkpoint and exits cleanly. The run's summary is printed as JSON at the end.
+2; Ctrl-C or SIGTERM saves a checkpoint and exits cleanly. The run's summary is printed as JSON at the end.
 """
 
 from __future__ import annotations

@@ -26,11 +26,13 @@ TENSORBOARD_DIR = "tensorboard"
 def measure_peak_flops(n: int = 1024, reps: int = 5, dtype=jnp.float32, device=None) -> float:
     """FLOP/s of a jitted n×n @ n×n matmul (best of `reps` timed calls after a warm-up): the MFU denominator.
 
-    Several chained matmuls per call amortise the dispatch, so the figure is the matmul unit's, not Python's."""
-    device = device or jax.devices()[0]
+    Several chained matmuls per call amortise the dispatch, so the figure is the matmul unit's, not Python's. The
+    operands are made on the host and put on one of this process's own devices (`device`, default its first), so
+    the probe runs alone on each process of a multi-process job and inside any mesh context."""
+    device = device or jax.local_devices()[0]
     chain = 4
-    a = jax.device_put(jax.random.normal(jax.random.key(0), (n, n), dtype) / math.sqrt(n), device)
-    b = jax.device_put(jax.random.normal(jax.random.key(1), (n, n), dtype) / math.sqrt(n), device)
+    rng = np.random.default_rng(0)
+    a, b = (jax.device_put((rng.standard_normal((n, n)) / math.sqrt(n)).astype(dtype), device) for _ in range(2))
 
     @jax.jit
     def matmuls(x, y):
@@ -45,6 +47,19 @@ def measure_peak_flops(n: int = 1024, reps: int = 5, dtype=jnp.float32, device=N
         matmuls(a, b).block_until_ready()
         best = min(best, time.perf_counter() - t0)
     return chain * 2.0 * n ** 3 / best
+
+
+def agreed_peak_flops(peak_flops: float = 0.0) -> float:
+    """`peak_flops` when set, else the probe's figure; in a multi-process job, process 0's figure on every process
+    (each probes its own device, and MFU must mean the same thing in every process's metrics)."""
+    if peak_flops:
+        return float(peak_flops)
+    measured = measure_peak_flops()
+    if jax.process_count() == 1:
+        return measured
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return float(multihost_utils.broadcast_one_to_all(np.float64(measured)))
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float) -> float:

@@ -4,14 +4,17 @@ Data enters from the grain pipeline (`data.pipeline.make_datasets`) as per-proce
 global arrays on the mesh (`jax.make_array_from_process_local_data` with the batch sharding). The state is created
 sharded (`parallel.mesh.create_sharded` semantics: `jax.eval_shape` then a jitted init with out_shardings) and
 updated by one jitted, donated `train_step(state, batch, rng)` with explicit shardings. Each optimizer step
-consumes `train.grad_accum` batches of `data.batch_size` rows. What leaves: metrics (JSONL + TensorBoard +
+consumes `train.grad_accum` batches of `data.batch_size` rows, cut into shorter rows early in training by the
+length curriculum (`train.seq_len_schedule`, train/curriculum.py); a step that runs out of device memory is retried
+with twice the micro-batches (`train.oom_recovery`, `_Steps`). What leaves: metrics (JSONL + TensorBoard +
 progress bar), orbax checkpoints in `<workdir>/checkpoints`, and the summary dict the function returns.
 
 Re-running with the same workdir resumes from its newest readable checkpoint (`resume=` names another workdir),
 exactly: the state, the data iterator position and the early-stopping counters are all restored, and the step rng
 is `fold_in(rng, step)`. Stops: total steps reached, early stop (`train.patience` evals without a val loss below
-best - `train.min_delta`), the time budget (`train.max_minutes`), Ctrl-C (saves, then exits cleanly) or a
-non-finite loss (raises TrainingError; the last good checkpoint stays the newest).
+best - `train.min_delta`), the time budget (`train.max_minutes`), Ctrl-C or SIGTERM (saves, then exits cleanly)
+or a non-finite loss (raises TrainingError; the last good checkpoint stays the newest). In a multi-process run
+every stop, evaluation and save happens at the same step on every process (train/coordination.py).
 """
 
 from __future__ import annotations
@@ -20,9 +23,7 @@ import functools
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from typing import Any, Callable
 
@@ -39,6 +40,7 @@ from mantis_jax.model.args import ModelArgs
 from mantis_jax.model.summary import flops_per_token, param_counts
 from mantis_jax.parallel import mesh as mesh_lib
 from mantis_jax.parallel import throughput
+from mantis_jax.train import coordination, curriculum, hardware
 from mantis_jax.train import metrics as metrics_lib
 from mantis_jax.train import state as state_lib
 from mantis_jax.train.checkpoint import Checkpointer, CheckpointError, config_differences
@@ -63,13 +65,13 @@ def compiled_steps(args: ModelArgs, train_json: str, mesh: jax.sharding.Mesh, ru
     config = ml_collections.ConfigDict({"train": json.loads(train_json)})
     tx, schedule = state_lib.make_optimizer(config), state_lib.lr_schedule(config)
     init_boxed = state_lib.init_state_fn(args, tx)
-    with mesh_lib.activate(mesh, rules):
-        state_sh = mesh_lib.shardings_of(jax.eval_shape(init_boxed, jax.random.key(0)), mesh, rules)
+    abstract = state_lib.abstract_state_of(args, tx, mesh, rules)
+    state_sh = jax.tree.map(lambda x: x.sharding, abstract)
     batch_sh = mesh_lib.batch_sharding(mesh, rules)
     repl = mesh_lib.replicated(mesh)
     step = make_train_step(args, tx, schedule, config.train.grad_accum)
     return {
-        "tx": tx, "state_sharding": state_sh, "batch_sharding": batch_sh,
+        "tx": tx, "abstract_state": abstract, "state_sharding": state_sh, "batch_sharding": batch_sh,
         "init": jax.jit(lambda rng: mesh_lib.unbox_values(init_boxed(rng)), out_shardings=state_sh),
         "train_step": jax.jit(step, in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl),
                               donate_argnums=0),
@@ -80,24 +82,15 @@ def compiled_steps(args: ModelArgs, train_json: str, mesh: jax.sharding.Mesh, ru
     }
 
 
-def _gather_strings(text: str) -> list[str]:
-    """Every process's string, in process order (the data iterator states a checkpoint holds)."""
-    if jax.process_count() == 1:
-        return [text]
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
-    raw = np.frombuffer(text.encode(), np.uint8)
-    sizes = np.asarray(multihost_utils.process_allgather(np.array([raw.size], np.int32))).reshape(-1)
-    padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[:raw.size] = raw
-    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
-    return [bytes(row[:n]).decode() for row, n in zip(rows, sizes)]
+def _batch_shards(sharding) -> tuple[list[str], int]:
+    """The mesh axes a batch's rows are split over, and how many shards that makes."""
+    spec = sharding.spec[0]
+    axes = [a for a in (spec if isinstance(spec, tuple) else (spec,)) if a]
+    return axes, math.prod(sharding.mesh.shape[a] for a in axes)
 
 
 def _check_batch_fits(config, mesh: jax.sharding.Mesh, sharding) -> None:
-    spec = sharding.spec[0]
-    axes = [a for a in (spec if isinstance(spec, tuple) else (spec,)) if a]
-    shards = math.prod(mesh.shape[a] for a in axes)
+    axes, shards = _batch_shards(sharding)
     rows = config.data.batch_size
     if rows % shards:
         raise config_lib.ConfigError(
@@ -105,27 +98,57 @@ def _check_batch_fits(config, mesh: jax.sharding.Mesh, sharding) -> None:
             f"(mesh axes {axes} of {dict(mesh.shape)}); use a multiple of {shards} or shrink --config.mesh.data")
 
 
-class _Interrupt:
-    """Ctrl-C (SIGINT) sets a flag the loop checks between steps, so the state is saved whole; a second Ctrl-C
-    interrupts at once."""
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is XLA running out of device memory (RESOURCE_EXHAUSTED)."""
+    text = str(error)
+    return isinstance(error, jax.errors.JaxRuntimeError) and ("RESOURCE_EXHAUSTED" in text
+                                                                or "out of memory" in text.lower())
 
-    def __init__(self):
-        self.requested = False
-        self._previous = None
 
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
+class _Steps:
+    """The jitted train step at the current micro-batch count, recovering from out-of-memory errors.
 
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+    A step that runs out of device memory (`train.oom_recovery`) is retried on the same batch with twice the
+    micro-batches of half the rows (the rows per step, so the update, unchanged: accumulation is exact): the step
+    recompiles and the run goes on from the same step. When the rows cannot be halved over the batch shards, or the
+    failed call had already released its (donated) input state, the error says what to change. In a multi-process
+    run every process must hit the error in the same step (the same program on the same shapes does)."""
 
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+    def __init__(self, args: ModelArgs, config, mesh, rules):
+        self.args, self.mesh, self.rules, self.recover = args, mesh, rules, config.train.oom_recovery
+        self.train = {k: config.train[k] for k in STEP_KEYS}
+        self.fns = self._compile()
+        self.micro_batches = self.train["grad_accum"]
+
+    def _compile(self) -> dict[str, Any]:
+        return compiled_steps(self.args, json.dumps(self.train, sort_keys=True), self.mesh, self.rules)
+
+    def __call__(self, state, batch: dict, rng, step: int):
+        while True:
+            try:
+                return self.fns["train_step"](state, batch, rng)
+            except jax.errors.JaxRuntimeError as e:
+                if not (self.recover and is_out_of_memory(e)):
+                    raise
+                self._halve(e, state, batch, step)
+
+    def _halve(self, error, state, batch: dict, step: int) -> None:
+        rows, accum = batch["inputs"].shape[0], self.train["grad_accum"]
+        axes, shards = _batch_shards(self.fns["batch_sharding"])
+        where = f"out of memory in step {step + 1} with {accum} micro-batch(es) of {rows // accum} rows"
+        if rows % (2 * accum * shards):
+            raise TrainingError(f"{where}, which cannot be halved over the {shards} batch shards (mesh axes {axes}): "
+                                "lower --config.data.batch_size or --config.data.seq_len, or set "
+                                "--config.model.remat=full") from error
+        if any(x.is_deleted() for x in jax.tree.leaves(state)):
+            raise TrainingError(f"{where}, after the step had consumed its input state; re-run the same command "
+                                f"with --config.train.grad_accum={2 * self.micro_batches} and "
+                                f"--config.data.batch_size=<half> (resumes from the last checkpoint)") from error
+        self.train["grad_accum"] = 2 * accum
+        self.micro_batches = 2 * accum
+        print(f"warning: {where}: retrying it as {2 * accum} micro-batches of {rows // (2 * accum)} rows (the same "
+              f"{rows} rows per step; the step recompiles)", flush=True)
+        self.fns = self._compile()
 
 
 def _prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -189,11 +212,14 @@ def _train(config, workdir, ckpt: Checkpointer, source: Checkpointer, on_log, de
                                       process_count=jax.process_count())
     iterator = iter(datasets.train)
     val_batches = datasets.val_batches(t.eval_steps) if t.eval_every > 0 else []
+    if t.eval_every > 0:  # each eval step is a collective: every process runs as many as the longest shard
+        val_batches = coordination.same_count(val_batches, lambda: next(iter(datasets.train)))
 
     args = ModelArgs.from_config(config)
     mesh = mesh_lib.make_mesh(config, devices)
     rules = mesh_lib.logical_rules(config)
-    fns = compiled_steps(args, json.dumps({k: t[k] for k in STEP_KEYS}, sort_keys=True), mesh, rules)
+    steps = _Steps(args, config, mesh, rules)
+    fns = steps.fns
     _check_batch_fits(config, mesh, fns["batch_sharding"])
     n_params = param_counts(args)["total"]  # outside the mesh context: it traces the model abstractly
     total = state_lib.total_steps(config)
@@ -204,14 +230,18 @@ def _train(config, workdir, ckpt: Checkpointer, source: Checkpointer, on_log, de
         return {k: jax.make_array_from_process_local_data(fns["batch_sharding"], np.asarray(v))
                 for k, v in batch.items()}
 
-    def next_batch() -> dict:
-        parts = [next(iterator) for _ in range(t.grad_accum)]
-        return put({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+    lengths = curriculum.Curriculum(config)
 
+    def next_batch(step: int) -> dict:
+        parts = [next(iterator) for _ in range(t.grad_accum)]
+        return put(lengths.cut({k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, step))
+
+    hw = hardware.detect(mesh.devices.flat)
+    if primary:
+        print(hw.describe(config), flush=True)
+    peak = metrics_lib.agreed_peak_flops(t.peak_flops)
     with mesh_lib.activate(mesh, rules):
-        abstract = jax.eval_shape(fns["init"], rng_init)
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                abstract, fns["state_sharding"])
+        abstract = fns["abstract_state"]
         early = {"best_val_loss": math.inf, "best_step": 0, "evals_without_improvement": 0}
         restored = source.restore(abstract) if saved_step is not None else None
         if restored is not None:
@@ -225,19 +255,19 @@ def _train(config, workdir, ckpt: Checkpointer, source: Checkpointer, on_log, de
                       f"run has {jax.process_count()}: the data iterator restarts from the beginning", flush=True)
         else:
             start, state = 0, fns["init"](rng_init)
-        peak = t.peak_flops or metrics_lib.measure_peak_flops()
         writer = metrics_lib.MetricsWriter(workdir, jsonl=config.logging.jsonl,
                                            tensorboard=config.logging.tensorboard, enabled=primary)
         writer.write(start, {"params": n_params, "flops_per_token": flops, "peak_flops": peak,
                              "optimizer_bytes_per_param": state_lib.bytes_per_param(abstract),
-                             "devices": mesh.size}, prefix="setup")
-        loop = _Loop(config, ckpt, fns, tokenizer, writer, on_log, peak, flops, iterator, val_batches, put, early)
+                             "devices": mesh.size, **hw.metrics(config)}, prefix="setup")
+        loop = _Loop(config, ckpt, steps, tokenizer, writer, on_log, peak, flops, iterator, val_batches, put, early)
         try:
             summary = loop.run(state, start, total, next_batch, rng_steps)
         finally:
             writer.close()
     summary.update(resumed_from=start if restored is not None else None, workdir=workdir,
                    params=n_params, bytes_per_param=state_lib.bytes_per_param(abstract),
+                   micro_batches=steps.micro_batches,
                    tokenizer_fingerprint=tokenizer.fingerprint())
     return summary
 
@@ -245,9 +275,10 @@ def _train(config, workdir, ckpt: Checkpointer, source: Checkpointer, on_log, de
 class _Loop:
     """The step loop and its bookkeeping (logging, evaluation, early stopping, saving)."""
 
-    def __init__(self, config, ckpt, fns, tokenizer, writer, on_log, peak, flops, iterator, val_batches, put,
-                 early):
-        self.config, self.t, self.ckpt, self.fns, self.tokenizer = config, config.train, ckpt, fns, tokenizer
+    def __init__(self, config, ckpt, steps: _Steps, tokenizer, writer, on_log, peak, flops, iterator, val_batches,
+                 put, early):
+        self.config, self.t, self.ckpt, self.tokenizer = config, config.train, ckpt, tokenizer
+        self.train_step, self.fns = steps, steps.fns  # fns: eval_step, all_finite, shardings (any micro-batch)
         self.writer, self.on_log, self.peak, self.flops = writer, on_log, peak, flops
         self.iterator, self.val_batches, self.put, self.early = iterator, val_batches, put, early
         self.tokens_per_step = config.data.batch_size * config.data.seq_len * config.train.grad_accum
@@ -257,7 +288,7 @@ class _Loop:
 
     def run(self, state, start: int, total: int, next_batch, rng) -> dict[str, Any]:
         t = self.t
-        deadline = time.monotonic() + 60 * t.max_minutes if t.max_minutes > 0 else None
+        deadline = coordination.Deadline(t.max_minutes, t.log_every)
         progress = tqdm.tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
                              disable=not (self.config.logging.progress and sys.stderr.isatty()
                                           and jax.process_index() == 0))
@@ -265,12 +296,9 @@ class _Loop:
         pending: list = []
         stopped, done = "done", start
         clock = [time.perf_counter(), 0]  # start of the timed window, steps in it
-        with _Interrupt() as interrupt:
+        with coordination.StopRequests() as stop:
             for step in range(start, total):
-                if interrupt.requested:
-                    stopped = "interrupted"
-                    break
-                state, m = self.fns["train_step"](state, next_batch(), jax.random.fold_in(rng, step))
+                state, m = self.train_step(state, next_batch(step), jax.random.fold_in(rng, step), step)
                 done = step + 1
                 pending.append(m)
                 clock[1] += 1
@@ -280,7 +308,7 @@ class _Loop:
                 progress.update(1)
                 evaluate = t.eval_every > 0 and self.val_batches and done % t.eval_every == 0
                 save = done % t.save_every == 0 or done == total
-                over_time = deadline is not None and time.monotonic() > deadline and done < total
+                over_time = done < total and deadline.passed(done)
                 if pending and (done % t.log_every == 0 or evaluate or save or over_time):
                     self._log(pending, done, clock, progress)
                     pending, clock = [], [time.perf_counter(), 0]
@@ -288,6 +316,11 @@ class _Loop:
                     stopped = "early_stop"
                 elif over_time:
                     stopped = "time_budget"
+                elif done < total and stop.should_stop(done):  # every process stops at this same step
+                    stopped = "interrupted"
+                    if pending:
+                        self._log(pending, done, clock, progress)
+                        pending = []
                 if save or stopped != "done":
                     self._save(state, done)
                 if stopped != "done":
@@ -366,7 +399,7 @@ class _Loop:
             raise TrainingError(f"parameters are not finite after step {done}: training diverged; the last good "
                                 f"checkpoint is step {self.last_saved} in {self.ckpt.directory}. Lower "
                                 f"--config.train.lr (now {self.t.lr})")
-        data_states = _gather_strings(pipeline.iterator_state_to_json(self.iterator))
+        data_states = coordination.gather_strings(pipeline.iterator_state_to_json(self.iterator))
         metrics = dict(self.early)
         if self.last_val.get("step") == done:
             metrics["val_loss"] = self.last_val["val_loss"]

@@ -1,9 +1,12 @@
 """Launchers pass config overrides straight through and give each process its MANTIS_* coordinates: local.sh,
-the SLURM batch script (with stand-in scontrol/srun) and the Kubernetes manifests (rendered, parsed)."""
+the SLURM batch script (with stand-in scontrol/srun) and the Kubernetes manifests (rendered, parsed); local.sh
+forwards stop requests to its processes and waits for them."""
 
 import os
+import signal
 import subprocess
 import textwrap
+import time
 
 import pytest
 import yaml
@@ -92,3 +95,55 @@ def test_k8s_submit_rejects_bad_options():
     out = subprocess.run(["bash", f"{ROOT}/launch/k8s/submit.sh", "--nodes=2", "--dry-run"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2 and "--image=IMG is required" in out.stderr
+
+
+def _pids_running(marker):
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    out.append(int(pid))
+        except OSError:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("child,signals,expected_rc", [
+    ("saves", [signal.SIGTERM], 143),  # forwarded, waited for, 128 + SIGTERM
+    ("saves", [signal.SIGINT], 130),  # Ctrl-C: forwarded as SIGTERM
+    ("ignores", [signal.SIGTERM], 137),  # killed after MANTIS_STOP_TIMEOUT
+    ("ignores", [signal.SIGTERM, signal.SIGINT], 137),  # a second request kills at once
+])
+def test_local_sh_forwards_stop_requests_and_waits(tmp_path, child, signals, expected_rc):
+    on_term = ('echo "saving $MANTIS_PROCESS_ID"; sleep 0.3; echo "saved $MANTIS_PROCESS_ID"; exit 0'
+               if child == "saves" else 'echo "ignoring $MANTIS_PROCESS_ID"')
+    fake = _script(tmp_path / "python", f"""\
+        trap '{on_term}' TERM
+        echo "up $MANTIS_PROCESS_ID"
+        while true; do sleep 0.05; done
+        """)
+    env = dict(os.environ, PYTHON=fake, MANTIS_PORT="23457",
+               MANTIS_STOP_TIMEOUT="30" if len(signals) > 1 else "1")
+    launcher = subprocess.Popen(["bash", f"{ROOT}/launch/local.sh", "2", "--config.name=x"], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        up = [launcher.stdout.readline() for _ in range(2)]
+        assert sorted(line.split("] ", 1)[-1].strip() for line in up) == ["up 0", "up 1"], up
+        t0 = time.monotonic()
+        for sig in signals:
+            launcher.send_signal(sig)
+            time.sleep(0.3)
+        out, _ = launcher.communicate(timeout=30)
+        elapsed = time.monotonic() - t0
+    finally:
+        launcher.kill()
+        for pid in _pids_running(str(tmp_path)):
+            os.kill(pid, signal.SIGKILL)
+    assert launcher.returncode == expected_rc, out
+    assert "unbound variable" not in out
+    assert _pids_running(str(tmp_path)) == []  # the launcher waited for its processes
+    if child == "saves":
+        assert "saved 0" in out and "saved 1" in out
+    elif len(signals) > 1:
+        assert elapsed < 10 and "second stop request" in out

@@ -1,147 +1,214 @@
-"""Multi-host: 2 processes × 2 fake CPU devices (launch/local.sh, gloo) train exactly like 1 process × 4 devices;
-their orbax checkpoint (written by both processes to one folder) resumes exactly in 1 process.
+"""Multi-process training through the commands users run: `launch/local.sh 2 --config=configs/micro.py ...` starts
+2 × `python -m mantis_jax.train` (1 fake CPU device each, gloo collectives) on a tiny shape of the micro preset.
 
-Run as a script, this file is the worker each process runs: `python tests/parallel/test_multihost.py
---steps=0:3 --mesh=1,4,1,1 [--save=DIR] [--restore=DIR]`; it prints `LOSSES [...]` from process 0.
+One module fixture makes three launches: A runs 10 steps uninterrupted (the reference, with the peak-FLOP/s probe;
+the two processes' shares of the validation data have 3 and 2 batches, which used to hang the first evaluation);
+B is the same run in another workdir, stopped by SIGTERM to the launcher once training has begun; C re-runs B's
+command, which resumes B's checkpoint. Then one in-process run resumes B's 2-process checkpoint on 1 process with
+another mesh.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
+import jax
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-GLOBAL_BATCH, SEQ = 8, 16
+TOTAL, EVERY = 10, 5  # steps; save and eval cadence
+WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "blue", "green", "the", "a", "of", "runs", "sees"]
+# The micro preset at a tiny shape (d_model and the fields that must equal it), on a small text corpus.
+TINY = ["--config=configs/micro.py", "--config.model.d_model=32", "--config.memory.episodic.d_model=32",
+        "--config.memory.semantic.dim=32", "--config.controller.d_model=32", "--config.critic.d_model=32",
+        "--config.model.n_layers=2", "--config.controller.n_layers=2", "--config.model.n_heads=2",
+        "--config.model.n_kv_heads=1", "--config.model.d_ff=64", "--config.data.source=text",
+        "--config.data.val_split=0.1", "--config.data.seq_len=32", "--config.data.batch_size=4",
+        f"--config.train.total_steps={TOTAL}", f"--config.train.save_every={EVERY}",
+        f"--config.train.eval_every={EVERY}", "--config.train.log_every=1", "--config.train.warmup_steps=2",
+        "--config.logging.progress=False", "--config.logging.tensorboard=False"]
+NO_PROBE = ["--config.train.peak_flops=1e10"]  # B and C skip the peak-FLOP/s probe that A runs
 
 
-def _config(mesh_sizes):
-    from mantis_jax.config import default_config, set_shape
+def _corpus(root):
+    rng = np.random.default_rng(0)
+    with open(root / "train.txt", "w") as f:
+        for _ in range(110):  # 11 validation documents: 6 and 5 for the two processes
+            f.write(" ".join(rng.choice(WORDS, 10)) + ".\nA: " + str(rng.choice(WORDS)) + "\n\n")
+    from mantis_jax.data.tokenizer import Tokenizer
 
-    c = default_config()
-    set_shape(c, d_model=32, n_layers=2, n_experts=4, top_k=2)
-    c.model.vocab_size, c.model.n_heads, c.model.n_kv_heads, c.model.d_ff = 128, 4, 2, 64
-    c.train.lr, c.train.warmup_steps, c.train.total_steps = 1e-2, 0, 100
-    c.mesh.rules_preset = "fsdp"
-    for axis, size in zip(("data", "fsdp", "expert", "tensor"), mesh_sizes):
-        c.mesh[axis] = size
-    return c
-
-
-def _global_rows(step):
-    import numpy as np
-
-    rng = np.random.default_rng(step)
-    tokens = rng.integers(0, 128, (GLOBAL_BATCH, SEQ + 1), dtype=np.int32)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((GLOBAL_BATCH, SEQ), np.float32)}
+    Tokenizer.train(open(root / "train.txt").read().split("\n\n"), 300).save(str(root / "tokenizer.json"))
+    return [f"--config.data.path={root / 'train.txt'}", f"--config.data.tokenizer={root / 'tokenizer.json'}",
+            f"--config.data.cache_dir={root / 'cache'}"]
 
 
-_STEPS: dict = {}  # (mesh sizes, device ids) -> (state shardings, jitted step): the resume reuses the reference's
+def _launch(args, log_path):
+    # The launches share a persistent compilation cache: B and C load the programs A compiled.
+    cache = os.path.join(os.path.dirname(log_path), "xla_cache")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", MANTIS_CPU_DEVICES="1", PYTHON=sys.executable,
+               JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env.pop("XLA_FLAGS", None)
+    log = open(log_path, "w")
+    return subprocess.Popen(["bash", os.path.join(ROOT, "launch", "local.sh"), "2", *args], env=env, cwd=ROOT,
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
 
 
-def _sharded_step(config, mesh, rules):
-    import jax
+def _processes_of(workdir) -> list[int]:
+    """Pids of the processes whose command line names `workdir` (the trainers a launch started)."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f"--workdir={workdir}".encode() in f.read():
+                    out.append(int(pid))
+        except OSError:
+            pass
+    return out
 
+
+def _finish(proc, log_path, workdir, timeout=400):
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in _processes_of(workdir):  # never leave a trainer behind, whatever happened
+            os.kill(pid, signal.SIGKILL)
+    with open(log_path) as f:
+        return proc.returncode, f.read()
+
+
+def _wait_for(path, text, proc, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if os.path.exists(path) and text in open(path).read():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{text!r} never appeared in {path}")
+
+
+def _losses(workdir):
+    from mantis_jax.train import metrics as metrics_lib
+
+    return {r["step"]: r["loss"] for r in metrics_lib.read_jsonl(str(workdir), "train")}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multihost")
+    data = _corpus(root)
+    a, b = root / "a", root / "b"
+    rc_a, out_a = _finish(_launch([*TINY, *data, f"--workdir={a}"], root / "a.log"), root / "a.log", a)
+    assert rc_a == 0, f"launch/local.sh 2 failed:\n{out_a[-4000:]}"
+    proc = _launch([*TINY, *NO_PROBE, *data, f"--workdir={b}"], root / "b.log")
+    _wait_for(b / "metrics.jsonl", '"split": "setup"', proc)  # set up: the first step is compiling
+    proc.send_signal(signal.SIGTERM)
+    live_after_kill = None
+    try:
+        proc.wait(timeout=300)
+        live_after_kill = _processes_of(b)
+    finally:
+        rc_b, out_b = _finish(proc, root / "b.log", b)
+    shutil.copytree(b, root / "b_stopped")
+    rc_c, out_c = _finish(_launch([*TINY, *NO_PROBE, *data, f"--workdir={b}"], root / "c.log"), root / "c.log", b)
+    assert rc_c == 0, f"the resume failed:\n{out_c[-4000:]}"
+    return {"root": root, "data": data, "a": a, "b": b, "out_a": out_a, "rc_b": rc_b, "out_b": out_b,
+            "live_after_kill": live_after_kill, "out_c": out_c}
+
+
+def _config(args):
+    from mantis_jax import cli
+
+    return cli.load_config(["test", *args])
+
+
+@functools.lru_cache(maxsize=None)
+def _loss_sums_fn(config_json):
+    from mantis_jax import config as config_lib
     from mantis_jax.model.args import ModelArgs
-    from mantis_jax.parallel import mesh as pm
-    from mantis_jax.train import state as st
-    from mantis_jax.train.step import make_train_step
+    from mantis_jax.train.step import loss_sums
 
-    key = (tuple(mesh.shape.values()), tuple(d.id for d in mesh.devices.flat))
-    if key not in _STEPS:
-        args, tx = ModelArgs.from_config(config), st.make_optimizer(config)
-        with pm.activate(mesh, rules):
-            shardings = pm.shardings_of(jax.eval_shape(st.init_state_fn(args, tx), jax.random.key(0)), mesh, rules)
-        step = jax.jit(make_train_step(args, tx, st.lr_schedule(config)),
-                       in_shardings=(shardings, pm.batch_sharding(mesh, rules), pm.replicated(mesh)),
-                       out_shardings=(shardings, pm.replicated(mesh)), donate_argnums=0)
-        _STEPS[key] = (shardings, step)
-    return _STEPS[key]
+    args = ModelArgs.from_config(config_lib.from_json(config_json))
+    return jax.jit(lambda params, batch: loss_sums(params, batch, args))
 
 
-def train_steps(mesh_sizes, start, stop, *, devices=None, save=None, restore=None):
-    """Steps [start, stop) of the tiny run on a mesh of `devices`; each process feeds only its rows. -> losses."""
-    import jax
-    import orbax.checkpoint as ocp
+def test_two_processes_train_and_evaluate_uneven_validation_shares(runs):
+    from mantis_jax import config as config_lib
+    from mantis_jax.data import pipeline
+    from mantis_jax.train import checkpoint as ck
+    from mantis_jax.train import metrics as metrics_lib
 
-    from mantis_jax.model.args import ModelArgs
-    from mantis_jax.parallel import distributed
-    from mantis_jax.parallel import mesh as pm
-    from mantis_jax.parallel import reshard
-    from mantis_jax.train import state as st
-
-    config = _config(mesh_sizes)
-    mesh, rules = pm.make_mesh(config, devices), pm.logical_rules(config)
-    shardings, step_fn = _sharded_step(config, mesh, rules)
-    if restore:
-        step, state = reshard.restore_state(restore, config, mesh)
-        assert step == start, (step, start)
-        assert jax.tree.map(lambda x: x.sharding, state) == shardings
-    else:  # created sharded: no process ever holds the whole state
-        args, tx = ModelArgs.from_config(config), st.make_optimizer(config)
-        state, _ = pm.create_sharded(st.init_state_fn(args, tx), mesh, rules, jax.random.key(0))
-    batch_sh = pm.batch_sharding(mesh, rules)
-    rows = distributed.process_rows(batch_sh, GLOBAL_BATCH)
-    losses = []
-    with pm.activate(mesh, rules):
-        for s in range(start, stop):
-            local = {k: v[rows] for k, v in _global_rows(s).items()}
-            state, metrics = step_fn(state, distributed.global_batch(local, batch_sh), jax.random.key(s))
-            losses.append(float(metrics["loss"]))
-    if save:  # every process writes its own shards into the one folder
-        manager = ocp.CheckpointManager(os.path.join(save, "checkpoints"), item_names=("state",))
-        manager.save(stop, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
-        manager.wait_until_finished()
-        manager.close()
-    return losses
+    assert "[p0] hardware: 2 x cpu (cpu) in 2 process(es)" in runs["out_a"] and "[p1] " in runs["out_a"]
+    (setup,) = metrics_lib.read_jsonl(str(runs["a"]), "setup")
+    assert setup["peak_flops"] > 1e8  # probed on each process's own device (it used to crash multi-process)
+    assert sorted(_losses(runs["a"])) == list(range(1, TOTAL + 1))
+    assert ck.list_steps(str(runs["a"])) == [EVERY, TOTAL]
+    val = {r["step"]: r for r in metrics_lib.read_jsonl(str(runs["a"]), "val")}
+    assert sorted(val) == [EVERY, TOTAL]
+    # The val loss is that of every validation row of both processes (the padding batches weigh nothing).
+    config, tokenizer, params = ck.load_for_inference(str(runs["a"]), step=TOTAL)
+    shares = [pipeline.make_datasets(config, tokenizer, process_index=p, process_count=2)
+              .val_batches(config.train.eval_steps) for p in range(2)]
+    assert [len(s) for s in shares] == [3, 2]  # uneven: process 1 pads one batch
+    rows = {k: np.concatenate([b[k] for s in shares for b in s]) for k in shares[0][0]}
+    sums = _loss_sums_fn(config_lib.to_json(config))(params, rows)
+    assert float(sums["valid"]) == val[TOTAL]["val_tokens"]
+    np.testing.assert_allclose(val[TOTAL]["val_loss"], float(sums["ce_sum"] / sums["valid"]), rtol=2e-5)
 
 
-def worker(argv):
-    from mantis_jax.parallel import distributed
+def test_sigterm_to_the_launcher_saves_at_one_step_and_the_resume_is_exact(runs):
+    from mantis_jax.train import checkpoint as ck
 
-    distributed.initialize_from_env()  # before any device is touched
-    import jax
-
-    opts = dict(a[2:].split("=", 1) for a in argv)
-    start, stop = (int(x) for x in opts["steps"].split(":"))
-    losses = train_steps([int(x) for x in opts["mesh"].split(",")], start, stop, save=opts.get("save"))
-    if jax.process_index() == 0:
-        print(f"processes={jax.process_count()} devices={jax.device_count()}", flush=True)
-        print("LOSSES " + json.dumps(losses), flush=True)
+    out_b = runs["out_b"]
+    assert runs["rc_b"] == 128 + signal.SIGTERM, out_b[-4000:]
+    assert runs["live_after_kill"] == [], "trainer processes outlived the launcher"
+    assert "unbound variable" not in out_b
+    stopped = ck.list_steps(str(runs["root"] / "b_stopped"))
+    assert len(stopped) == 1 and 0 < stopped[0] < TOTAL, (stopped, out_b[-3000:])
+    u = stopped[0]
+    for p in (0, 1):  # both processes stopped at the same step, saved, and said how to resume
+        assert f"[p{p}] interrupted at step {u}: saved a checkpoint" in out_b
+    la, lb = _losses(runs["a"]), _losses(runs["b"])
+    assert sorted(lb) == list(range(1, TOTAL + 1))
+    assert all(lb[s] == la[s] for s in la), (u, la, lb)  # bit for bit, before and after the resume
+    assert "resumed_from\": " + str(u) in runs["out_c"].replace("[p0] ", "")
+    _, _, params_a = ck.load_for_inference(str(runs["a"]), step=TOTAL)
+    _, _, params_b = ck.load_for_inference(str(runs["b"]), step=TOTAL)
+    assert ck.params_equal(params_a, params_b)
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_and_resume_on_other_mesh(tmp_path):
-    import jax
+def test_two_process_checkpoint_resumes_in_one_process_on_another_mesh(runs, tmp_path, capsys):
+    """B's checkpoint (2 processes, data=2) resumes in this process with fsdp=2 over 2 devices; the data position
+    of 2 processes does not fit 1, so training restarts the data, and the first loss is the restored parameters'
+    loss on the first batch, computed here on one device."""
+    from mantis_jax import config as config_lib
+    from mantis_jax.data import pipeline
+    from mantis_jax.train import checkpoint as ck
+    from mantis_jax.train.trainer import train
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, MANTIS_CPU_DEVICES="2")
-    env.pop("XLA_FLAGS", None)
-    multi = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "local.sh"), "2", sys.executable,
-                              os.path.abspath(__file__), "--steps=0:3", "--mesh=1,4,1,1", f"--save={tmp_path}"],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    try:  # while the 2 processes run: the reference, one process on 4 of this process's fake devices
-        ref_losses = train_steps((1, 4, 1, 1), 0, 5, devices=jax.devices()[:4])
-        out, _ = multi.communicate(timeout=400)
-    finally:
-        multi.kill()
-    assert multi.returncode == 0, f"launch/local.sh 2 failed:\n{out[-4000:]}"
-    assert "[p0] processes=2 devices=4" in out
-    multi_losses = json.loads([x for x in out.splitlines() if "LOSSES " in x][-1].split("LOSSES ", 1)[1])
-    assert len(multi_losses) == 3 and multi_losses[0] > multi_losses[-1]  # it trains
-    assert multi_losses == pytest.approx(ref_losses[:3], rel=1e-5, abs=1e-6)
-    # The 2-process checkpoint resumes in 1 process (another process count; test_reshard covers other meshes).
-    resumed = train_steps((1, 4, 1, 1), 3, 5, devices=jax.devices()[:4], restore=str(tmp_path))
-    assert resumed == pytest.approx(ref_losses[3:], rel=1e-5, abs=1e-6)
+    stopped_dir = runs["root"] / "b_stopped"
+    (u,) = ck.list_steps(str(stopped_dir))
+    config = _config([*TINY, *NO_PROBE, *runs["data"], "--config.mesh.data=1", "--config.mesh.fsdp=2",
+                      "--config.mesh.rules_preset=fsdp", f"--config.train.total_steps={u + 1}"])
+    summary = train(config, str(tmp_path), resume=str(stopped_dir), devices=jax.devices()[:2])
+    assert summary["resumed_from"] == u and summary["step"] == u + 1
+    assert "the data iterator restarts from the beginning" in capsys.readouterr().out
+    saved_config, tokenizer, params = ck.load_for_inference(str(stopped_dir), step=u)
+    config.model.vocab_size = tokenizer.padded_vocab_size
+    first = next(iter(pipeline.make_datasets(config, tokenizer, process_index=0, process_count=1).train))
+    sums = _loss_sums_fn(config_lib.to_json(saved_config))(params, first)
+    np.testing.assert_allclose(_losses(tmp_path)[u + 1], float(sums["weighted_ce"] / sums["weight"]), rtol=2e-5)
 
 
 def test_launcher_rejects_bad_process_count():
     out = subprocess.run(["bash", os.path.join(ROOT, "launch", "local.sh"), "zero"], capture_output=True, text=True)
     assert out.returncode == 2 and "usage: launch/local.sh N" in out.stderr
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, ROOT)
-    worker(sys.argv[1:])

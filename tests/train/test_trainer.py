@@ -236,3 +236,71 @@ def test_data_parallel_over_two_devices_matches_one(runs, tmp_path):
     config.data.batch_size = 3
     with pytest.raises(ConfigError, match=r"batch_size \(3\) must be divisible by the 2 batch shards"):
         train(config, str(tmp_path / "odd"), devices=jax.devices()[:2])
+
+
+def test_length_curriculum_resumes_exactly_across_a_boundary(runs, tmp_path):
+    """Rows of 16 tokens for steps 1-5, 32 after; stopped by Ctrl-C at step 4, the resumed run crosses the boundary
+    at the step the schedule says. The same windows are read as without a curriculum (the same tokens each step)."""
+    config = make_config(_corpus_of(runs), seq_len_schedule="0:16,5:32")
+
+    def ctrl_c_at_4(step, split, metrics):
+        if split == "train" and step == 4:
+            signal.raise_signal(signal.SIGINT)
+
+    whole = train(config, str(tmp_path / "whole"), devices=runs["devices"])
+    first = train(config, str(tmp_path / "cut"), devices=runs["devices"], on_log=ctrl_c_at_4)
+    second = train(config, str(tmp_path / "cut"), devices=runs["devices"])
+    assert first["stopped"] == "interrupted" and first["step"] == 4 and second["resumed_from"] == 4
+    lw, lc = _losses(str(tmp_path / "whole")), _losses(str(tmp_path / "cut"))
+    assert sorted(lw) == sorted(lc) == list(range(1, 9)) and all(lw[s] == lc[s] for s in lw)
+    assert ck.params_equal(whole["state"].params, second["state"].params)
+    plain = {r["step"]: r for r in metrics_lib.read_jsonl(str(runs["root"] / "a"), "train")}
+    curr = {r["step"]: r for r in metrics_lib.read_jsonl(str(tmp_path / "whole"), "train")}
+    assert [curr[s]["tokens"] for s in curr] == [plain[s]["tokens"] for s in curr]  # the same tokens each step
+    assert curr[1]["loss"] != plain[1]["loss"] and curr[5]["loss"] != plain[5]["loss"]  # in shorter rows
+
+
+def _inject_oom(monkeypatch, fail_at_call):
+    """Wraps `compiled_steps` so that the single-micro-batch train step raises XLA's out-of-memory error."""
+    import json as json_lib
+
+    from mantis_jax.train import trainer
+
+    real = trainer.compiled_steps
+    calls = {"n": 0}
+
+    def compiled_steps(args, train_json, mesh, rules):
+        fns = dict(real(args, train_json, mesh, rules))
+        if json_lib.loads(train_json)["grad_accum"] == 1 or fail_at_call is None:
+            step = fns["train_step"]
+
+            def train_step(state, batch, rng):
+                calls["n"] += 1
+                if fail_at_call is None or calls["n"] == fail_at_call:
+                    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+                                                     "1.00GiB (injected)")
+                return step(state, batch, rng)
+
+            fns["train_step"] = train_step
+        return fns
+
+    monkeypatch.setattr(trainer, "compiled_steps", compiled_steps)
+
+
+def test_out_of_memory_halves_the_micro_batch_and_continues(runs, tmp_path, monkeypatch, capsys):
+    _inject_oom(monkeypatch, fail_at_call=3)
+    s = train(runs["config"], str(tmp_path), devices=runs["devices"])
+    assert "out of memory in step 3 with 1 micro-batch(es) of 4 rows: retrying it as 2 micro-batches of 2 rows" \
+        in capsys.readouterr().out
+    assert s["step"] == 8 and s["micro_batches"] == 2
+    la, lo = _losses(str(runs["root"] / "a")), _losses(str(tmp_path))
+    assert all(lo[k] == la[k] for k in (1, 2))
+    # The same update from two micro-batches: only the per-micro-batch load-balancing loss differs.
+    np.testing.assert_allclose([lo[k] for k in range(3, 9)], [la[k] for k in range(3, 9)], rtol=1e-3)
+
+
+def test_out_of_memory_that_cannot_be_halved_names_the_fix(runs, tmp_path, monkeypatch):
+    _inject_oom(monkeypatch, fail_at_call=None)  # every micro-batch size runs out: 4 rows, 2, 1, then no further
+    with pytest.raises(TrainingError, match=r"out of memory in step 1 with 4 micro-batch\(es\) of 1 rows, which "
+                                            r"cannot be halved.*--config.data.batch_size"):
+        train(runs["config"], str(tmp_path), devices=runs["devices"])
