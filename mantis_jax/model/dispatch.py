@@ -97,7 +97,7 @@ def capacity_ffn(x_td, ids_tk, weights_tk, w_gate_edf, w_up_edf, w_down_efd, cap
     x_ecd = dispatch_rows(x_td, slots, K).reshape(E, cap, D)
     y_ecd = swiglu_experts(x_ecd, w_gate_edf, w_up_edf, w_down_efd)
     y_td = combine_rows(y_ecd.reshape(E * cap, D), slots, weights_tk)
-    dropped = 1.0 - jnp.sum(slots.kept_m.astype(jnp.float32)) / (T * K)
+    dropped = (T * K - jnp.sum(slots.kept_m.astype(jnp.int32))).astype(jnp.float32) / (T * K)
     return y_td, dropped
 
 

@@ -76,7 +76,7 @@ def _local_ep(x_td, ids_tk, weights_tk, valid_t, w_gate_edf, w_up_edf, w_down_ef
     total = jnp.sum(valid_t.astype(jnp.float32)) * ids_tk.shape[1]
     kept, total = jax.lax.psum((kept, total), all_axes)
     rows = jnp.asarray(caps, jnp.int32)[index] * n_experts
-    return y_td, 1.0 - kept / jnp.maximum(total, 1.0), rows
+    return y_td, (total - kept) / jnp.maximum(total, 1.0), rows
 
 
 def ep_moe_ffn(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, w_gate_edf: jax.Array,
