@@ -22,7 +22,6 @@ import shutil
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -176,18 +175,6 @@ def _val_loss(metrics: dict) -> float:
     return float(metrics["val_loss"])
 
 
-def abstract_train_state(config: ml_collections.ConfigDict, sharding: jax.sharding.Sharding | None = None):
-    """ShapeDtypeStructs of the TrainState a config builds (all on `sharding`, default: the first device)."""
-    from mantis_jax.model.args import ModelArgs  # noqa: PLC0415 (keeps `inspect` free of model imports)
-    from mantis_jax.train import state as state_lib  # noqa: PLC0415
-
-    args = ModelArgs.from_config(config)
-    tx = state_lib.make_optimizer(config)
-    boxed = jax.eval_shape(state_lib.init_state_fn(args, tx), jax.random.key(0))
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), nn.unbox(boxed))
-
-
 def load_for_inference(path: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, Tokenizer, Any]:
     """(config, tokenizer, params) of a run's checkpoint: `step`, else the best-val-loss step, else the latest.
 
@@ -202,6 +189,8 @@ def load_for_inference(path: str, step: int | None = None) -> tuple[ml_collectio
         step = ckpt.best_step() if step is None else step
         config = ckpt.config_at(step)
         tokenizer = ckpt.tokenizer_at(step)
+        from mantis_jax.train.state import abstract_train_state  # noqa: PLC0415 (keeps `inspect` free of the model)
+
         _, state, _, _ = ckpt.restore(abstract_train_state(config), step=step)
     finally:
         ckpt.close()

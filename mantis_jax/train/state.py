@@ -21,6 +21,7 @@ import optax
 
 from mantis_jax.model.args import ModelArgs
 from mantis_jax.model.transformer import MantisLM
+from mantis_jax.parallel import mesh as mesh_lib
 
 
 @flax.struct.dataclass
@@ -101,6 +102,43 @@ def init_state_fn(args: ModelArgs, tx: optax.GradientTransformation, batch: int 
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     return init
+
+
+def abstract_state_of(args: ModelArgs, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh | None = None,
+                      rules=None, *, boxed: bool = False) -> Any:
+    """The TrainState of (`args`, `tx`) as `jax.ShapeDtypeStruct`s (one `jax.eval_shape`: nothing is allocated).
+
+    boxed=True: leaves keep their `nn.Partitioned` boxes (logical axis names: what memory estimates and
+    `mesh_lib.shardings_of` read). Otherwise leaves are unboxed and carry where each array goes: its NamedSharding
+    on `mesh` by `rules`, or, without a mesh, the first device (a checkpoint read onto one device)."""
+    init = init_state_fn(args, tx)
+    if mesh is None:
+        abstract = jax.eval_shape(init, jax.random.key(0))
+        if boxed:
+            return abstract
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
+                            mesh_lib.unbox_values(abstract))
+    if rules is None:
+        raise ValueError("abstract_state_of: a mesh needs its logical-axis rules (mesh_lib.logical_rules(config))")
+    with mesh_lib.activate(mesh, rules):
+        abstract = jax.eval_shape(init, jax.random.key(0))
+        if boxed:
+            return abstract
+        shardings = mesh_lib.shardings_of(abstract, mesh, rules)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        mesh_lib.unbox_values(abstract), shardings)
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None, rules=None, *,
+                         boxed: bool = False) -> Any:
+    """The TrainState `config` builds, abstract (see `abstract_state_of`); `rules` default to the config's.
+
+    The one builder of the abstract state: the trainer, checkpoint readers, resharding restores and the memory
+    estimator all take their shapes (and shardings) from here."""
+    if mesh is not None and rules is None:
+        rules = mesh_lib.logical_rules(config)
+    return abstract_state_of(ModelArgs.from_config(config), make_optimizer(config), mesh, rules, boxed=boxed)
 
 
 def bytes_per_param(state: TrainState) -> float:

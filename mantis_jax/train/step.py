@@ -3,8 +3,10 @@
 `train_step(state, batch, rng) -> (state, metrics)`: forward, loss, backward, optimizer update; jitted once with
 donation. Batches are dicts of arrays: inputs/targets int32 [B, T] and loss_mask float32 [B, T] (0 on padding,
 weights > 1 allowed, e.g. on answer tokens). With `grad_accum = A` > 1 the batch holds A·B rows that are split into
-A micro-batches whose gradients are averaged inside the step (one optimizer update per call).
-Loss = weighted token cross-entropy + moe_loss (lb_loss_weight·lb_loss + z_loss_weight·z_loss).
+A micro-batches whose gradients are summed inside one `lax.scan` (one optimizer update per call); the weighted
+cross-entropy is divided once by the whole batch's weight, so accumulation equals one big batch.
+Loss = Σ ce·w / Σ w (token cross-entropy weighted by loss_mask) + moe_loss (lb_loss_weight·lb_loss +
+z_loss_weight·z_loss).
 """
 
 from __future__ import annotations
@@ -38,42 +40,67 @@ def cross_entropy_and_hits(logits_btv: jax.Array, targets_bt: jax.Array) -> tupl
     return lse - target_logit, target_logit >= row_max[..., 0]
 
 
-def loss_fn(params: Any, batch: dict, args: ModelArgs) -> tuple[jax.Array, dict]:
+def loss_sums(params: Any, batch: dict, args: ModelArgs) -> dict[str, jax.Array]:
+    """One batch's loss terms as sums over its tokens (sums add across micro-batches; means would not).
+
+    weighted_ce = Σ ce·w and weight = Σ w (w = loss_mask: the objective); ce_sum, correct and valid count tokens
+    with w > 0 (the reported ce and accuracy); the MoE terms are this batch's own means."""
     logits, aux = forward(args, params, batch["inputs"])
     ce_bt, hit_bt = cross_entropy_and_hits(logits, batch["targets"])
     weights = batch["loss_mask"].astype(jnp.float32)
     valid = (weights > 0).astype(jnp.float32)
-    n_valid = jnp.maximum(jnp.sum(valid), 1.0)
-    weighted_ce = jnp.sum(ce_bt * weights) / jnp.maximum(jnp.sum(weights), 1e-6)
-    ce = jnp.sum(ce_bt * valid) / n_valid
-    correct = jnp.sum(hit_bt * valid)
-    loss = weighted_ce + aux["moe_loss"]
-    metrics = {"loss": loss, "ce": ce, "accuracy": correct / n_valid, "tokens": jnp.sum(valid),
-               "lb_loss": aux["lb_loss"], "z_loss": aux["z_loss"], "expert_load": aux["expert_load"],
-               "dropped_frac": jnp.mean(aux["dropped_frac"])}
-    return loss, metrics
+    return {"weighted_ce": jnp.sum(ce_bt * weights), "weight": jnp.sum(weights), "ce_sum": jnp.sum(ce_bt * valid),
+            "correct": jnp.sum(hit_bt * valid), "valid": jnp.sum(valid), "moe_loss": aux["moe_loss"],
+            "lb_loss": aux["lb_loss"], "z_loss": aux["z_loss"], "expert_load": aux["expert_load"],
+            "dropped_frac": jnp.mean(aux["dropped_frac"])}
+
+
+def metrics_of(sums: dict[str, jax.Array], n_micro: int = 1) -> dict[str, jax.Array]:
+    """The step's metrics from loss sums accumulated over `n_micro` micro-batches (MoE terms: their mean)."""
+    n_valid = jnp.maximum(sums["valid"], 1.0)
+    moe = {k: sums[k] / n_micro for k in ("moe_loss", "lb_loss", "z_loss", "expert_load", "dropped_frac")}
+    return {"loss": sums["weighted_ce"] / jnp.maximum(sums["weight"], 1e-6) + moe.pop("moe_loss"),
+            "ce": sums["ce_sum"] / n_valid, "accuracy": sums["correct"] / n_valid, "tokens": sums["valid"], **moe}
+
+
+def loss_fn(params: Any, batch: dict, args: ModelArgs) -> tuple[jax.Array, dict]:
+    """Loss = Σ ce·w / Σ w + moe_loss over one batch; (loss, metrics)."""
+    metrics = metrics_of(loss_sums(params, batch, args))
+    return metrics["loss"], metrics
 
 
 def make_train_step(args: ModelArgs, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     grad_accum: int = 1) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    """`train_step(state, batch, rng)`; with grad_accum = A the batch's A·B rows are A micro-batches in one scan.
+
+    The objective is that of the whole batch: Σ ce·w over all its tokens divided once by their total weight
+    (known before any forward pass: it is the mask's sum), plus the micro-batches' mean MoE loss. So micro-batches
+    holding different numbers of weighted tokens (packing makes that normal) are not averaged as equals, and the
+    accumulated gradient is the one-big-batch gradient (exactly so for a dense model; MoE aux losses are per
+    micro-batch). Micro-batch i takes rows i, i+A, i+2A, ...: each device keeps its own rows (no resharding)."""
+
+    def objective(params, batch, total_weight):
+        sums = loss_sums(params, batch, args)
+        return sums["weighted_ce"] / total_weight + sums["moe_loss"] / grad_accum, sums
+
+    grad_fn = jax.grad(objective, has_aux=True)
 
     def train_step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
         del rng  # MantisLM has no stochastic layers; the argument keeps every step's signature the same.
+        total_weight = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1e-6)
         if grad_accum == 1:
-            (_, metrics), grads = grad_fn(state.params, batch, args)
+            grads, sums = grad_fn(state.params, batch, total_weight)
         else:
-            micro = jax.tree.map(lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:]), batch)
+            micro = jax.tree.map(lambda x: jnp.swapaxes(
+                x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:]), 0, 1), batch)  # [A, B, ...]
 
             def body(acc, mb):
-                (_, m), g = grad_fn(state.params, mb, args)
-                return jax.tree.map(jnp.add, acc, (g, m)), None
+                return jax.tree.map(jnp.add, acc, grad_fn(state.params, mb, total_weight)), None
 
-            (_, m0), g0 = grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), args)
-            (grads, metrics), _ = jax.lax.scan(body, (g0, m0), jax.tree.map(lambda x: x[1:], micro))
-            grads = jax.tree.map(lambda g: g / grad_accum, grads)
-            metrics = jax.tree.map(lambda m: m / grad_accum, metrics)
-            metrics["tokens"] = metrics["tokens"] * grad_accum
+            shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), total_weight)
+            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+            (grads, sums), _ = jax.lax.scan(body, zeros, micro)
+        metrics = metrics_of(sums, grad_accum)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics["grad_norm"] = optax.global_norm(grads)

@@ -63,13 +63,13 @@ def compiled_steps(args: ModelArgs, train_json: str, mesh: jax.sharding.Mesh, ru
     config = ml_collections.ConfigDict({"train": json.loads(train_json)})
     tx, schedule = state_lib.make_optimizer(config), state_lib.lr_schedule(config)
     init_boxed = state_lib.init_state_fn(args, tx)
-    with mesh_lib.activate(mesh, rules):
-        state_sh = mesh_lib.shardings_of(jax.eval_shape(init_boxed, jax.random.key(0)), mesh, rules)
+    abstract = state_lib.abstract_state_of(args, tx, mesh, rules)
+    state_sh = jax.tree.map(lambda x: x.sharding, abstract)
     batch_sh = mesh_lib.batch_sharding(mesh, rules)
     repl = mesh_lib.replicated(mesh)
     step = make_train_step(args, tx, schedule, config.train.grad_accum)
     return {
-        "tx": tx, "state_sharding": state_sh, "batch_sharding": batch_sh,
+        "tx": tx, "abstract_state": abstract, "state_sharding": state_sh, "batch_sharding": batch_sh,
         "init": jax.jit(lambda rng: mesh_lib.unbox_values(init_boxed(rng)), out_shardings=state_sh),
         "train_step": jax.jit(step, in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl),
                               donate_argnums=0),
@@ -209,9 +209,7 @@ def _train(config, workdir, ckpt: Checkpointer, source: Checkpointer, on_log, de
         return put({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
 
     with mesh_lib.activate(mesh, rules):
-        abstract = jax.eval_shape(fns["init"], rng_init)
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                abstract, fns["state_sharding"])
+        abstract = fns["abstract_state"]
         early = {"best_val_loss": math.inf, "best_step": 0, "evals_without_improvement": 0}
         restored = source.restore(abstract) if saved_step is not None else None
         if restored is not None:

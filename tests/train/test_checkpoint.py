@@ -78,7 +78,7 @@ def test_missing_workdir(tmp_path):
 
 def test_restore_state_data_and_meta(saved):
     ckpt = ck.Checkpointer(saved["workdir"], create=False)
-    step, state, data, meta = ckpt.restore(ck.abstract_train_state(saved["config"]))
+    step, state, data, meta = ckpt.restore(st.abstract_train_state(saved["config"]))
     ckpt.close()
     assert step == 5 and data == {"process_count": 1, "states": [{"pos": 5}]}
     assert meta["metrics"] == {"val_loss": 6.0, "train_loss": 7.0} and meta["step"] == 5
@@ -95,14 +95,14 @@ def test_unreadable_step_falls_back(saved, tmp_path, capsys):
             with open(os.path.join(dirpath, name), "wb") as f:
                 f.write(b"\0not a checkpoint")
     ckpt = ck.Checkpointer(str(work), create=False)
-    step, state, data, _ = ckpt.restore(ck.abstract_train_state(saved["config"]))
+    step, state, data, _ = ckpt.restore(st.abstract_train_state(saved["config"]))
     assert step == 4 and ck.params_equal(state.params, saved["states"][4].params) and data["states"] == [{"pos": 4}]
     assert "checkpoint step 5" in capsys.readouterr().out
     assert ckpt.steps() == [2, 4]  # the unreadable step was moved aside
     # Asked for one step by number, an unreadable step is an error (no silent fallback).
     os.remove(os.path.join(ck.checkpoint_dir(str(work)), "4", "state", "_METADATA"))
     with pytest.raises(ck.CheckpointError, match="checkpoint step 4 .* cannot be read"):
-        ckpt.restore(ck.abstract_train_state(saved["config"]), step=4)
+        ckpt.restore(st.abstract_train_state(saved["config"]), step=4)
     ckpt.close()
 
 
@@ -114,3 +114,22 @@ def test_config_differences():
     b.model.d_model, b.train.optimizer = 32, "adafactor"
     assert ck.config_differences(a, b) == ["config.model.d_model: checkpoint 16, this run 32",
                                            "config.train.optimizer: checkpoint 'adamw', this run 'adafactor'"]
+
+
+def test_abstract_train_state_matches_a_real_init():
+    """The one abstract-state builder: the shapes, dtypes and shardings of a real (sharded) init, Adafactor's
+    factored moments included; without a mesh everything is on the first device; boxed, logical names stay."""
+    from mantis_jax.parallel import mesh as pm
+
+    config = _config()
+    config.train.optimizer = "adafactor"
+    init = st.init_state_fn(ModelArgs.from_config(config), st.make_optimizer(config))
+    mesh, rules = pm.make_mesh(config, jax.devices()[:1]), pm.logical_rules(config)
+    real, _ = pm.create_sharded(init, mesh, rules, jax.random.key(0))
+    on_mesh, on_device = st.abstract_train_state(config, mesh), st.abstract_train_state(config)
+    assert jax.tree.structure(on_mesh) == jax.tree.structure(real) == jax.tree.structure(on_device)
+    for a, d, r in zip(jax.tree.leaves(on_mesh), jax.tree.leaves(on_device), jax.tree.leaves(real)):
+        assert (a.shape, a.dtype, a.sharding) == (d.shape, d.dtype, r.sharding) == (r.shape, r.dtype, r.sharding)
+        assert d.sharding == jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    boxed = st.abstract_train_state(config, boxed=True)
+    assert boxed.params["embedding"].names == ("vocab", "embed")

@@ -78,15 +78,37 @@ def test_overfits_a_tiny_batch():
 
 
 def test_grad_accumulation_equals_one_big_batch():
+    """Accumulated over 2 micro-batches holding 32 and 8 weighted tokens, the gradient is the one-big-batch gradient
+    (SGD with lr 1 makes the update the gradient itself); an all-ones mask too. One scan holds every micro-batch's
+    forward and backward. lb_loss is off: a load-balancing loss is per micro-batch by design (z-loss is a token mean
+    over equal-size micro-batches, so it adds up exactly)."""
+    import optax
+
     config = _config()
-    args, tx, state = _init(config)
+    config.moe.lb_loss_weight = 0.0
+    args, _, state = _init(config)
+    sgd = optax.sgd(1.0)
+    state = state.replace(opt_state=sgd.init(state.params))
     schedule = st.lr_schedule(config)
-    batch = _batch(B=4)
-    one, m1 = jax.jit(make_train_step(args, tx, schedule, 1))(state, batch, jax.random.key(0))
-    acc, m2 = jax.jit(make_train_step(args, tx, schedule, 2))(state, batch, jax.random.key(0))
-    chex.assert_trees_all_close(acc.params, one.params, atol=1e-5, rtol=1e-4)
-    np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], rtol=1e-4)
-    assert float(m2["tokens"]) == float(m1["tokens"]) == 64
+    one_step = jax.jit(make_train_step(args, sgd, schedule, 1))
+    acc_step = jax.jit(make_train_step(args, sgd, schedule, 2))
+    ones = _batch(B=4)
+    # Micro-batch i takes rows i, i + 2: micro-batch 0 = rows 0, 2 (32 tokens), micro-batch 1 = rows 1, 3 (8 tokens).
+    unequal = dict(ones, loss_mask=np.stack([np.ones(16), np.arange(16) < 4] * 2).astype(np.float32))
+    unequal["loss_mask"][0, 5] = 3.0  # a weight > 1 (answer tokens) counts as 3 tokens
+    grad = lambda new: jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), state.params, new.params)  # noqa
+    for batch, tokens in ((unequal, 40), (ones, 64)):
+        one, m1 = one_step(state, batch, jax.random.key(0))
+        acc, m2 = acc_step(state, batch, jax.random.key(0))
+        g1, g2 = grad(one), grad(acc)
+        scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(g1))
+        chex.assert_trees_all_close(g2, g1, atol=1e-5 * scale, rtol=1e-4)
+        for key in ("loss", "ce", "accuracy", "grad_norm"):
+            np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5, err_msg=key)
+        assert float(m2["tokens"]) == float(m1["tokens"]) == tokens
+    top = [e.primitive.name for e in jax.make_jaxpr(make_train_step(args, sgd, schedule, 2))(
+        state, ones, jax.random.key(0)).eqns]
+    assert top.count("scan") == 1 and "dot_general" not in top, top  # no micro-batch traced outside the scan
 
 
 def test_answer_weights_change_the_loss_not_the_reported_ce():
