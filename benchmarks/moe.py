@@ -181,7 +181,8 @@ def _a2a_rows(text: str, d: int) -> list[int]:
     rows = set()
     for line in text.splitlines():
         if " all-to-all(" in line:
-            dims = [[int(v) for v in m.split(",")] for m in re.findall(r"f32\[([\d,]+)\]", line.split(" all-to-all(")[0])]
+            result = line.split(" all-to-all(")[0]
+            dims = [[int(v) for v in m.split(",")] for m in re.findall(r"f32\[([\d,]+)\]", result)]
             rows.add(sum(int(np.prod(x[:-1])) for x in dims if x[-1] == d))
     return sorted(rows)
 

@@ -4,8 +4,9 @@ Concept: token t scores experts with `p = softmax(logits[t] + bias)` and keeps t
 lowest expert id, as `lax.top_k` does). The gates (`weights_tk`): with K >= 2 the chosen probabilities
 renormalised to sum to 1, which equals a softmax over the chosen logits alone; with K = 1 the chosen probability
 itself, un-renormalised (as Switch does), since a renormalised single gate is always exactly 1 and the task loss
-would then send the router no gradient. The dispatch needs the T*K token slots (slot s = t*K + k) grouped by expert, stably:
-`order_m[i]` is the slot at grouped position i, `position_tk` is its inverse, `counts_e` the group sizes.
+would then send the router no gradient. The dispatch needs the T*K token slots (slot s = t*K + k) grouped by
+expert, stably: `order_m[i]` is the slot at grouped position i, `position_tk` is its inverse, `counts_e` the
+group sizes.
 
 Data flow: `route(logits_te, bias_e, k=K, impl=...)` -> `Routing`. The kernel runs one program per block of
 `block_t` tokens: softmax; K rounds of masked argmax; each slot's rank among earlier slots of the same expert in
