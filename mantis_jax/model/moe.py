@@ -100,7 +100,7 @@ class MoEFeedForward(nn.Module):
     gmm_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    expert_parallel: bool = False  # under a mesh with expert > 1: parallel/expert.py dispatch (all_to_all)
+    expert_parallel: bool = False  # under a mesh with expert > 1: model/expert_parallel.py dispatch (all_to_all)
 
     @nn.compact
     def __call__(self, x_btd, expert_bias_e=None):
