@@ -2,6 +2,9 @@
 
     python benchmarks/moe.py            # tiny preset's MoE layer (E=4, K=2) and a larger one (E=8, K=2)
     python benchmarks/moe.py --quick    # fewer tokens and repeats (~1 minute)
+    python benchmarks/moe.py --ep       # expert parallelism on 8 fake CPU devices: rows, bytes and expert FLOPs
+                                        # exchanged per device, fixed dropless buffer (E x T_local) against the
+                                        # buffer sized from the step's counts (model/expert_parallel.py)
 
 Rows (same shapes, same parameters, loss = <y, fixed random cotangent>, grads w.r.t. parameters and input):
   loop over experts   eager Python loop, boolean-mask token selection with data-dependent shapes, scatter-add
@@ -20,16 +23,22 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+if "--ep" in sys.argv:  # expert parallelism needs devices: 8 fake CPU ones, set before jax is imported
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
-from kernels import router as router_kernels
-from mantis_jax.model import moe
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from kernels import router as router_kernels  # noqa: E402
+from mantis_jax.model import dispatch, moe  # noqa: E402
+from mantis_jax.model.expert_parallel import ep_moe_ffn  # noqa: E402
 
 SHAPES = {  # name: (tokens, d_model, d_ff, experts, top_k); tokens = batch * seq of one step slice
     "tiny (configs/tiny.py MoE layer)": (2048, 512, 1408, 4, 2),
@@ -162,16 +171,74 @@ def bench_shape(name, shape, repeats, peak, quick):
     return rows, base
 
 
+EP_SHAPE = (4096, 512, 1024, 8, 2)  # tokens (512 per device on 8), d_model, d_ff, experts, top_k: base's E and K
+
+
+def _a2a_rows(text: str, d: int) -> list[int]:
+    """Rows of each distinct D-wide all-to-all in a compiled program (per device)."""
+    import re  # noqa: PLC0415
+
+    rows = set()
+    for line in text.splitlines():
+        if " all-to-all(" in line:
+            result = line.split(" all-to-all(")[0]
+            dims = [[int(v) for v in m.split(",")] for m in re.findall(r"f32\[([\d,]+)\]", result)]
+            rows.add(sum(int(np.prod(x[:-1])) for x in dims if x[-1] == d))
+    return sorted(rows)
+
+
+def bench_ep(repeats: int) -> None:
+    """Per device, one MoE layer under expert parallelism (data=2 x expert=4): rows sent (= received and run
+    through the experts), all_to_all bytes there and back, expert FLOPs (forward), and forward+backward time."""
+    n, d, f, e, k = EP_SHAPE
+    t_local = n // 8
+    mesh = jax.make_mesh((2, 1, 4, 1), ("data", "fsdp", "expert", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 4)
+    x = jax.random.normal(jax.random.key(0), (n, d))
+    w = tuple(jax.random.normal(jax.random.key(i), s) * 0.02 for i, s in
+              enumerate([(e, d, f), (e, d, f), (e, f, d)], 1))
+    w_router = jax.random.normal(jax.random.key(9), (d, e)) * 0.02
+    routed = moe.route(x @ w_router, k)  # an untrained router: random, mildly unbalanced
+    balanced = (np.arange(n * k) % e).reshape(n, k).astype(np.int32)
+    print(f"\n## expert parallelism: T={n} ({t_local} per device on 8) D={d} F={f} E={e} K={k}, mesh data=2 x "
+          f"expert=4, float32; buffer sizes C per expert: {dispatch.exchange_capacities(t_local, k, e, None)}")
+    print(f"{'exchange buffer':38s} {'routing':10s} {'rows/dev':>9s} {'K*T_local':>9s} {'MB a2a/dev':>10s} "
+          f"{'expert GFLOP':>12s} {'fwd+bwd ms':>10s}")
+    # "fixed": C = T_local for every expert (capacity factor E/K gives exactly that): the dropless buffer before
+    # 2026-12-01; "from counts": the dropless ladder.
+    for label, cf in (("fixed dropless (E x T_local)", e / k), ("from this step's counts", None)):
+        def loss(x, w, ids, cf=cf):
+            y, info = ep_moe_ffn(x, ids, routed.weights_tk, *w, capacity_factor=cf)
+            return jnp.sum(y), info
+
+        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+        with jax.set_mesh(mesh):
+            for name, ids in (("router", routed.ids_tk), ("balanced", jnp.asarray(balanced))):
+                (_, info), _ = step(x, w, ids)
+                rows = int(info.rows_per_device)
+                ms = _median_ms(step, (x, w, ids), repeats)
+                print(f"{label:38s} {name:10s} {rows:9d} {k * t_local:9d} {2 * rows * d * 4 / 1e6:10.2f} "
+                      f"{rows * 6 * d * f / 1e9:12.2f} {ms:10.1f}")
+            text = step.lower(x, w, routed.ids_tk).compile().as_text()
+        print(f"{'':38s} compiled all-to-all buffers (rows per device): {_a2a_rows(text, d)}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="4x fewer tokens, 3 repeats")
     parser.add_argument("--repeats", type=int, default=0)
+    parser.add_argument("--ep", action="store_true", help="only the expert-parallel exchange (8 fake CPU devices)")
     parser.add_argument("--clock", choices=sorted(CLOCK), default="cpu",
                         help="cpu: process CPU time, steadier on a shared machine; wall: elapsed time")
     args = parser.parse_args()
     global clock
     clock = CLOCK[args.clock]
     repeats = args.repeats or (3 if args.quick else 7)
+    if args.ep:
+        print(f"# MoE expert-parallel exchange  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  "
+              f"backend={jax.default_backend()} devices={jax.device_count()} clock: {args.clock} time")
+        bench_ep(repeats)
+        return
     n = 1024 if args.quick else 2048
     peak = matmul_peak_flops(n, repeats)
     print(f"# MoE dispatch benchmark  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  "

@@ -7,7 +7,7 @@
 Active parameters per token are ~4.1B: with top-2 of 8 experts every token uses at least a quarter of the
 expert weights plus all non-expert weights, so active >= total * K / E = 3B at 12B total (a 2B-active 12B model
 would need K/E < 1/6). Sized for 8 × 80 GB GPUs per replica with FSDP + expert parallelism (rules preset
-fsdp_ep, mesh fsdp=2 × expert=4 on 8 GPUs): `python -m mantis_jax.parallel.memory --config=configs/base.py
+fsdp_ep, mesh fsdp=2 × expert=4 on 8 GPUs): `python -m mantis_jax.train.memory_estimate --config=configs/base.py
 --devices=8` estimates ~50 GB per device (docs/perf/memory.md). A step is 256 sequences: 32 micro-batches of 8
 (one sequence per GPU per micro-batch).
 """

@@ -1,9 +1,12 @@
 """Fused MoE router: router logits -> top-k weights, expert ids, per-expert counts and the grouping permutation.
 
-Concept: token t scores experts with `softmax(logits[t] + bias)`, keeps the K most probable (ties go to the lowest
-expert id, as `lax.top_k` does) and renormalises their probabilities to sum to 1, which equals a softmax over the
-chosen logits alone. The dispatch needs the T*K token slots (slot s = t*K + k) grouped by expert, stably:
-`order_m[i]` is the slot at grouped position i, `position_tk` is its inverse, `counts_e` the group sizes.
+Concept: token t scores experts with `p = softmax(logits[t] + bias)` and keeps the K most probable (ties go to the
+lowest expert id, as `lax.top_k` does). The gates (`weights_tk`): with K >= 2 the chosen probabilities
+renormalised to sum to 1, which equals a softmax over the chosen logits alone; with K = 1 the chosen probability
+itself, un-renormalised (as Switch does), since a renormalised single gate is always exactly 1 and the task loss
+would then send the router no gradient. The dispatch needs the T*K token slots (slot s = t*K + k) grouped by
+expert, stably: `order_m[i]` is the slot at grouped position i, `position_tk` is its inverse, `counts_e` the
+group sizes.
 
 Data flow: `route(logits_te, bias_e, k=K, impl=...)` -> `Routing`. The kernel runs one program per block of
 `block_t` tokens: softmax; K rounds of masked argmax; each slot's rank among earlier slots of the same expert in
@@ -11,7 +14,8 @@ the block (a strictly-lower-triangular [BT, BT] @ [BT, E] matmul, an exclusive p
 Triton and Mosaic, unlike cumsum); the block's per-expert counts. Then a few [n_blocks, E] jnp ops turn block
 counts into offsets, and position = offset[block, expert] + rank. Experts are padded to a power of two >= 16
 (Triton's dot minimum; padded columns can never be chosen), tokens to a multiple of the block (padded rows are
-masked out of every count). Gradients: `custom_vjp`, d weights / d logits through the chosen logits only.
+masked out of every count). Gradients: `custom_vjp`; with K >= 2, d weights / d logits through the chosen logits
+only; with K = 1, d p_j / d logits = p_j (onehot_j - p) reaches every logit.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ MAX_EXPERTS = 256
 
 
 class Routing(NamedTuple):
-    weights_tk: jax.Array  # [T, K] float32, renormalised top-k probabilities
+    weights_tk: jax.Array  # [T, K] float32 gates: top-k probabilities, renormalised when K >= 2
     experts_tk: jax.Array  # [T, K] int32 expert ids, most probable first
     counts_e: jax.Array  # [E] int32 token slots per expert
     order_m: jax.Array  # [T*K] int32 slot (t*K + k) at each expert-grouped position
@@ -61,6 +65,13 @@ def _positions(experts_tk: jax.Array, n_experts: int) -> tuple[jax.Array, jax.Ar
     return counts_e, order_m, position_m.reshape(n_tokens, k)
 
 
+def gates(top_tk: jax.Array) -> jax.Array:
+    """The chosen probabilities [.., K] as gates: renormalised to sum to 1 when K >= 2, as they are when K = 1."""
+    if top_tk.shape[-1] == 1:
+        return top_tk
+    return top_tk / jnp.sum(top_tk, axis=-1, keepdims=True)
+
+
 def route_reference(logits_te: jax.Array, bias_e: jax.Array | None = None, *, k: int) -> Routing:
     """Plain jnp routing; the kernel must reproduce it (ids and permutation exactly, weights to rounding)."""
     _check(logits_te, bias_e, k)
@@ -69,7 +80,7 @@ def route_reference(logits_te: jax.Array, bias_e: jax.Array | None = None, *, k:
         x_te = x_te + bias_e.astype(jnp.float32)
     probs_te = jax.nn.softmax(x_te, axis=-1)
     top_tk, experts_tk = lax.top_k(probs_te, k)
-    weights_tk = top_tk / jnp.sum(top_tk, axis=-1, keepdims=True)
+    weights_tk = gates(top_tk)
     experts_tk = experts_tk.astype(jnp.int32)
     counts_e, order_m, position_tk = _positions(experts_tk, logits_te.shape[1])
     return Routing(weights_tk, experts_tk, counts_e, order_m, position_tk)
@@ -100,7 +111,7 @@ def _router_kernel(x_ref, b_ref, w_ref, id_ref, rank_ref, cnt_ref, *, k, n_exper
     init = (jnp.zeros((block_t, k_pad), jnp.float32), jnp.zeros((block_t, k_pad), jnp.int32),
             jnp.zeros((block_t, e_pad), jnp.float32))
     w, ids, taken = lax.fori_loop(0, k, pick, init)
-    w_ref[...] = w / jnp.sum(w, axis=1, keepdims=True)
+    w_ref[...] = w if k == 1 else w / jnp.sum(w, axis=1, keepdims=True)  # padded columns hold 0
     id_ref[...] = ids
 
     chosen = jnp.where(row < n_tokens, taken, 0.0)  # [BT, Ep] multi-hot; padded tokens count nowhere
@@ -176,10 +187,13 @@ def _route_fwd(logits_te, bias_e, k, mode, block_t):
 def _route_bwd(k, mode, block_t, res, g):
     weights_tk, experts_tk, logits_te, bias_e = res
     g_tk = g.weights_tk.astype(jnp.float32)
-    # weights = softmax over the chosen logits: d logit_j = w_j (g_j - sum_i w_i g_i); other logits get 0.
-    d_tk = weights_tk * (g_tk - jnp.sum(weights_tk * g_tk, axis=-1, keepdims=True))
-    rows_t1 = jnp.arange(logits_te.shape[0])[:, None]
-    d_te = jnp.zeros(logits_te.shape, jnp.float32).at[rows_t1, experts_tk].add(d_tk)
+    if k == 1:  # weight = p_j of the full softmax: d logit_i = g p_j (onehot_j(i) - p_i)
+        probs_te = jax.nn.softmax(logits_te.astype(jnp.float32) + bias_e.astype(jnp.float32), axis=-1)
+        d_te = (g_tk * weights_tk) * (jax.nn.one_hot(experts_tk[:, 0], logits_te.shape[1]) - probs_te)
+    else:  # weights = softmax over the chosen logits: d logit_j = w_j (g_j - sum_i w_i g_i); other logits get 0
+        d_tk = weights_tk * (g_tk - jnp.sum(weights_tk * g_tk, axis=-1, keepdims=True))
+        rows_t1 = jnp.arange(logits_te.shape[0])[:, None]
+        d_te = jnp.zeros(logits_te.shape, jnp.float32).at[rows_t1, experts_tk].add(d_tk)
     return d_te.astype(logits_te.dtype), jnp.sum(d_te, axis=0).astype(bias_e.dtype)
 
 

@@ -90,7 +90,7 @@ def default_config() -> ml_collections.ConfigDict:
     # Grouped matmul of impl=ragged: auto | ragged_dot | megablox | padded | block_loop (model/gmm.py). auto is the
     # fastest measured per platform (docs/perf/moe.md): block_loop on CPU, ragged_dot on GPU, megablox on TPU.
     moe.gmm_impl = "auto"
-    # Expert parallelism (parallel/expert.py): under a mesh whose `expert` axis is > 1, the dispatch exchanges
+    # Expert parallelism (model/expert_parallel.py): under a mesh whose `expert` axis is > 1, the dispatch exchanges
     # tokens with all_to_all and each device computes only its own experts; impl=capacity bounds the exchange
     # buffers (and drops overflow), other impls exchange dropless.
     moe.expert_parallel = False

@@ -22,7 +22,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-VOCAB_MULTIPLE = 128
+from mantis_jax.config import VOCAB_MULTIPLE
 FILENAME = "tokenizer.json"
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 MEMORY_START, MEMORY_END = "<|mem|>", "<|/mem|>"

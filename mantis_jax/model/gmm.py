@@ -49,7 +49,7 @@ def default_block_rows(n_rows: int, n_experts: int) -> int:
 
 
 @jax.custom_vjp
-def _move_rows(a_nd, idx_m, inv_n):
+def move_rows(a_nd, idx_m, inv_n):
     """out[m] = a[idx[m]], or 0 where idx[m] == N. The map is injective, so the backward pass is the gather
     d_a[n] = g[inv[n]] (0 where inv[n] == M) instead of XLA's scatter-add, which is slow on CPU."""
     a_ext = jnp.concatenate([a_nd, jnp.zeros((1, a_nd.shape[1]), a_nd.dtype)], axis=0)
@@ -57,15 +57,15 @@ def _move_rows(a_nd, idx_m, inv_n):
 
 
 def _move_rows_fwd(a_nd, idx_m, inv_n):
-    return _move_rows(a_nd, idx_m, inv_n), (idx_m, inv_n)
+    return move_rows(a_nd, idx_m, inv_n), (idx_m, inv_n)
 
 
 def _move_rows_bwd(res, g_md):
     idx_m, inv_n = res
-    return _move_rows(g_md, inv_n, idx_m), None, None
+    return move_rows(g_md, inv_n, idx_m), None, None
 
 
-_move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
+move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
 
 
 class _Layout(NamedTuple):
@@ -100,12 +100,12 @@ def _layout(group_sizes_e, n_rows: int, n_experts: int, b: int) -> _Layout:
 def _padded(x_md, w_edf, group_sizes_e, block_rows: int):
     n_rows, d = x_md.shape
     lay = _layout(group_sizes_e, n_rows, w_edf.shape[0], block_rows)
-    xp_nbd = _move_rows(x_md, lay.src_j, lay.dest_i).reshape(lay.n_blocks, block_rows, d)  # [N, b, D]
+    xp_nbd = move_rows(x_md, lay.src_j, lay.dest_i).reshape(lay.n_blocks, block_rows, d)  # [N, b, D]
     # Each block's expert weight by a one-hot matmul, whose transpose (d w) is a matmul too, not a scatter-add.
     onehot_ne = jax.nn.one_hot(lay.block_e, w_edf.shape[0], dtype=w_edf.dtype)
     w_ndf = jnp.einsum("ne,edf->ndf", onehot_ne, w_edf)  # [N, D, F]
     yp_nbf = jnp.einsum("nbd,ndf->nbf", xp_nbd, w_ndf, preferred_element_type=jnp.float32).astype(x_md.dtype)
-    return _move_rows(yp_nbf.reshape(lay.n_blocks * block_rows, -1), lay.dest_i, lay.src_j)
+    return move_rows(yp_nbf.reshape(lay.n_blocks * block_rows, -1), lay.dest_i, lay.src_j)
 
 
 def _blocks_matmul(xp_pd, w_edf, block_e, n_used, b: int, transpose_w: bool = False):
@@ -147,9 +147,9 @@ _block_loop_matmul.defvjp(_block_loop_fwd, _block_loop_bwd)
 
 def _block_loop(x_md, w_edf, group_sizes_e, block_rows: int):
     lay = _layout(group_sizes_e, x_md.shape[0], w_edf.shape[0], block_rows)
-    xp_pd = _move_rows(x_md, lay.src_j, lay.dest_i)  # [N*b, D]
+    xp_pd = move_rows(x_md, lay.src_j, lay.dest_i)  # [N*b, D]
     yp_pf = _block_loop_matmul(xp_pd, w_edf, lay.block_e, lay.n_used, block_rows)
-    return _move_rows(yp_pf, lay.dest_i, lay.src_j)
+    return move_rows(yp_pf, lay.dest_i, lay.src_j)
 
 
 def _megablox(x_md, w_edf, group_sizes_e, interpret: bool):

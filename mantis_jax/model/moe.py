@@ -1,14 +1,17 @@
 """Sparse mixture-of-experts feed-forward: route → permute → expert compute → unpermute.
 
 Tokens enter as [B, T, D] and are flattened to [T, D] (T = all tokens). The router gives each token K experts
-with renormalised weights; an optional expert bias [E] (one row of the meta-controller's [L, E]) is added to the
-router logits before the top-k. Each expert is a SwiGLU FFN with weights [E, D, F] / [E, F, D]. Three dispatch
-backends (`impl`), equal whenever no token is dropped:
+and their gates (`route`, through kernels/router.py: probabilities renormalised to sum to 1 when K >= 2, the
+un-renormalised probability when K = 1, as Switch does, so that the task loss trains the router); an optional
+expert bias [E] (one row of the meta-controller's [L, E]) is added to the router logits before the top-k. Each
+expert is a SwiGLU FFN with weights [E, D, F] / [E, F, D]. Three dispatch backends (`impl`), equal whenever no
+token is dropped:
   dense     every expert on every token, masked by the combine weights: the reference;
-  ragged    tokens sorted by expert, grouped matmul (`lax.ragged_dot`), dropless;
-  capacity  one-hot dispatch into per-expert buffers of capacity ceil(cf · T·K / E); overflow is dropped.
-The grouped matmul of `ragged` has its own backends (`gmm_impl`, see model/gmm.py). The router (`router_impl`):
-  reference         jnp softmax → top-k here (`route`), then an argsort groups the slots by expert;
+  ragged    tokens grouped by expert as the router grouped them, grouped matmul (model/gmm.py), dropless;
+  capacity  per-expert buffers of ceil(cf · T·K / E) rows filled by gathers (model/dispatch.py); overflow dropped.
+With `expert_parallel` under a mesh whose `expert` axis is > 1, the experts run on their own devices instead
+(model/expert_parallel.py; dropless unless impl is capacity). The router (`router_impl`):
+  reference         the jnp reference of kernels/router.py (softmax, top-k, an argsort groups the slots);
   pallas            the fused kernel in kernels/router.py gives weights, ids and the grouping in one pass, and
                     kernels/permute.py moves the rows (Triton on GPU, Mosaic router on TPU, jnp on CPU);
   pallas_interpret  the same kernels run by the Pallas interpreter (tests on CPU; slow).
@@ -19,7 +22,6 @@ fraction of dropped token slots.
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -28,28 +30,34 @@ import jax.numpy as jnp
 
 from kernels import permute as permute_kernels
 from kernels import router as router_kernels
+from mantis_jax.model import dispatch, expert_parallel
 from mantis_jax.model import gmm as gmm_backends
 from mantis_jax.model.layers import Dtype, constrain, logical_param
-from mantis_jax.parallel import expert as expert_lib
 
 ROUTER_IMPLS = ("reference", "pallas", "pallas_interpret")
 
 
 class Routing(NamedTuple):
-    weights_tk: jax.Array  # renormalised top-k weights, float32
-    ids_tk: jax.Array  # int32 expert ids, distinct per token
-    probs_te: jax.Array  # full softmax over experts, float32
-    logits_te: jax.Array  # raw router logits (before bias), float32
+    weights_tk: jax.Array  # [T, K] float32 gates (kernels/router.py: renormalised when K >= 2, p itself at K = 1)
+    ids_tk: jax.Array  # [T, K] int32 expert ids, distinct per token
+    probs_te: jax.Array  # [T, E] full softmax over experts, float32 (the load-balancing loss reads it)
+    logits_te: jax.Array  # [T, E] raw router logits (before bias), float32 (the z-loss reads them)
+    grouping: router_kernels.Routing  # the slots grouped by expert: counts, order, positions
 
 
-def route(logits_te: jax.Array, top_k: int, bias_e: jax.Array | None = None) -> Routing:
-    """Softmax over (logits + bias) in float32, top-k, weights renormalised to sum to 1."""
+def route(logits_te: jax.Array, top_k: int, bias_e: jax.Array | None = None,
+          router_impl: str = "reference") -> Routing:
+    """The router's top-k and gates from `kernels.router.route` (the one routing function: its jnp reference or
+    the fused kernel, by `router_impl`), plus the full softmax the load-balancing loss needs."""
+    if router_impl not in ROUTER_IMPLS:
+        raise ValueError(f"config.moe.router_impl ({router_impl!r}) must be one of {', '.join(ROUTER_IMPLS)}")
     logits_te = logits_te.astype(jnp.float32)
+    grouping = router_kernels.route(logits_te, bias_e, k=top_k,
+                                    impl="reference" if router_impl == "reference" else "pallas",
+                                    interpret=router_impl == "pallas_interpret")
     biased = logits_te if bias_e is None else logits_te + bias_e.astype(jnp.float32)
     probs_te = jax.nn.softmax(biased, axis=-1)
-    top_w, ids_tk = jax.lax.top_k(probs_te, top_k)
-    weights_tk = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
-    return Routing(weights_tk, ids_tk.astype(jnp.int32), probs_te, logits_te)
+    return Routing(grouping.weights_tk, grouping.experts_tk, probs_te, logits_te, grouping)
 
 
 def load_balancing_loss(probs_te: jax.Array, ids_tk: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -63,30 +71,6 @@ def load_balancing_loss(probs_te: jax.Array, ids_tk: jax.Array) -> tuple[jax.Arr
 
 def router_z_loss(logits_te: jax.Array) -> jax.Array:
     return jnp.mean(jnp.square(jax.nn.logsumexp(logits_te.astype(jnp.float32), axis=-1)))
-
-
-class Permutation(NamedTuple):
-    sort_idx: jax.Array  # [T*K] flat (token, slot) index of each sorted row
-    group_sizes_e: jax.Array  # [E] rows per expert, int32
-
-
-def permute(x_td: jax.Array, ids_tk: jax.Array, n_experts: int) -> tuple[jax.Array, Permutation]:
-    """Gathers token copies into expert-grouped order: x_sorted [T*K, D]."""
-    top_k = ids_tk.shape[-1]
-    flat_ids = ids_tk.reshape(-1)
-    sort_idx = jnp.argsort(flat_ids, stable=True)
-    group_sizes_e = jnp.bincount(flat_ids, length=n_experts).astype(jnp.int32)
-    x_sorted = jnp.take(x_td, sort_idx // top_k, axis=0)
-    return x_sorted, Permutation(sort_idx, group_sizes_e)
-
-
-def unpermute(y_sorted: jax.Array, perm: Permutation, weights_tk: jax.Array) -> jax.Array:
-    """Inverse of `permute`: back to (token, slot) order, then the weighted sum over the K slots: [T, D]."""
-    T, K = weights_tk.shape
-    rows = jnp.arange(perm.sort_idx.shape[0], dtype=perm.sort_idx.dtype)
-    inverse = jnp.zeros_like(perm.sort_idx).at[perm.sort_idx].set(rows, unique_indices=True)  # no second sort
-    y_tkd = jnp.take(y_sorted, inverse, axis=0).reshape(T, K, -1)
-    return jnp.einsum("tkd,tk->td", y_tkd, weights_tk.astype(y_tkd.dtype))
 
 
 def swiglu_grouped(x_md, w_gate_edf, w_up_edf, w_down_efd, group_sizes_e, gmm_impl: str = "auto"):
@@ -118,54 +102,6 @@ def expert_compute_switch(x_td, w_gate_edf, w_up_edf, w_down_efd, ids_tk, weight
     return jnp.stack(rows)
 
 
-def capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
-    return max(1, math.ceil(capacity_factor * n_tokens * top_k / n_experts))
-
-
-def capacity_dispatch(ids_tk, weights_tk, n_experts: int, cap: int):
-    """One-hot dispatch [T, E, C] and combine [T, E, C]; slot k=0 of every token is placed before k=1, and so on.
-
-    Returns (dispatch, combine, dropped_fraction)."""
-    T, K = ids_tk.shape
-    onehot_kte = jax.nn.one_hot(ids_tk.T, n_experts, dtype=jnp.int32)  # [K, T, E]
-    position_kte = jnp.cumsum(onehot_kte.reshape(K * T, n_experts), axis=0).reshape(K, T, n_experts) - 1
-    kept_kte = onehot_kte * (position_kte < cap)
-    slot_kt = jnp.sum(position_kte * kept_kte, axis=-1)  # [K, T]
-    slot_ktc = jax.nn.one_hot(slot_kt, cap, dtype=jnp.float32)
-    dispatch_ktec = kept_kte.astype(jnp.float32)[..., None] * slot_ktc[:, :, None, :]
-    dispatch_tec = jnp.sum(dispatch_ktec, axis=0)
-    combine_tec = jnp.einsum("ktec,tk->tec", dispatch_ktec, weights_tk.astype(jnp.float32))
-    dropped = (T * K - jnp.sum(kept_kte)).astype(jnp.float32) / (T * K)
-    return dispatch_tec, combine_tec, dropped
-
-
-def expert_compute_capacity(x_td, w_gate_edf, w_up_edf, w_down_efd, dispatch_tec, combine_tec):
-    x_ecd = jnp.einsum("tec,td->ecd", dispatch_tec.astype(x_td.dtype), x_td)
-    h_ecf = jax.nn.silu(jnp.einsum("ecd,edf->ecf", x_ecd, w_gate_edf)) * jnp.einsum("ecd,edf->ecf", x_ecd, w_up_edf)
-    y_ecd = jnp.einsum("ecf,efd->ecd", h_ecf, w_down_efd)
-    return jnp.einsum("tec,ecd->td", combine_tec.astype(y_ecd.dtype), y_ecd)
-
-
-def route_kernel(logits_te: jax.Array, top_k: int, bias_e: jax.Array | None = None,
-                 interpret: bool = False) -> tuple[Routing, router_kernels.Routing]:
-    """`route` through the fused router kernel, which also returns the expert grouping (order, positions,
-    counts). The full softmax stays in jnp: only the load-balancing loss reads it."""
-    logits_te = logits_te.astype(jnp.float32)
-    grouping = router_kernels.route(logits_te, bias_e, k=top_k, impl="pallas", interpret=interpret)
-    biased = logits_te if bias_e is None else logits_te + bias_e.astype(jnp.float32)
-    probs_te = jax.nn.softmax(biased, axis=-1)
-    return Routing(grouping.weights_tk, grouping.experts_tk, probs_te, logits_te), grouping
-
-
-def _route(router_impl: str, logits_te, top_k: int, bias_e):
-    """(Routing, kernel grouping or None)."""
-    if router_impl == "reference":
-        return route(logits_te, top_k, bias_e), None
-    if router_impl in ("pallas", "pallas_interpret"):
-        return route_kernel(logits_te, top_k, bias_e, interpret=router_impl == "pallas_interpret")
-    raise ValueError(f"config.moe.router_impl ({router_impl!r}) must be one of {', '.join(ROUTER_IMPLS)}")
-
-
 class MoEFeedForward(nn.Module):
     """Top-k of E SwiGLU experts. Returns (y [B, T, D], aux dict)."""
 
@@ -179,7 +115,7 @@ class MoEFeedForward(nn.Module):
     gmm_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    expert_parallel: bool = False  # under a mesh with expert > 1: parallel/expert.py dispatch (all_to_all)
+    expert_parallel: bool = False  # under a mesh with expert > 1: model/expert_parallel.py dispatch (all_to_all)
 
     @nn.compact
     def __call__(self, x_btd, expert_bias_e=None):
@@ -195,35 +131,31 @@ class MoEFeedForward(nn.Module):
 
         x_td = x_btd.reshape(B * T, D).astype(self.dtype)
         logits_te = jnp.einsum("td,de->te", x_td.astype(jnp.float32), w_router)  # router in float32
-        r, grouping = _route(self.router_impl, logits_te, K, expert_bias_e)
+        r = route(logits_te, K, expert_bias_e, self.router_impl)
         lb_loss, load_e = load_balancing_loss(r.probs_te, r.ids_tk)
         dropped = jnp.zeros((), jnp.float32)
 
-        ep_mesh = expert_lib.active_expert_mesh() if self.expert_parallel else None
-        if ep_mesh is not None:  # each device computes its own experts; capacity bounds the exchange buffers
+        ep_mesh = expert_parallel.active_expert_mesh() if self.expert_parallel else None
+        if ep_mesh is not None:  # each device computes its own experts (model/expert_parallel.py)
             cf = self.capacity_factor if self.impl == "capacity" else None
-            y_td, dropped = expert_lib.ep_moe_ffn(x_td, r.ids_tk, r.weights_tk, w_gate, w_up, w_down, ep_mesh,
-                                                  capacity_factor=cf)
+            y_td, info = expert_parallel.ep_moe_ffn(x_td, r.ids_tk, r.weights_tk, w_gate, w_up, w_down, ep_mesh,
+                                                    capacity_factor=cf)
+            dropped = info.dropped_frac
         elif B * T * K < E:  # a decode step: computing only the chosen experts beats any dispatch
             y_td = expert_compute_switch(x_td, w_gate, w_up, w_down, r.ids_tk, r.weights_tk)
         elif self.impl == "dense":
             combine_te = jnp.sum(jax.nn.one_hot(r.ids_tk, E, dtype=jnp.float32) * r.weights_tk[..., None], axis=1)
             y_td = expert_compute_dense(x_td, w_gate, w_up, w_down, combine_te)
-        elif self.impl == "ragged":
-            if grouping is None:
-                x_sorted, perm = permute(x_td, r.ids_tk, E)
-                y_sorted = swiglu_grouped(x_sorted, w_gate, w_up, w_down, perm.group_sizes_e, self.gmm_impl)
-                y_td = unpermute(y_sorted, perm, r.weights_tk)
-            else:  # the kernel already grouped the slots: gather-only permute / combine, no sort here
-                kw = dict(impl="pallas", interpret=self.router_impl == "pallas_interpret")
-                x_sorted = permute_kernels.permute(x_td, grouping.order_m, grouping.position_tk, **kw)
-                y_sorted = swiglu_grouped(x_sorted, w_gate, w_up, w_down, grouping.counts_e, self.gmm_impl)
-                y_td = permute_kernels.unpermute(y_sorted, r.weights_tk, grouping.order_m, grouping.position_tk,
-                                                 **kw)
+        elif self.impl == "ragged":  # rows grouped by expert as the router grouped them: gathers both ways
+            g = r.grouping
+            kw = dict(impl="reference") if self.router_impl == "reference" else dict(
+                impl="pallas", interpret=self.router_impl == "pallas_interpret")
+            x_sorted = permute_kernels.permute(x_td, g.order_m, g.position_tk, **kw)
+            y_sorted = swiglu_grouped(x_sorted, w_gate, w_up, w_down, g.counts_e, self.gmm_impl)
+            y_td = permute_kernels.unpermute(y_sorted, r.weights_tk, g.order_m, g.position_tk, **kw)
         elif self.impl == "capacity":
-            cap = capacity(B * T, K, E, self.capacity_factor)
-            dispatch, combine, dropped = capacity_dispatch(r.ids_tk, r.weights_tk, E, cap)
-            y_td = expert_compute_capacity(x_td, w_gate, w_up, w_down, dispatch, combine)
+            cap = dispatch.capacity(B * T, K, E, self.capacity_factor)
+            y_td, dropped = dispatch.capacity_ffn(x_td, r.ids_tk, r.weights_tk, w_gate, w_up, w_down, cap)
         else:
             raise ValueError(f"config.moe.impl ({self.impl!r}) must be one of dense, ragged, capacity")
 

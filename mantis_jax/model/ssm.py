@@ -33,11 +33,12 @@ import jax.numpy as jnp
 import ml_collections
 from jax import lax
 
-from mantis_jax.config import resolve_dtype
+from mantis_jax.config import default_config, resolve_dtype
+from mantis_jax.model.args import DTYPES
 from mantis_jax.model.layers import RMSNorm, constrain, logical_param
 
 SCAN_IMPLS = ("sequential", "associative", "chunked")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+CHUNK_SIZE = default_config().memory.episodic.chunk_size  # one source of truth: the config's default
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -147,7 +148,7 @@ _scan_chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 def selective_scan(x_btd: jax.Array, delta_btd: jax.Array, a_dn: jax.Array, b_btn: jax.Array, c_btn: jax.Array,
                    h0_bdn: jax.Array | None = None, *, impl: str = "chunked",
-                   chunk_size: int = 16) -> tuple[jax.Array, jax.Array]:
+                   chunk_size: int = CHUNK_SIZE) -> tuple[jax.Array, jax.Array]:
     """y_t = C_t · h_t with h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t; returns (y [B, T, Di], h_T [B, Di, N]).
 
     x, Δ: [B, T, Di]; A: [Di, N] (negative); B, C: [B, T, N]; h0: [B, Di, N] (zeros if None). Computed in
@@ -208,7 +209,7 @@ class SSMArgs:
     dt_min: float = 0.001
     dt_max: float = 0.1
     scan_impl: str = "chunked"
-    chunk_size: int = 16
+    chunk_size: int = CHUNK_SIZE
     norm_eps: float = 1e-6
     dtype: str = "float32"
     param_dtype: str = "float32"

@@ -1,8 +1,9 @@
 """Memory estimator: per-device bytes of parameters, gradients, optimizer state and activations of a training
-step for a config on a mesh of N devices, from shapes and shardings only (`jax.eval_shape`; nothing allocated,
-no devices needed).
+step for a config on a mesh of N devices, from shapes and shardings only (nothing allocated, no devices needed).
+The caller passes the boxed abstract train state (`train.state.abstract_train_state(config, boxed=True)`); the
+command line is train/memory_estimate.py:
 
-    python -m mantis_jax.parallel.memory --config=configs/base.py --devices=8 [--device_gb=80] [--config.x=y]
+    python -m mantis_jax.train.memory_estimate --config=configs/base.py --devices=8 [--device_gb=80] [--config.x=y]
 
 Parameters, gradients and optimizer state are exact: every leaf's per-device shard shape follows from its logical
 axis names, the config's rules and the mesh sizes (uneven splits are padded, as XLA does). Activations are an
@@ -11,7 +12,8 @@ estimate per micro-batch (`data.batch_size` rows split over the batch's mesh axe
              "dots*"; everything under "none")
   working    one layer recomputed in the backward pass: projections, attention scores and probabilities
              [H, T, T] in float32 (the attention is not fused), SwiGLU buffers of the K routed copies, and the
-             expert-parallel exchange buffers
+             expert-parallel exchange buffers (`ep_exchange_bytes`: sized by model/dispatch.exchange_capacities,
+             the function model/expert_parallel.py sizes them with; checked against the compiled program)
   logits     [tokens, V] float32 logits and their gradient
 The estimate leaves out XLA's fragmentation and collective scratch; `headroom` is what remains of the device.
 """
@@ -20,19 +22,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from typing import Any
 
 import flax.linen as nn
 import jax
 import ml_collections
-import numpy as np
 
 from mantis_jax.config import MESH_AXES
+from mantis_jax.model import dispatch
 from mantis_jax.model.args import ModelArgs
 from mantis_jax.parallel import mesh as mesh_lib
 from mantis_jax.parallel import rules as rule_presets
-from mantis_jax.train import state as state_lib
 
 GB = 1e9
 
@@ -88,12 +88,19 @@ def _leaf_bytes(tree: Any, rules, sizes: dict[str, int]) -> int:
     return total
 
 
-def abstract_boxed_state(config: ml_collections.ConfigDict) -> Any:
-    args = ModelArgs.from_config(config)
-    return jax.eval_shape(state_lib.init_state_fn(args, state_lib.make_optimizer(config)), jax.random.key(0))
+def ep_exchange_bytes(tokens_local: int, d_model: int, d_ff: int, n_experts: int, top_k: int,
+                      capacity_factor: float | None, itemsize: int) -> int:
+    """Per-device bytes of one MoE layer's expert-parallel buffers, forward and backward, for `tokens_local`
+    tokens per device: send/receive rows [E·C, D] both ways and the SwiGLU's [E·C, F] buffers, for every buffer
+    size C the layer compiles (dropless: a `lax.switch` over the ladder, whose residuals JAX keeps for every branch,
+    so the sizes add up)."""
+    caps = dispatch.exchange_capacities(tokens_local, top_k, n_experts, capacity_factor)
+    rows = n_experts * sum(caps)
+    return 2 * rows * (2 * d_model + 3 * d_ff) * itemsize
 
 
-def _activation_bytes(args: ModelArgs, config, tokens: int, seqs: int, seq_len: int, n_ep: int) -> tuple[int, ...]:
+def _activation_bytes(args: ModelArgs, config, tokens: int, seqs: int, seq_len: int,
+                      tokens_local: int) -> tuple[int, ...]:
     c = 2 if args.dtype == "bfloat16" else 4
     D, F, H, G, Dh, K, E = (args.d_model, args.d_ff, args.n_heads, args.n_kv_heads, args.head_dim, args.top_k,
                             args.n_experts)
@@ -104,28 +111,30 @@ def _activation_bytes(args: ModelArgs, config, tokens: int, seqs: int, seq_len: 
     saved = args.n_layers * tokens * per_token * c
     scores = 2 * seqs * H * seq_len * seq_len * 4  # scores and probabilities, float32
     working = tokens * everything * c + scores
-    if config.moe.expert_parallel and n_ep > 1 and E > 1:
-        rows = E * (tokens // n_ep if n_ep else tokens)  # dropless buffers, C = local tokens per expert
-        if config.moe.impl == "capacity":
-            rows = E * max(1, math.ceil(config.moe.capacity_factor * (tokens // n_ep) * K / E))
-        working += 2 * rows * (2 * D + 3 * F) * c  # send/recv and expert buffers, forward and backward
+    if tokens_local:  # expert parallelism: the layer's exchange buffers
+        cf = config.moe.capacity_factor if config.moe.impl == "capacity" else None
+        working += ep_exchange_bytes(tokens_local, D, F, E, K, cf, c)
     logits = 2 * tokens * args.vocab_size * 4
     return saved, working, logits
 
 
-def estimate(config: ml_collections.ConfigDict, n_devices: int) -> MemoryEstimate:
-    """Per-device memory of one training step of `config` on `n_devices` (mesh from `config.mesh`)."""
+def estimate(config: ml_collections.ConfigDict, n_devices: int, boxed_state: Any) -> MemoryEstimate:
+    """Per-device memory of one training step of `config` on `n_devices` (mesh from `config.mesh`).
+
+    `boxed_state`: the abstract train state with its logical-axis boxes (`train.state.abstract_train_state(config,
+    boxed=True)`): parameter and optimizer bytes are read from it."""
     sizes = dict(zip(MESH_AXES, mesh_lib.mesh_shape(config, n_devices)))
     rules = mesh_lib.logical_rules(config)
-    boxed = abstract_boxed_state(config)
-    params = _leaf_bytes(boxed.params, rules, sizes)
-    opt = _leaf_bytes(boxed.opt_state, rules, sizes) + 4  # + the step counter
+    params = _leaf_bytes(boxed_state.params, rules, sizes)
+    opt = _leaf_bytes(boxed_state.opt_state, rules, sizes) + 4  # + the step counter
     batch_shards = math.prod(sizes[a] for a in rule_presets.mesh_axes_of(rules, "batch"))
     seqs = -(-config.data.batch_size // batch_shards)
     tokens = seqs * config.data.seq_len
     args = ModelArgs.from_config(config)
-    n_ep = sizes["expert"] if "expert" in rule_presets.mesh_axes_of(rules, "batch") else 1
-    saved, working, logits = _activation_bytes(args, config, tokens, seqs, config.data.seq_len, n_ep)
+    ep = config.moe.expert_parallel and sizes["expert"] > 1 and args.is_moe
+    # Expert parallelism splits the tokens over every mesh axis (model/expert_parallel.py).
+    tokens_local = -(-config.data.batch_size * config.data.seq_len // n_devices) if ep else 0
+    saved, working, logits = _activation_bytes(args, config, tokens, seqs, config.data.seq_len, tokens_local)
     return MemoryEstimate(sizes, params, params, opt, saved, working, logits, tokens)
 
 
@@ -138,8 +147,8 @@ def real_bytes_per_device(tree: Any) -> int:
     return max(per_device.values())
 
 
-def table(config: ml_collections.ConfigDict, n_devices: int, device_gb: float) -> str:
-    e = estimate(config, n_devices)
+def table(config: ml_collections.ConfigDict, n_devices: int, device_gb: float, boxed_state: Any) -> str:
+    e = estimate(config, n_devices, boxed_state)
     mesh = " x ".join(f"{a}={s}" for a, s in e.mesh.items() if s > 1) or "1 device"
     preset = config.mesh.get("rules_preset", "") or "config.mesh.rules"
     rows = [("parameters", e.params), ("gradients", e.grads), ("optimizer state", e.opt_state),
@@ -154,20 +163,3 @@ def table(config: ml_collections.ConfigDict, n_devices: int, device_gb: float) -
     lines.append(f"{verdict} on {device_gb:g} GB devices: headroom {headroom / GB:.2f} GB "
                  f"({100 * headroom / (device_gb * GB):.0f}% of the device)")
     return "\n".join(lines)
-
-
-def main(argv: list[str]) -> None:
-    from absl import flags  # noqa: PLC0415
-
-    print(table(flags.FLAGS.config, flags.FLAGS.devices, flags.FLAGS.device_gb))
-
-
-if __name__ == "__main__":
-    from absl import flags
-
-    from mantis_jax import cli
-
-    cli.define_config_flag()
-    flags.DEFINE_integer("devices", 8, "Number of devices of the mesh (config.mesh sizes; -1 fills)")
-    flags.DEFINE_float("device_gb", 80.0, "Memory of one device, in GB (1e9 bytes)")
-    cli.run(main)

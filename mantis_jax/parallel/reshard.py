@@ -2,7 +2,8 @@
 
 Orbax stores each array with its global shape, independent of the mesh that wrote it. Restoring is driven by an
 abstract target: a pytree of `jax.ShapeDtypeStruct`s whose shardings come from *this* run's mesh and rules
-(`abstract_state`), so each process reads only the slices its devices own. That is how a run saved with data=8
+(the caller builds it: `train.state.abstract_train_state(config, mesh)`), so each process reads only the slices
+its devices own. That is how a run saved with data=8
 resumes with fsdp=4 × expert=2, on another number of processes, or on one device in a notebook.
 
 Layout read: `<workdir>/checkpoints/<step>/state` (train/checkpoint.py), or any orbax CheckpointManager folder
@@ -14,28 +15,19 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import flax.linen as nn
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from mantis_jax.model.args import ModelArgs
 from mantis_jax.parallel import mesh as mesh_lib
-from mantis_jax.train import state as state_lib
 
 STATE_ITEM = "state"
 
 
-def abstract_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules=None) -> Any:
-    """ShapeDtypeStructs of the TrainState `config` builds, each with its NamedSharding on `mesh` (no allocation)."""
-    rules = mesh_lib.logical_rules(config) if rules is None else rules
-    args = ModelArgs.from_config(config)
-    init = state_lib.init_state_fn(args, state_lib.make_optimizer(config))
-    with mesh_lib.activate(mesh, rules):
-        boxed = jax.eval_shape(init, jax.random.key(0))
-        shardings = mesh_lib.shardings_of(boxed, mesh, rules)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed),
-                        shardings)
+def _check_target(target: Any, what: str) -> None:
+    if isinstance(target, ml_collections.ConfigDict) or not jax.tree.leaves(target):
+        raise TypeError(f"{what} takes the abstract target, not a config: pass "
+                        "mantis_jax.train.state.abstract_train_state(config, mesh) (or its .params)")
 
 
 def _manager_dir(path: str) -> str:
@@ -63,10 +55,10 @@ def _pick_step(manager: ocp.CheckpointManager, path: str, step: int | None) -> i
     return step
 
 
-def restore_state(path: str, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
-                  step: int | None = None, rules=None) -> tuple[int, Any]:
-    """(step, TrainState) of `path`'s `step` (default: newest), laid out on `mesh` by `config`'s rules."""
-    target = abstract_state(config, mesh, rules)
+def restore_state(path: str, target: Any, *, step: int | None = None) -> tuple[int, Any]:
+    """(step, TrainState) of `path`'s `step` (default: newest), laid out as `target` says: an abstract TrainState
+    of ShapeDtypeStructs with shardings (`train.state.abstract_train_state(config, mesh)`)."""
+    _check_target(target, "restore_state")
     manager = _manager(path)
     try:
         step = _pick_step(manager, path, step)
@@ -76,10 +68,11 @@ def restore_state(path: str, config: ml_collections.ConfigDict, mesh: jax.shardi
     return step, out[STATE_ITEM]
 
 
-def restore_params(path: str, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
-                   step: int | None = None, rules=None) -> tuple[int, Any]:
-    """(step, params) only: the optimizer state is never read (a notebook on one device needs ~1/3 the memory)."""
-    target = {"params": abstract_state(config, mesh, rules).params}
+def restore_params(path: str, target_params: Any, *, step: int | None = None) -> tuple[int, Any]:
+    """(step, params) only, laid out as `target_params` (an abstract TrainState's `.params`) says: the optimizer
+    state is never read (a notebook on one device needs ~1/3 the memory)."""
+    _check_target(target_params, "restore_params")
+    target = {"params": target_params}
     manager = _manager(path)
     try:
         step = _pick_step(manager, path, step)

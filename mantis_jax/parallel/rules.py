@@ -8,7 +8,7 @@ Nothing here imports jax: the presets are plain data, resolved by `mantis_jax.pa
   dp       pure data parallel: every parameter replicated, the batch split over every mesh axis but tensor
   fsdp     ZeRO-3 style: parameters and optimizer state split on their embed axis over `fsdp`; batch over all
   fsdp_ep  fsdp + expert parallel: expert weights split on their expert axis over `expert`; the expert axis also
-           splits the batch, and the MoE dispatch exchanges tokens over it (parallel/expert.py)
+           splits the batch, and the MoE dispatch exchanges tokens over it (model/expert_parallel.py)
   fsdp_tp  fsdp + Megatron-style tensor parallel: heads, mlp and vocab split over `tensor`; the batch is split over
            (data, fsdp) only, since the tensor group computes on the same tokens
 """

@@ -18,7 +18,8 @@ def _numpy_route(logits, bias, k):
     top = np.take_along_axis(p, experts, -1)
     flat = experts.ravel()
     order = np.array([s for e in range(logits.shape[1]) for s in range(flat.size) if flat[s] == e])
-    return top / top.sum(-1, keepdims=True), experts, np.bincount(flat, minlength=logits.shape[1]), order
+    gates = top if k == 1 else top / top.sum(-1, keepdims=True)  # K = 1: the probability itself (Switch)
+    return gates, experts, np.bincount(flat, minlength=logits.shape[1]), order
 
 
 def _loss(routing):  # touches every weight with a different factor so the gradient is informative
@@ -35,10 +36,12 @@ def _run(fn, logits, bias):
     return r, grads
 
 
-# (T, E, K, block_t, ties): T not a multiple of the block, E=1, K=E, ties, several blocks, wide E.
+# (T, E, K, block_t, ties): T not a multiple of the block, E=1, K=1 of E (un-renormalised gate), K=E, ties,
+# several blocks, wide E.
 CASES = [
     (37, 8, 2, 16, False),
     (16, 1, 1, None, False),
+    (20, 6, 1, 16, False),
     (21, 5, 5, 16, False),
     (40, 6, 3, 16, True),
     (150, 64, 4, None, False),
@@ -72,6 +75,8 @@ def test_reference_matches_numpy_loop():
     r = router.route_reference(jnp.asarray(logits), jnp.asarray(bias), k=3)
     w, experts, counts, order = _numpy_route(logits, bias, 3)
     np.testing.assert_allclose(r.weights_tk, w, rtol=1e-5)
+    np.testing.assert_allclose(router.route_reference(jnp.asarray(logits), jnp.asarray(bias), k=1).weights_tk,
+                               _numpy_route(logits, bias, 1)[0], rtol=1e-5)
     np.testing.assert_array_equal(r.experts_tk, experts)
     np.testing.assert_array_equal(r.counts_e, counts)
     np.testing.assert_array_equal(r.order_m, order)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mantis_jax.model import moe
+from mantis_jax.model import dispatch, moe
 
 E, K, D, F = 4, 2, 16, 32
 
@@ -131,23 +131,57 @@ def test_capacity_reports_dropped_tokens(setup):
     y, aux = _layer("capacity", capacity_factor=cf).apply({"params": params}, x, bias)
     x_td = x.reshape(-1, D)
     r = moe.route(x_td @ params["router"], K, bias)
-    cap = moe.capacity(x_td.shape[0], K, E, cf)
-    expected = _reference_dropped(np.asarray(r.ids_tk), cap)
+    cap = dispatch.capacity(x_td.shape[0], K, E, cf)
+    ids = np.asarray(r.ids_tk)
+    expected = _reference_dropped(ids, cap)
     assert expected > 0
     np.testing.assert_allclose(aux["dropped_frac"], expected, rtol=1e-6)
-    # Dropped slots contribute nothing: equal to the dense reference with the dropped slots' weights zeroed.
-    dispatch, combine, _ = moe.capacity_dispatch(r.ids_tk, r.weights_tk, E, cap)
-    combine_te = jnp.sum(combine, axis=-1)
+    # Dropped slots contribute nothing: equal to the dense reference with the dropped slots' weights zeroed
+    # (kept slots from the same loop: slot k of every token before k+1, an expert keeps its first `cap`).
+    counts, kept = np.zeros(E, int), np.zeros(ids.shape, bool)
+    for k in range(K):
+        for t in range(ids.shape[0]):
+            kept[t, k] = counts[ids[t, k]] < cap
+            counts[ids[t, k]] += 1
+    combine_te = jnp.sum(jax.nn.one_hot(ids, E) * (np.asarray(r.weights_tk) * kept)[..., None], axis=1)
     y_ref = moe.expert_compute_dense(x_td, params["w_gate"], params["w_up"], params["w_down"], combine_te)
     np.testing.assert_allclose(y.reshape(-1, D), y_ref, atol=1e-5)
 
 
-def test_permute_unpermute_roundtrip():
-    x = jax.random.normal(jax.random.key(4), (10, D))
-    ids = moe.route(jax.random.normal(jax.random.key(5), (10, E)), K).ids_tk
-    xs, perm = moe.permute(x, ids, E)
-    np.testing.assert_array_equal(perm.group_sizes_e, np.bincount(np.asarray(ids).ravel(), minlength=E))
-    sorted_ids = np.asarray(ids).ravel()[np.asarray(perm.sort_idx)]
+def test_top1_router_learns_from_the_task_loss(setup):
+    """K = 1: the gate is the chosen expert's probability p_j (not a renormalised 1.0), so the task loss alone
+    reaches the router; its gradient equals a hand computation y_t = p_tj · f_j(x_t)."""
+    x, params = setup
+    cot = jax.random.normal(jax.random.key(7), x.shape)
+
+    def task_loss(p, impl):
+        y, _ = moe.MoEFeedForward(E, 1, F, init_std=0.2, impl=impl, capacity_factor=E).apply({"params": p}, x)
+        return jnp.sum(y * cot)  # no aux loss
+
+    x_td, cot_td = np.asarray(x.reshape(-1, D), np.float64), np.asarray(cot.reshape(-1, D), np.float64)
+    p64 = {n: np.asarray(v, np.float64) for n, v in params.items()}
+    logits = x_td @ p64["router"]
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    j = probs.argmax(-1)
+    silu = lambda z: z / (1 + np.exp(-z))  # noqa: E731
+    f_td = np.stack([(silu(xt @ p64["w_gate"][e]) * (xt @ p64["w_up"][e])) @ p64["w_down"][e]
+                     for xt, e in zip(x_td, j)])
+    g_t = np.sum(cot_td * f_td, -1) * probs[np.arange(len(j)), j]  # d loss / d p_j times p_j
+    d_logits = g_t[:, None] * (np.eye(E)[j] - probs)  # softmax: d p_j / d z_i = p_j (1[i = j] - p_i)
+    expected = x_td.T @ d_logits
+    for impl in ("dense", "ragged"):
+        g = jax.jit(jax.grad(task_loss), static_argnums=1)(params, impl)["router"]
+        np.testing.assert_allclose(g, expected, rtol=1e-4, atol=1e-6)
+    assert np.abs(expected).max() > 1e-2  # the router really learns (it got ~0 with renormalised gates)
+
+
+def test_route_grouping_and_gates():
+    logits = jax.random.normal(jax.random.key(5), (10, E))
+    r = moe.route(logits, K)
+    ids = np.asarray(r.ids_tk)
+    np.testing.assert_array_equal(r.grouping.counts_e, np.bincount(ids.ravel(), minlength=E))
+    sorted_ids = ids.ravel()[np.asarray(r.grouping.order_m)]
     assert np.all(np.diff(sorted_ids) >= 0)
-    w = jnp.full((10, K), 1.0 / K)
-    np.testing.assert_allclose(moe.unpermute(xs, perm, w), x, rtol=1e-6)
+    one = moe.route(logits, 1)
+    np.testing.assert_allclose(one.weights_tk[:, 0], jnp.max(jax.nn.softmax(logits), -1), rtol=1e-6)

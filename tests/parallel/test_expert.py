@@ -1,4 +1,7 @@
-"""Expert parallelism (shard_map + all_to_all over `expert`) equals the single-device MoE layer."""
+"""Expert parallelism (shard_map + all_to_all over `expert`) equals the single-device MoE layer, and dropless
+mode exchanges what is routed (K x T_local rows per device when the router is balanced), not E x T_local."""
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +9,8 @@ import numpy as np
 import pytest
 
 from mantis_jax.model import moe
-from mantis_jax.parallel.expert import active_expert_mesh, buffer_rows, ep_moe_ffn
+from mantis_jax.model.dispatch import capacity, exchange_capacities
+from mantis_jax.model.expert_parallel import active_expert_mesh, ep_moe_ffn
 
 T, D, F, E, K = 24, 16, 32, 8, 2
 AXES = ("data", "fsdp", "expert", "tensor")
@@ -45,10 +49,10 @@ def test_outputs_and_gradients_equal_single_device(layer, shape):
         return jnp.sum(y * cot)
 
     with jax.set_mesh(_mesh(shape)):
-        y, dropped = jax.jit(lambda *a: ep_moe_ffn(*a))(x, ids, weights, *w)
+        y, info = jax.jit(lambda *a: ep_moe_ffn(*a))(x, ids, weights, *w)
         g_ep = jax.jit(jax.grad(loss_ep, argnums=(0, 1, 2)))(x, weights, w)
     np.testing.assert_allclose(y, _reference(x, ids, weights, w), atol=1e-5, rtol=1e-5)
-    assert float(dropped) == 0.0
+    assert float(info.dropped_frac) == 0.0
     g_ref = jax.grad(loss_ref, argnums=(0, 1, 2))(x, weights, w)
     for a, b in zip(jax.tree.leaves(g_ep), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
@@ -58,9 +62,9 @@ def test_token_count_not_divisible_by_devices(layer):
     x, ids, weights, w = layer
     n = 5  # fewer tokens than devices: padded, pads never dispatched
     with jax.set_mesh(_mesh((2, 1, 4, 1))):
-        y, dropped = jax.jit(lambda *a: ep_moe_ffn(*a, capacity_factor=1.0))(x[:n], ids[:n], weights[:n], *w)
+        y, info = jax.jit(lambda *a: ep_moe_ffn(*a, capacity_factor=1.0))(x[:n], ids[:n], weights[:n], *w)
     np.testing.assert_allclose(y, _reference(x[:n], ids[:n], weights[:n], w), atol=1e-5, rtol=1e-5)
-    assert float(dropped) == 0.0  # 8 shards of 1 token: cap 1 row per expert always suffices
+    assert float(info.dropped_frac) == 0.0  # 8 shards of 1 token: cap 1 row per expert always suffices
 
 
 def _capacity_reference(x, ids, weights, w, n_shards, cap):
@@ -82,14 +86,54 @@ def _capacity_reference(x, ids, weights, w, n_shards, cap):
 def test_capacity_drops_match_loop_reference(layer):
     x, ids, weights, w = layer
     cf = 0.5
-    cap = buffer_rows(T // 8, K, E, cf)
-    assert cap == 1
+    cap = capacity(T // 8, K, E, cf)
+    assert cap == 1 and exchange_capacities(T // 8, K, E, cf) == (cap,)
     with jax.set_mesh(_mesh((2, 1, 4, 1))):
-        y, dropped = jax.jit(lambda *a: ep_moe_ffn(*a, capacity_factor=cf))(x, ids, weights, *w)
+        y, info = jax.jit(lambda *a: ep_moe_ffn(*a, capacity_factor=cf))(x, ids, weights, *w)
     y_ref, dropped_ref = _capacity_reference(x, ids, weights, w, 8, cap)
     assert dropped_ref > 0
-    np.testing.assert_allclose(float(dropped), dropped_ref, rtol=1e-6)
+    np.testing.assert_allclose(float(info.dropped_frac), dropped_ref, rtol=1e-6)
+    assert int(info.rows_per_device) == E * cap
     np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
+
+
+def _a2a_rows(compiled_text):
+    """Rows per device of each D-wide all-to-all in a compiled program (its result: f32[..., D] pieces)."""
+    rows = set()
+    for line in compiled_text.splitlines():
+        if " all-to-all(" in line:
+            result = line.split(" all-to-all(")[0]
+            dims = [[int(v) for v in m.split(",")] for m in re.findall(r"f32\[([\d,]+)\]", result)]
+            rows.add(sum(int(np.prod(d[:-1])) for d in dims if d[-1] == D))
+    return sorted(rows)
+
+
+def test_dropless_exchanges_what_is_routed(layer):
+    """Dropless on data=2 x expert=4 (T_local = 4, K = 2): a balanced router sends K x T_local rows per device;
+    a crowded one takes the smallest buffer that holds its largest per-(device, expert) count (a numpy count),
+    and never more than E x T_local; both equal the single-device layer."""
+    _, _, _, w = layer
+    n, t_local = 32, 4
+    x = jax.random.normal(jax.random.key(5), (n, D))
+    weights = jax.nn.softmax(jax.random.normal(jax.random.key(6), (n, K)))
+    ladder = exchange_capacities(t_local, K, E, None)
+    assert ladder == (1, 2, 4)
+    balanced = (np.arange(n * K) % E).reshape(n, K).astype(np.int32)  # each device: K x T_local slots, 1/expert
+    skewed = balanced.copy()
+    skewed[0, 0] = 7  # device 0: expert 7 gets 2 of its slots
+    crowded = np.stack([np.zeros(n), 1 + np.arange(n) % (E - 1)], 1).astype(np.int32)  # expert 0: every token
+    fn = jax.jit(lambda *a: ep_moe_ffn(*a))
+    with jax.set_mesh(_mesh((2, 1, 4, 1))):
+        text = fn.lower(x, balanced, weights, *w).compile().as_text()
+        for ids, rows in ((balanced, K * t_local), (skewed, E * 2), (crowded, E * t_local)):
+            y, info = fn(x, ids, weights, *w)
+            np.testing.assert_allclose(y, _reference(x, ids, weights, w), atol=1e-5, rtol=1e-5)
+            largest = max(np.bincount(ids[s * t_local:(s + 1) * t_local].ravel(), minlength=E).max()
+                          for s in range(8))
+            assert int(info.rows_per_device) == rows == E * min(c for c in ladder if c >= largest)
+            assert float(info.dropped_frac) == 0.0
+    # The compiled program holds one exchange buffer per size (each sent and returned), the smallest K x T_local.
+    assert _a2a_rows(text) == [E * c for c in ladder]
 
 
 def test_mesh_errors_and_detection(layer):

@@ -46,7 +46,7 @@ def test_restore_onto_fsdp_expert_mesh(saved):
     path, ref = saved
     config = _config("fsdp_ep", fsdp=4, expert=2)
     mesh = pm.make_mesh(config)
-    step, state = reshard.restore_state(path, config, mesh)
+    step, state = reshard.restore_state(path, st.abstract_train_state(config, mesh))
     assert step == 7
     w_gate = state.params["layers"]["moe"]["w_gate"]  # [L, E, D, F]
     assert w_gate.sharding.spec == P(None, "expert", "fsdp", None)
@@ -62,7 +62,7 @@ def test_restore_params_on_one_device(saved):
     config = _config("fsdp_ep", fsdp=4, expert=2)
     mesh = reshard.single_device_mesh(config)
     assert mesh.devices.size == 1
-    step, params = reshard.restore_params(path, config, mesh)
+    step, params = reshard.restore_params(path, st.abstract_train_state(config, mesh).params)
     assert step == 7
     leaves = jax.tree.leaves(params)
     assert all(len(x.sharding.device_set) == 1 for x in leaves)
@@ -73,7 +73,10 @@ def test_restore_params_on_one_device(saved):
 def test_missing_step_is_a_clear_error(saved, tmp_path):
     path, _ = saved
     config = _config("dp", data=8)
+    target = st.abstract_train_state(config, pm.make_mesh(config))
     with pytest.raises(FileNotFoundError, match=r"step 3 is not in .*saved steps: \[7\]"):
-        reshard.restore_state(path, config, pm.make_mesh(config), step=3)
+        reshard.restore_state(path, target, step=3)
     with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
-        reshard.restore_state(str(tmp_path / "nope"), config, pm.make_mesh(config))
+        reshard.restore_state(str(tmp_path / "nope"), target)
+    with pytest.raises(TypeError, match="abstract_train_state"):
+        reshard.restore_state(path, config)
