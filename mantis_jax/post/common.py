@@ -28,11 +28,13 @@ import numpy as np
 import optax
 
 from mantis_jax import config as config_lib
-from mantis_jax.data import pipeline
+from mantis_jax.data import factworld, pipeline
+from mantis_jax.infer import qa
 from mantis_jax.data.tokenizer import Tokenizer
 from mantis_jax.model.args import ModelArgs
 from mantis_jax.model.transformer import abstract_params
 from mantis_jax.parallel import mesh as mesh_lib
+from mantis_jax.post import data as data_lib
 from mantis_jax.post import lora as lora_lib
 from mantis_jax.train import metrics as metrics_lib
 from mantis_jax.train import state as state_lib
@@ -65,8 +67,12 @@ class Run:
     replicated: Any
 
     def put(self, batch: dict) -> dict:
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
-                for k, v in batch.items()}
+        out = {}
+        for k, v in batch.items():
+            v = np.asarray(v)
+            sharding = mesh_lib.batch_sharding(self.mesh, self.rules, v.ndim)  # rows split like the batch
+            out[k] = jax.make_array_from_process_local_data(sharding, v)
+        return out
 
     def policy(self, trainable, frozen, rng=None):
         """The parameters the policy runs with: the trainable tree, or the base with the adapters applied."""
@@ -98,6 +104,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *, devices=None) ->
     if config.post.base:
         base_config, tokenizer, params = load_base(config.post.base)
         config.model, config.moe = base_config.model, base_config.moe
+        config_lib.set_shape(config, d_model=config.model.d_model, n_layers=config.model.n_layers,
+                             n_experts=config.moe.n_experts, top_k=config.moe.top_k)  # the fields that follow it
         for key in base_config.data.keys():
             if key.startswith(BASE_DATA_KEYS):
                 config.data[key] = base_config.data[key]
@@ -288,3 +296,18 @@ def writer_for(run: Run):
     lg = run.config.logging
     return metrics_lib.MetricsWriter(run.workdir, jsonl=lg.jsonl, tensorboard=lg.tensorboard,
                                       enabled=jax.process_index() == 0)
+
+
+def policy_params(run: Run, state, frozen) -> dict:
+    """The policy's plain parameters on one device (merged when LoRA), for evaluation and decoding."""
+    params = jax.jit(lambda t, f: run.policy(t, f))(state.params, frozen)
+    return jax.device_put(params, jax.devices()[0])
+
+
+def qa_metrics(run: Run, params, n: int, *, prefix: str = "") -> dict:
+    """Greedy factworld QA on `n` test questions (a quarter unanswerable): accuracy, answerable accuracy and the
+    hallucination rate (a non-"unknown" answer to an unanswerable question)."""
+    records = list(data_lib.qa_records(factworld.world_from_config(run.config), "test", n, 0.25))
+    _, m = qa.answer_questions(run.config, run.tokenizer, params, records, max_new_tokens=8, batch_size=16)
+    return {f"{prefix}qa_accuracy": m["accuracy"], f"{prefix}answerable_accuracy": m["answerable_accuracy"],
+            f"{prefix}hallucination_rate": 1.0 - m["unanswerable_accuracy"], f"{prefix}qa_n": m["n"]}

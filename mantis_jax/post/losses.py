@@ -36,10 +36,10 @@ def sft_loss(args: ModelArgs, params, batch: dict) -> tuple[jax.Array, dict]:
     return ce + aux["moe_loss"], {"ce": ce, "tokens": jnp.sum(w_bt)}
 
 
-def sequence_logprobs(args: ModelArgs, params, inputs_bt, targets_bt, mask_bt) -> jax.Array:
-    """Σ_t log p(target_t) over the masked (response) targets of each row: [B]."""
-    logp_bt, _ = token_logprobs(args, params, inputs_bt, targets_bt)
-    return jnp.sum(logp_bt * mask_bt.astype(jnp.float32), axis=1)
+def sequence_logprobs(args: ModelArgs, params, inputs_bt, targets_bt, mask_bt) -> tuple[jax.Array, dict]:
+    """Σ_t log p(target_t) over the masked (response) targets of each row [B], and the model's aux dict."""
+    logp_bt, aux = token_logprobs(args, params, inputs_bt, targets_bt)
+    return jnp.sum(logp_bt * mask_bt.astype(jnp.float32), axis=1), aux
 
 
 def dpo_loss(policy_chosen_b, policy_rejected_b, ref_chosen_b, ref_rejected_b, beta: float) -> tuple[jax.Array, dict]:

@@ -15,26 +15,9 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from mantis_jax.data import factworld
 from mantis_jax.data.pipeline import pad_batch
-from mantis_jax.infer import qa
 from mantis_jax.post import common, data, losses
 from mantis_jax.train.checkpoint import Checkpointer
-
-
-def policy_params(run: common.Run, state, frozen) -> dict:
-    """The policy's plain parameters on one device (merged when LoRA), for evaluation and decoding."""
-    params = jax.jit(lambda t, f: run.policy(t, f))(state.params, frozen)
-    return jax.device_put(params, jax.devices()[0])
-
-
-def qa_metrics(run: common.Run, params, n: int, *, prefix: str = "") -> dict:
-    """Greedy factworld QA on `n` test questions (a quarter unanswerable): accuracy, answerable accuracy and the
-    hallucination rate (a non-"unknown" answer to an unanswerable question)."""
-    records = list(data.qa_records(factworld.world_from_config(run.config), "test", n, 0.25))
-    _, m = qa.answer_questions(run.config, run.tokenizer, params, records, max_new_tokens=8, batch_size=16)
-    return {f"{prefix}qa_accuracy": m["accuracy"], f"{prefix}answerable_accuracy": m["answerable_accuracy"],
-            f"{prefix}hallucination_rate": 1.0 - m["unanswerable_accuracy"], f"{prefix}qa_n": m["n"]}
 
 
 def evaluate_loss(run: common.Run, params, examples) -> float:
@@ -73,10 +56,10 @@ def run(config, workdir: str, *, devices=None) -> dict:
         total = int(c.train.total_steps)
         state, last = common.train_loop(r, ckpt, writer, step_fn, state, frozen, lambda: next(iterator), start,
                                         total, iterator, jax.random.key(c.seed), on_batch=on_batch)
-        params = policy_params(r, state, frozen)
+        params = common.policy_params(r, state, frozen)
         results = {"steps": int(state.step), "train_loss": last.get("ce"), "val_loss": evaluate_loss(r, params, eval_ex),
                    "packing_efficiency": counts[0] / max(counts[1], 1), "examples": len(train_ex)}
-        results.update(qa_metrics(r, params, c.post.eval_examples))
+        results.update(common.qa_metrics(r, params, c.post.eval_examples))
         results.update(common.trainable_report(r, state))
         writer.write(int(state.step), results, prefix="sft")
         merged = common.export_merged(r, state, frozen)
