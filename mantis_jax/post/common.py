@@ -219,13 +219,14 @@ def check_finite(metrics: dict, step: int, run: Run) -> None:
 
 def train_loop(run: Run, ckpt: Checkpointer, writer, step_fn, state, frozen, next_batch, start: int, total: int,
                iterator, rng, *, on_batch: Callable[[dict], None] | None = None) -> tuple[TrainState, dict]:
-    """Steps start..total-1 with logging (train.log_every), saving (train.save_every) and a finiteness check."""
+    """Steps start..total-1 with logging (train.log_every), saving (train.save_every) and a finiteness check;
+    `next_batch(state)` gives each step's host batch."""
     t = run.config.train
     last: dict = {}
     pending: list = []
     t0 = time.perf_counter()
     for step in range(start, total):
-        host_batch = next_batch()
+        host_batch = next_batch(state)
         if on_batch is not None:
             on_batch(host_batch)
         state, m = step_fn(state, frozen, run.put(host_batch), rng)
@@ -304,10 +305,10 @@ def policy_params(run: Run, state, frozen) -> dict:
     return jax.device_put(params, jax.devices()[0])
 
 
-def qa_metrics(run: Run, params, n: int, *, prefix: str = "") -> dict:
-    """Greedy factworld QA on `n` test questions (a quarter unanswerable): accuracy, answerable accuracy and the
-    hallucination rate (a non-"unknown" answer to an unanswerable question)."""
-    records = list(data_lib.qa_records(factworld.world_from_config(run.config), "test", n, 0.25))
+def qa_metrics(run: Run, params, n: int, *, prefix: str = "", unanswerable: float = 0.25) -> dict:
+    """Greedy factworld QA on `n` test questions (`unanswerable` of them unanswerable): accuracy, answerable
+    accuracy and the hallucination rate (a non-"unknown" answer to an unanswerable question)."""
+    records = list(data_lib.qa_records(factworld.world_from_config(run.config), "test", n, unanswerable))
     _, m = qa.answer_questions(run.config, run.tokenizer, params, records, max_new_tokens=8, batch_size=16)
     return {f"{prefix}qa_accuracy": m["accuracy"], f"{prefix}answerable_accuracy": m["answerable_accuracy"],
             f"{prefix}hallucination_rate": 1.0 - m["unanswerable_accuracy"], f"{prefix}qa_n": m["n"]}

@@ -109,7 +109,7 @@ def run(config, workdir: str, *, devices=None) -> dict:
     iterator = iter(pair_dataset(train_ex, r.tokenizer, seq_len=c.data.seq_len, batch_size=c.data.batch_size,
                                  seed=c.data.shuffle_seed, repeat=True))
 
-    def next_batch():
+    def next_batch(_state):
         batch = next(iterator)
         if train_ref is not None:
             batch = dict(batch, ref_chosen=train_ref[0][batch["index"]], ref_rejected=train_ref[1][batch["index"]])

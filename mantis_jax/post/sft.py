@@ -54,7 +54,7 @@ def run(config, workdir: str, *, devices=None) -> dict:
             counts[1] += b["segment_ids"].size
 
         total = int(c.train.total_steps)
-        state, last = common.train_loop(r, ckpt, writer, step_fn, state, frozen, lambda: next(iterator), start,
+        state, last = common.train_loop(r, ckpt, writer, step_fn, state, frozen, lambda _: next(iterator), start,
                                         total, iterator, jax.random.key(c.seed), on_batch=on_batch)
         params = common.policy_params(r, state, frozen)
         results = {"steps": int(state.step), "train_loss": last.get("ce"), "val_loss": evaluate_loss(r, params, eval_ex),
