@@ -100,6 +100,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *, devices=None) ->
     """Validates the config, loads (or initialises) the base model and builds the mesh and optimizer."""
     config = ml_collections.ConfigDict(config.to_dict())
     config_lib.validate(config)
+    spec = lora_lib.LoraSpec.from_config(config)  # bad target names fail before any work
     os.makedirs(workdir, exist_ok=True)
     if config.post.base:
         base_config, tokenizer, params = load_base(config.post.base)
@@ -126,7 +127,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *, devices=None) ->
         params = jax.device_put(params, param_sh)
     with open(os.path.join(workdir, "tokenizer.json"), "w", encoding="utf-8") as f:
         f.write(tokenizer.to_json())
-    return Run(config, workdir, tokenizer, args, mesh, rules, lora_lib.LoraSpec.from_config(config),
+    if spec is not None:
+        lora_lib.targeted(params, spec)  # raises when the targets match no weight of this model
+    return Run(config, workdir, tokenizer, args, mesh, rules, spec,
                state_lib.make_optimizer(config), state_lib.lr_schedule(config), params, param_sh,
                mesh_lib.batch_sharding(mesh, rules), mesh_lib.replicated(mesh))
 
