@@ -91,7 +91,8 @@ def preference_accuracy(r: common.Run, params, examples, ref: tuple[np.ndarray, 
     """Held-out: share of pairs whose implicit reward margin is > 0, and whose log π(chosen) > log π(rejected)."""
     chosen, rejected = reference_logprobs(r, params, examples)
     margin = (chosen - ref[0]) - (rejected - ref[1])
-    return {"preference_accuracy": float(np.mean(margin > 0)), "policy_prefers_chosen": float(np.mean(chosen > rejected))}
+    return {"preference_accuracy": float(np.mean(margin > 0)),
+            "policy_prefers_chosen": float(np.mean(chosen > rejected))}
 
 
 def run(config, workdir: str, *, devices=None) -> dict:

@@ -8,6 +8,7 @@ import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from mantis_jax import config as config_lib
@@ -68,8 +69,7 @@ def test_sft_lora_writes_results_adapters_and_a_merged_model(sft_run):
     base_abstract = abstract_train_state(config).params
     adapters_abstract = jax.eval_shape(lambda p: lora.init_adapters(p, lora.LoraSpec.from_config(config),
                                                                     jax.random.key(0)), base_abstract)
-    restored = ckpt.manager.restore(2, args=__import__("orbax.checkpoint", fromlist=["args"]).args.Composite(
-        state=__import__("orbax.checkpoint", fromlist=["args"]).args.StandardRestore()))
+    restored = ckpt.manager.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     ckpt.close()
     saved = restored["state"]["params"]
     assert jax.tree.structure(saved) == jax.tree.structure(adapters_abstract)
@@ -97,9 +97,9 @@ def test_dpo_from_the_sft_workdir(sft_run, tmp_path):
 
 def test_grpo_samples_groups_and_reports_hallucination_before_and_after(sft_run, tmp_path):
     base, _ = sft_run
-    summary = grpo.run(_config(base, "post_grpo.py", **{"post.grpo_group": 4, "post.grpo_prompts": 2, "post.grpo_max_new_tokens": 4,
-                                        "post.lora_rank": 2, "post.lora_targets": "attn.wq"}),
-                       str(tmp_path), devices=jax.devices()[:1])
+    changes = {"post.grpo_group": 4, "post.grpo_prompts": 2, "post.grpo_max_new_tokens": 4, "post.lora_rank": 2,
+               "post.lora_targets": "attn.wq"}
+    summary = grpo.run(_config(base, "post_grpo.py", **changes), str(tmp_path), devices=jax.devices()[:1])
     assert summary["rounds"] == 1 and summary["steps"] == 2  # grpo_updates = 2 updates per sampled round
     for when in ("before", "after"):
         assert 0.0 <= summary[f"{when}_hallucination_rate"] <= 1.0 and summary[f"{when}_qa_n"] == 8
