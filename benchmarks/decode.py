@@ -25,6 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mantis_jax.eval import perplexity as ppl_lib  # noqa: E402
 from mantis_jax.infer import decode, quantize  # noqa: E402
 from mantis_jax.model import transformer as tfm  # noqa: E402
 from mantis_jax.model.args import ModelArgs  # noqa: E402
@@ -133,8 +134,8 @@ def main() -> None:
               f"{tmp_b / 2**20:.2f} MiB |")
 
     if a.checkpoint:
-        windows = quantize.val_windows(config, tokenizer, seq_len=min(config.data.seq_len, 256), max_windows=32)
-        r = quantize.report(args, params, qparams, windows)
+        windows = ppl_lib.val_windows(config, tokenizer, seq_len=min(config.data.seq_len, 256), max_windows=32)
+        r = ppl_lib.quantization_report(args, params, qparams, windows)
         print(f"\nfactworld val perplexity ({windows.shape[0]} windows of {windows.shape[1] - 1}): float32 "
               f"{r['ppl_float']:.3f}, int8 {r['ppl_quantized']:.3f} ({100 * r['ppl_change']:+.2f}%)")
 

@@ -1,3 +1,3 @@
 """Inference: sampling.py (next-token sampling), decode.py (jitted prefill + cached decode loop), quantize.py
-(int8 weight-only), runner.py (host-side batching and timing), qa.py (factworld QA answering), generate_cli.py
+(int8 weight-only), runner.py (host-side batching and timing), generate_cli.py
 (`python -m mantis_jax.generate`)."""

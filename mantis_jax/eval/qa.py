@@ -1,4 +1,4 @@
-"""Answering factworld QA records greedily with the cached decoder, and scoring them by exact match.
+"""factworld QA with the LM alone: records answered greedily with the cached decoder, scored by exact match.
 
 Records (from `factworld.eval_questions`) enter; each becomes `factworld.prompt(record)` (context, `Q: ...`,
 `A:`), generation stops at a newline or eos, and the first line of the completion is the prediction. Metrics:
