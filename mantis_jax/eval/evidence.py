@@ -1,0 +1,88 @@
+"""factworld's evidence report: does the system remember beyond its window, hallucinate less, at what compute?
+
+For each kind of question (near: evidence in the prompt; far and cross_session: evidence more than a window
+before the question; unanswerable: never stated, the right answer is "unknown") and each system, it reports exact
+match, hallucination rate (an answer other than "unknown" that is wrong), abstention rate, ECE and FLOPs per
+question. Systems: `attention_only` (the LM reads the prompt cut to its window; confidence is the probability of
+its answer) and, when the checkpoint has the engine's parts, the engine under each policy present (its trace gives
+FLOPs, the critic's score is its confidence). Records come from `factworld.eval_questions` on the test split of
+the checkpoint's world (`--config.data.factworld_seed=N` evaluates on another).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+from mantis_jax.data import factworld
+from mantis_jax.eval import metrics as M
+from mantis_jax.eval.lm import ModelLM
+from mantis_jax.eval.qa import answer_questions
+from mantis_jax.model.summary import flops_per_token
+
+MAX_NEW_TOKENS = 8
+# A system answers records: (prediction, FLOPs, confidence in [0, 1]) per record.
+System = Callable[[Sequence[dict]], list[tuple[str, float, float]]]
+
+
+def records_by_kind(config, tokenizer, kinds: Sequence[str], n: int, distance: int) -> dict[str, list[dict]]:
+    """`n` test records per kind; far / cross_session put `distance` tokens (of this tokenizer) of filler between
+    the evidence and the question (0: the model's window, so the evidence is out of attention's reach)."""
+    distance = distance or config.model.max_seq_len
+    count = lambda text: len(tokenizer.encode(text))  # noqa: E731
+    return {k: factworld.eval_questions("test", k, n, config=config, distance=distance, count_tokens=count)
+            for k in kinds}
+
+
+def attention_only(config, tokenizer, params, lm: ModelLM) -> System:
+    """The LM alone: greedy answer from the window-truncated prompt; FLOPs of its prefill and decode."""
+    args = lm.args
+    room = args.max_seq_len - MAX_NEW_TOKENS
+
+    def answer(records: Sequence[dict]) -> list[tuple[str, float, float]]:
+        preds, _ = answer_questions(config, tokenizer, params, records, max_new_tokens=MAX_NEW_TOKENS,
+                                    batch_size=lm.batch_size)
+        prompts = [factworld.prompt(r) for r in records]
+        given = [(p, " " + a) for p, a in zip(prompts, preds) if a]
+        lls = iter([ll for ll, _ in lm.loglikelihood(given)] if given else [])
+        out = []
+        for p, a in zip(prompts, preds):
+            n_prompt = min(room, len(tokenizer.encode(p, add_bos=True)))
+            n_new = len(tokenizer.encode(" " + a)) + 1  # the answer and its stop token
+            per_token = flops_per_token(args, n_prompt + n_new, training=False)["active"]
+            out.append((a, per_token * (n_prompt + n_new), math.exp(next(lls)) if a else 0.0))
+        return out
+
+    return answer
+
+
+def score_kind(records: Sequence[dict], answers: Sequence[tuple[str, float, float]]) -> tuple[dict, list[dict]]:
+    correct, conf, abstained, samples = [], [], [], []
+    for r, (pred, flops, c) in zip(records, answers):
+        abstain = factworld.normalize_answer(pred) == factworld.UNKNOWN
+        ok = factworld.exact_match(pred, r["answer"])
+        correct.append(ok)
+        abstained.append(abstain)
+        conf.append(c)
+        samples.append({"id": r["id"], "question": r["question"], "answer": r["answer"], "pred": pred,
+                        "correct": ok, "flops": flops, "confidence": c})
+    m = M.summary(correct, conf, abstained)
+    m["em"] = m["accuracy"]
+    m["flops_per_question"] = M.mean([s["flops"] for s in samples])
+    return m, samples
+
+
+def report(systems: dict[str, System], by_kind: dict[str, list[dict]]) -> dict:
+    """{"systems": {name: {kind: metrics}}, "samples": {name: [...]}, "reliability": {name: bins}}."""
+    out = {"systems": {}, "samples": {}, "reliability": {}}
+    for name, system in systems.items():
+        per_kind, all_samples = {}, []
+        for kind, records in by_kind.items():
+            m, samples = score_kind(records, system(records))
+            per_kind[kind] = m
+            all_samples += [dict(s, kind=kind) for s in samples]
+        out["systems"][name] = per_kind
+        out["samples"][name] = all_samples
+        out["reliability"][name] = M.reliability_bins([s["confidence"] for s in all_samples],
+                                                      [s["correct"] for s in all_samples])
+    return out
