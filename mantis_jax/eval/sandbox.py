@@ -31,6 +31,7 @@ class Limits:
     memory_mb: int = 512  # address space
     file_mb: int = 4  # largest file (stdout and stderr included)
     require: tuple[str, ...] = ()  # layers that must be in force, e.g. ("netns", "landlock_fs")
+    kernel: bool = True  # False: rlimits and the Python-level guard only (what a kernel without them gets)
 
 
 @dataclasses.dataclass
@@ -57,7 +58,7 @@ def _tail(path: str, n: int = 2000) -> str:
 
 def run_program(source: str, limits: Limits = Limits()) -> Verdict:
     spec = json.dumps({"memory_mb": limits.memory_mb, "cpu_s": max(1, math.ceil(limits.timeout_s)),
-                       "file_mb": limits.file_mb, "require": list(limits.require)})
+                       "file_mb": limits.file_mb, "require": list(limits.require), "kernel": limits.kernel})
     with tempfile.TemporaryDirectory(prefix="mantis_sandbox_", ignore_cleanup_errors=True) as root:
         work = os.path.join(root, "work")  # the program may write here only; its output files sit beside it
         os.mkdir(work)
