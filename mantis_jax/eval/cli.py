@@ -33,6 +33,16 @@ flags.DEFINE_string("data_dir", None, "folder with the benchmarks' files (see do
 flags.DEFINE_string("output", None, "JSON report path", flag_values=FLAGS)
 flags.DEFINE_string("plots", None, "folder for PNG figures", flag_values=FLAGS)
 flags.DEFINE_enum("quantize", "none", ["none", "int8"], "evaluate int8 weight-only params", flag_values=FLAGS)
+KNOWN_TASKS = ("factworld", "mmlu", "truthfulqa", "gsm8k", "humaneval", "halueval", "perplexity")  # tasks.TASKS
+
+
+def parse_tasks(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in names if t not in KNOWN_TASKS]
+    if unknown or not names:
+        raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown)) or '(none given)'} in --tasks; known "
+                         f"tasks: {', '.join(KNOWN_TASKS)}")
+    return names
 
 
 def apply_overrides(config, overrides: list[str]):
@@ -125,10 +135,6 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> None:
     if any(a in ("-h", "--help", "-help", "--helpfull", "--helpshort") for a in argv[1:]):
         print(__doc__.strip() + "\n\nflags:\n" + FLAGS.get_help(), file=out)
         sys.exit(0)
-    from mantis_jax.config import ConfigError  # noqa: PLC0415
-    from mantis_jax.eval import formats, tasks  # noqa: PLC0415
-    from mantis_jax.train.checkpoint import CheckpointError  # noqa: PLC0415
-
     overrides = [a for a in argv[1:] if a.startswith("--config.")]
     try:
         FLAGS.unparse_flags()
@@ -136,7 +142,14 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> None:
         if not FLAGS.checkpoint or not os.path.isdir(FLAGS.checkpoint):
             raise ValueError(f"--checkpoint {FLAGS.checkpoint!r} is not a training workdir; pass one, e.g. "
                              "--checkpoint=runs/demo")
-        names = tasks.parse_tasks(FLAGS.tasks)
+        names = parse_tasks(FLAGS.tasks)
+    except (flags.Error, ValueError) as e:
+        fail(e)
+    from mantis_jax.config import ConfigError  # noqa: PLC0415 (jax and the model only once the flags are good)
+    from mantis_jax.eval import formats  # noqa: PLC0415
+    from mantis_jax.train.checkpoint import CheckpointError  # noqa: PLC0415
+
+    try:
         if FLAGS.data_dir and not os.path.isdir(FLAGS.data_dir):
             raise ValueError(f"--data_dir {FLAGS.data_dir!r} is not a directory")
         report = evaluate(FLAGS.checkpoint, names, data_dir=FLAGS.data_dir, overrides=overrides, step=FLAGS.step,

@@ -18,6 +18,7 @@ from mantis_jax.data import factworld
 from mantis_jax.eval import metrics as M
 from mantis_jax.eval.lm import ModelLM
 from mantis_jax.eval.qa import answer_questions
+from mantis_jax.infer.runner import Generator, newline_ids
 from mantis_jax.model.summary import flops_per_token
 
 MAX_NEW_TOKENS = 8
@@ -38,10 +39,11 @@ def attention_only(config, tokenizer, params, lm: ModelLM) -> System:
     """The LM alone: greedy answer from the window-truncated prompt; FLOPs of its prefill and decode."""
     args = lm.args
     room = args.max_seq_len - MAX_NEW_TOKENS
+    generator = Generator(args, params, tokenizer, batch_size=lm.batch_size, extra_stop_ids=newline_ids(tokenizer))
 
     def answer(records: Sequence[dict]) -> list[tuple[str, float, float]]:
         preds, _ = answer_questions(config, tokenizer, params, records, max_new_tokens=MAX_NEW_TOKENS,
-                                    batch_size=lm.batch_size)
+                                    generator=generator)
         prompts = [factworld.prompt(r) for r in records]
         given = [(p, " " + a) for p, a in zip(prompts, preds) if a]
         lls = iter([ll for ll, _ in lm.loglikelihood(given)] if given else [])

@@ -118,11 +118,3 @@ TASKS: dict[str, Callable[[Context], dict]] = {
     "humaneval": run_humaneval, "halueval": run_halueval, "perplexity": run_perplexity,
 }
 
-
-def parse_tasks(text: str) -> list[str]:
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [t for t in names if t not in TASKS]
-    if unknown or not names:
-        raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown)) or '(none given)'} in --tasks; known "
-                         f"tasks: {', '.join(TASKS)}")
-    return names
