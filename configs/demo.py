@@ -62,6 +62,7 @@ def get_config():
     c.data.factworld_tail_questions = 0.5  # half the documents ask after the whole narrative, as the test does
     c.data.factworld_contrast = 0.5  # half state one attribute for several entities: copying by type fails
     c.data.factworld_curriculum_docs = 20000  # ~1150 steps of ~17 documents: contrast/tail ramp in from 0
+    c.data.factworld_paraphrase = 0.5  # half the fact sentences in the alternative wording: users say it both ways
     c.model.kv_conv = 8  # keys/values also carry the 7 tokens before them: "X is friends with Y" in one key
     c.train.lr = 5e-3
     c.train.warmup_steps = 100

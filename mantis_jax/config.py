@@ -150,17 +150,68 @@ def default_config() -> ml_collections.ConfigDict:
     # "" = in memory only (not crash-safe); else a directory.
     con.spool_dir = "auto"
 
+    # The meta-controller (mantis_jax/control, docs/control.md): an MLP over the engine's state summary; its input
+    # width and the expert-bias shape [model.n_layers, moe.n_experts] come from the model, never from these keys.
     ctl = c.controller = ml_collections.ConfigDict()
-    ctl.d_model = 256  # must equal model.d_model
     ctl.d_hidden = 128
-    ctl.n_layers = 4  # must equal model.n_layers (one expert-bias row per layer)
-    ctl.n_experts = 1  # must equal moe.n_experts
-    ctl.expert_bias_scale = 1.0
+    ctl.depth = 2  # hidden layers of the MLP
+    ctl.exit_thresholds = (0.8, 0.9, 1.0)  # the exit-threshold head picks one of these (1.0 = full depth)
+    ctl.expert_bias_scale = 1.0  # expert-bias means are scale * tanh(.); the sampled bias is Gaussian around them
+    ctl.expert_bias_std = 0.1  # initial std of the expert-bias Gaussian (its log is learned)
+    # Stage-3 reward: correct·1.0 − latency·0.3 − compute·0.2 + calibration·0.5 (each term in [0, 1]).
+    ctl.reward_correct = 1.0
+    ctl.reward_latency = 0.3
+    ctl.reward_compute = 0.2
+    ctl.reward_calibration = 0.5
+    ctl.ppo_clip = 0.2
+    ctl.value_coef = 0.5
+    ctl.entropy_coef = 0.01
+    ctl.lr = 3e-3
+    ctl.episodes = 32  # episodes (questions) per PPO update
+    ctl.ppo_epochs = 4  # passes over each update's episodes
+    ctl.minibatches = 2
+    ctl.updates = 20
+    ctl.save_every = 5  # updates between checkpoints
+    ctl.distance = 256  # filler tokens between evidence and question in far / cross_session episodes
 
+    # The critic: a head on the frozen LM's hidden states over "evidence, Q: question, A: answer" (control/critic.py).
     cr = c.critic = ml_collections.ConfigDict()
-    cr.d_model = 256  # must equal model.d_model
     cr.d_hidden = 128
+    cr.window = 256  # tokens the critic reads (at most model.max_seq_len); longer inputs keep their last tokens
+    cr.lr = 3e-3
+    cr.steps = 400
+    cr.batch_size = 64
+    cr.examples = 1200  # training examples (half supported); val and test get a quarter each
+    cr.save_every = 100
     cr.abstain_threshold = 0.5
+
+    eng = c.engine = ml_collections.ConfigDict()  # the per-query pipeline (mantis_jax/engine, docs/engine.md)
+    eng.retrieve = "always"  # always | never: the fixed policy's memory gates (a learned controller replaces it)
+    eng.exit_threshold = 1.0  # per-token confidence at which decoding stops running layers; 1.0 = full depth
+    eng.verify = False  # run the critic on each answer (needs a critic: python -m mantis_jax.control.train_critic)
+    eng.span = "sentence"  # sentence | tokens: what one memory entry holds when reading a context
+    eng.span_tokens = 32  # span = tokens: tokens per span
+    eng.top_k = 3  # retrieved spans placed in the prompt before the question
+    eng.min_score = 0.0  # retrieved spans scoring below this cosine are not placed in the prompt
+    eng.max_new_tokens = 16
+    eng.window_tokens = 0  # tokens of recent context kept in the prompt (attention-only path); 0 = data.seq_len
+    eng.encoder = ""  # directory of Stage-2 weights (python -m mantis_jax.memory.train); "" = mean-pooled hidden
+    eng.semantic_capacity = 1000000  # semantic items at which the policy's semantic_fill reads 1
+    eng.semantic_fallback = False  # service unreachable: log and use the in-process backend instead of failing
+    rt = c.retrieval = ml_collections.ConfigDict()  # Stage 2: the retrieval encoder (mantis_jax/memory/train.py)
+    rt.steps = 400
+    rt.batch_size = 32  # questions per step; each brings its evidence sentence and its hard negatives
+    rt.context_negatives = 3  # other sentences of the question's context
+    rt.attribute_negatives = 1  # the same attribute of another entity
+    rt.temperature = 0.05  # InfoNCE logits are cosines / temperature
+    rt.lr = 1e-3
+    rt.warmup_steps = 20
+    rt.max_len = 32  # tokens per question or sentence (longer ones are cut)
+    rt.eval_questions = 200  # test-split questions for recall@1/@5 (their contexts' sentences are the gallery)
+    rt.eval_every = 100
+    rt.save_every = 100
+    rt.log_every = 10
+    rt.max_minutes = 0.0  # wall-clock budget (saves and stops when spent); 0 = none
 
     d = c.data = ml_collections.ConfigDict()
     d.source = "factworld"  # factworld | text | tokenized | tfds | hf
@@ -296,6 +347,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         "memory.episodic.n_layers", "memory.episodic.window", "memory.episodic.chunk_size",
         "memory.episodic.store_capacity", "memory.semantic.dim", "memory.semantic.k",
         "controller.d_hidden", "critic.d_hidden",
+        "controller.depth", "controller.lr", "controller.episodes", "controller.ppo_epochs", "controller.minibatches",
+        "controller.updates", "controller.save_every", "controller.expert_bias_std",
+        "critic.window", "critic.lr", "critic.steps", "critic.batch_size", "critic.examples", "critic.save_every",
         "data.seq_len", "data.batch_size", "data.tokenizer_vocab",
         "train.lr", "train.grad_accum", "train.log_every", "train.eval_every", "train.save_every",
         "checkpoint.max_to_keep",
@@ -361,15 +415,28 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _require(_get(config, key) >= 0, f"config.{key} ({_get(config, key)}) must be >= 0")
     _require(moe.lb_loss_weight >= 0 and moe.z_loss_weight >= 0,
              "config.moe.lb_loss_weight and config.moe.z_loss_weight must be >= 0")
-    for key in ("memory.episodic.d_model", "memory.semantic.dim", "controller.d_model", "critic.d_model"):
+    for key in ("memory.episodic.d_model", "memory.semantic.dim"):
         _equal(config, key, "model.d_model")
-    _equal(config, "controller.n_layers", "model.n_layers")
-    _equal(config, "controller.n_experts", "moe.n_experts")
+    _validate_control(config)
     _require(0.0 <= config.data.val_split < 1.0,
              f"config.data.val_split ({config.data.val_split}) must be in [0, 1)")
     _require(not (config.data.val_split > 0 and config.data.val_file),
              "config.data.val_split and config.data.val_file are both set; use one: "
              "--config.data.val_split=0 or --config.data.val_file=''")
+    eng = config.engine
+    _one_of(config, "engine.retrieve", ("always", "never"))
+    _one_of(config, "engine.span", ("sentence", "tokens"))
+    _require(0.0 < eng.exit_threshold <= 1.0,
+             f"config.engine.exit_threshold ({eng.exit_threshold}) must be in (0, 1] (1.0 = full depth)")
+    _positive(config, ("engine.span_tokens", "engine.top_k", "engine.max_new_tokens", "engine.semantic_capacity"))
+    _positive(config, ("retrieval.steps", "retrieval.batch_size", "retrieval.temperature", "retrieval.lr",
+                       "retrieval.max_len", "retrieval.eval_questions", "retrieval.eval_every", "retrieval.save_every",
+                       "retrieval.log_every"))
+    for key in ("retrieval.context_negatives", "retrieval.attribute_negatives", "retrieval.warmup_steps",
+                "retrieval.max_minutes"):
+        _require(_get(config, key) >= 0, f"config.{key} ({_get(config, key)}) must be >= 0")
+    _require(eng.window_tokens >= 0,
+             f"config.engine.window_tokens ({eng.window_tokens}) must be >= 0 (0 = data.seq_len)")
     d = config.data
     _one_of(config, "data.source", ("factworld", "text", "tokenized", "tfds", "hf"))
     _one_of(config, "data.doc_separator", ("blank_line", "line", "file"))
@@ -439,6 +506,28 @@ def _validate_eval(config: ml_collections.ConfigDict) -> None:
     _require(not bad, f"config.eval.factworld_kinds names {bad}; use a comma-separated subset of {', '.join(kinds)}")
 
 
+def _validate_control(config: ml_collections.ConfigDict) -> None:
+    """The controller and critic keys: reward weights, PPO coefficients, thresholds."""
+    ctl, cr = config.controller, config.critic
+    for key in ("reward_correct", "reward_latency", "reward_compute", "reward_calibration", "value_coef",
+                "entropy_coef", "expert_bias_scale"):
+        value = ctl[key]
+        _require(0.0 <= value <= 10.0, f"config.controller.{key} ({value}) must be in [0, 10]")
+    _require(ctl.reward_correct > 0, f"config.controller.reward_correct ({ctl.reward_correct}) must be > 0 "
+             "(a reward that never pays for correct answers trains nothing useful)")
+    _require(0.0 < ctl.ppo_clip < 1.0, f"config.controller.ppo_clip ({ctl.ppo_clip}) must be in (0, 1)")
+    thresholds = tuple(ctl.exit_thresholds)
+    _require(len(thresholds) >= 1 and all(0.0 < t <= 1.0 for t in thresholds)
+             and list(thresholds) == sorted(set(thresholds)),
+             f"config.controller.exit_thresholds ({thresholds}) must be increasing values in (0, 1]")
+    _require(ctl.episodes % ctl.minibatches == 0,
+             f"config.controller.minibatches ({ctl.minibatches}) must divide config.controller.episodes "
+             f"({ctl.episodes})")
+    _require(0.0 <= cr.abstain_threshold <= 1.0,
+             f"config.critic.abstain_threshold ({cr.abstain_threshold}) is a probability and must be in [0, 1]")
+    _require(cr.examples >= 16, f"config.critic.examples ({cr.examples}) must be >= 16")
+
+
 def to_json(config: ml_collections.ConfigDict) -> str:
     """A stable JSON form, stored beside every checkpoint."""
     return json.dumps(config.to_dict(), sort_keys=True, indent=1)
@@ -462,15 +551,11 @@ def set_d_model(config: ml_collections.ConfigDict, d_model: int) -> None:
     config.model.d_model = d_model
     config.memory.episodic.d_model = d_model
     config.memory.semantic.dim = d_model
-    config.controller.d_model = d_model
-    config.critic.d_model = d_model
 
 
 def set_shape(config: ml_collections.ConfigDict, *, d_model: int, n_layers: int, n_experts: int, top_k: int) -> None:
-    """Sets the model shape and keeps the controller/memory fields aligned with it."""
+    """Sets the model shape and keeps the memory fields aligned with it."""
     set_d_model(config, d_model)
     config.model.n_layers = n_layers
-    config.controller.n_layers = n_layers
     config.moe.n_experts = n_experts
     config.moe.top_k = top_k
-    config.controller.n_experts = n_experts

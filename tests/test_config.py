@@ -25,13 +25,13 @@ def _broken(**changes):
 @pytest.mark.parametrize("changes, message", [
     (dict(model__n_heads=3), r"config.model.n_heads \(3\) must divide config.model.d_model \(256\)"),
     (dict(model__n_kv_heads=3), r"config.model.n_kv_heads \(3\) must divide config.model.n_heads \(4\)"),
-    (dict(moe__n_experts=2, moe__top_k=3, controller__n_experts=2), r"config.moe.top_k \(3\) must be <="),
+    (dict(moe__n_experts=2, moe__top_k=3), r"config.moe.top_k \(3\) must be <="),
     (dict(memory__semantic__dim=512), r"config.memory.semantic.dim \(512\) must equal config.model.d_model \(256\)"),
     (dict(memory__episodic__d_model=128), r"config.memory.episodic.d_model \(128\) must equal"),
-    (dict(controller__d_model=64), r"config.controller.d_model \(64\) must equal config.model.d_model"),
-    (dict(critic__d_model=64), r"config.critic.d_model \(64\) must equal config.model.d_model"),
-    (dict(controller__n_layers=7), r"config.controller.n_layers \(7\) must equal config.model.n_layers \(4\)"),
-    (dict(moe__n_experts=8, moe__top_k=2), r"config.controller.n_experts \(1\) must equal config.moe.n_experts"),
+    (dict(controller__reward_latency=-0.3), r"config.controller.reward_latency \(-0.3\) must be in \[0, 10\]"),
+    (dict(controller__ppo_clip=1.5), r"config.controller.ppo_clip \(1.5\) must be in \(0, 1\)"),
+    (dict(controller__exit_thresholds=(0.9, 0.5)), r"config.controller.exit_thresholds \(\(0.9, 0.5\)\) must be"),
+    (dict(critic__abstain_threshold=1.5), r"config.critic.abstain_threshold \(1.5\) is a probability"),
     (dict(model__vocab_size=50257), r"config.model.vocab_size \(50257\) must be a multiple of 128; use 50304"),
     (dict(model__d_model=0), r"config.model.d_model \(0\) must be > 0"),
     (dict(data__batch_size=-1), r"config.data.batch_size \(-1\) must be > 0"),
@@ -58,7 +58,7 @@ def test_default_and_json_round_trip():
 
 def test_overrides_from_command_line():
     c = cli.load_config(["prog", "--config=configs/tiny.py", "--config.moe.n_experts=8",
-                         "--config.controller.n_experts=8", "--config.model.dtype=bfloat16"])
+                         "--config.model.dtype=bfloat16"])
     assert c.moe.n_experts == 8 and c.model.dtype == "bfloat16" and c.name == "tiny"
 
 
@@ -80,7 +80,7 @@ def test_missing_preset_file():
 
 def test_summary_cli_one_clear_error():
     ok = subprocess.run([sys.executable, "-m", "mantis_jax.model.summary", "--config=configs/tiny.py",
-                         "--config.moe.n_experts=8", "--config.controller.n_experts=8"],
+                         "--config.moe.n_experts=8"],
                         capture_output=True, text=True, check=True)
     assert "| tiny | 512 | 8 | 8 (4) | 1408 | 8 (top-2) |" in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "mantis_jax.model.summary", "--config=configs/tiny.py",

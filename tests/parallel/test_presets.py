@@ -83,7 +83,7 @@ def test_preset_names_and_errors():
     assert pm.logical_rules(c) == tuple(c.mesh.rules)  # "" keeps config.mesh.rules
     assert rules.mesh_axes_of(rules.PRESETS["fsdp_ep"], "batch") == ("data", "fsdp", "expert")
     assert rules.mesh_axes_of(rules.PRESETS["dp"], "embed") == ()
-    c.moe.n_experts, c.moe.top_k, c.controller.n_experts = 6, 2, 6
+    c.moe.n_experts, c.moe.top_k = 6, 2
     c.moe.expert_parallel, c.mesh.expert = True, 4
     with pytest.raises(ConfigError, match=r"config.moe.n_experts \(6\) must be a multiple of config.mesh.expert"):
         validate(c)

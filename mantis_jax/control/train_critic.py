@@ -1,0 +1,199 @@
+"""Train the critic: `python -m mantis_jax.control.train_critic --checkpoint=STAGE1_WORKDIR --workdir=W`.
+
+Examples come from the factworld the LM trained on (control/critic_data.py: train, val and test entities), among
+them the LM's own greedy answers. The frozen LM's features of every example are computed once (and cached in the
+workdir); the head then trains for `critic.steps` Adam steps on shuffled minibatches, a pure function of the step
+(so a resume continues exactly). Every `critic.save_every` steps and at the end: validation loss and AUROC, the
+abstain threshold chosen on val (the one that maximises final accuracy there), an orbax checkpoint; at the end, the
+test split's ECE (10 bins), AUROC and accuracy with and without abstaining. Metrics go to `metrics.jsonl` and
+TensorBoard in the workdir; the final summary is printed as JSON. Re-running the command resumes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from mantis_jax import cli
+from mantis_jax.config import ConfigError
+from mantis_jax.control import critic as critic_lib
+from mantis_jax.control import critic_data, store
+from mantis_jax.data import factworld
+from mantis_jax.infer.runner import Generator, newline_ids
+from mantis_jax.model.args import ModelArgs
+from mantis_jax.train.checkpoint import CheckpointError, load_for_inference
+from mantis_jax.train.metrics import MetricsWriter
+
+FEATURE_BATCH = 16
+
+
+def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    return optax.adamw(float(config.critic.lr), weight_decay=1e-4)
+
+
+def init_state(config: ml_collections.ConfigDict, key: jax.Array) -> dict:
+    params = critic_lib.init_head(config.model.d_model, config.critic.d_hidden, key)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer(config).init(params)}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2,))
+def train_step(d_hidden: int, lr: float, state: dict, feats: dict, labels_b) -> tuple[dict, jax.Array]:
+    loss, grads = jax.value_and_grad(functools.partial(critic_lib.bce_loss, d_hidden))(state["params"], feats,
+                                                                                        labels_b)
+    tx = optax.adamw(lr, weight_decay=1e-4)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+            "opt_state": opt_state}, loss
+
+
+def lm_features(args: ModelArgs, lm_params, tokenizer, items: list[dict], window: int) -> dict[str, np.ndarray]:
+    """Frozen-LM features of examples, in batches of FEATURE_BATCH (the last one padded with repeats)."""
+    parts = []
+    for start in range(0, len(items), FEATURE_BATCH):
+        chunk = items[start:start + FEATURE_BATCH]
+        encoded = [critic_lib.encode(tokenizer, e["question"], e["answer"], e["evidence"], window) for e in chunk]
+        encoded += [encoded[-1]] * (FEATURE_BATCH - len(encoded))
+        arrays = critic_lib.batch_arrays(encoded, window, tokenizer.pad_id)
+        feats = critic_lib.features(args, lm_params, *map(jnp.asarray, arrays))
+        parts.append(jax.tree.map(lambda a, n=len(chunk): np.asarray(a)[:n], feats))
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _answer_fn(config, tokenizer, lm_params, max_new_tokens: int = 8):
+    # one length bucket for the usual prompt (up to 128 tokens): the decode loop compiles once for every split
+    bucket = min(config.model.max_seq_len - max_new_tokens, 128)
+    generator = Generator(ModelArgs.from_config(config), lm_params, tokenizer, batch_size=FEATURE_BATCH,
+                          bucket=bucket, extra_stop_ids=newline_ids(tokenizer))
+
+    def answer(records: list[dict]) -> list[str]:
+        texts, _ = generator.generate([factworld.prompt(r) for r in records], max_new_tokens=max_new_tokens,
+                                      temperature=0.0, truncate=True, measure_ttft=False)
+        return texts
+
+    return answer
+
+
+def _dataset(config, tokenizer, lm_params, workdir: str) -> dict[str, dict]:
+    """{split: {"feats", "labels", "answerable", "kinds"}}, cached in `<workdir>/critic_data.npz`."""
+    path = os.path.join(workdir, "critic_data.npz")
+    splits = {"train": config.critic.examples, "val": config.critic.examples // 4,
+              "test": config.critic.examples // 4}
+    if os.path.exists(path):
+        raw = np.load(path, allow_pickle=False)
+        return {s: {"feats": {k: raw[f"{s}/{k}"] for k in ("h_answer", "h_prompt", "lm")},
+                    "labels": raw[f"{s}/labels"], "answerable": raw[f"{s}/answerable"], "kinds": raw[f"{s}/kinds"]}
+                for s in splits}
+    world = factworld.world_from_config(config)
+    answer_fn = _answer_fn(config, tokenizer, lm_params)
+    args = ModelArgs.from_config(config)
+    data, flat = {}, {}
+    for split, n in splits.items():
+        items = critic_data.examples(world, split, n, seed=config.seed, answer_fn=answer_fn)
+        data[split] = {"feats": lm_features(args, lm_params, tokenizer, items, critic_lib.window(config)),
+                       "labels": np.array([e["label"] for e in items], np.float32),
+                       "answerable": np.array([e["answerable"] for e in items], bool),
+                       "kinds": np.array([e["kind"] for e in items])}
+        for k, v in data[split]["feats"].items():
+            flat[f"{split}/{k}"] = v
+        for k in ("labels", "answerable", "kinds"):
+            flat[f"{split}/{k}"] = data[split][k]
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **flat)
+    os.replace(tmp, path)
+    return data
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _probs_and_loss(d_hidden: int, params, feats: dict, labels_b):
+    return critic_lib.head_probs(d_hidden, params, feats), critic_lib.bce_loss(d_hidden, params, feats, labels_b)
+
+
+def evaluate(config, params, split: dict, threshold: float | None = None) -> tuple[dict, np.ndarray]:
+    """Loss, AUROC, ECE and accuracy at 0.5 of a split (with a threshold, also the abstention figures)."""
+    labels = split["labels"]
+    probs, loss = _probs_and_loss(config.critic.d_hidden, params, jax.tree.map(jnp.asarray, split["feats"]),
+                                  jnp.asarray(labels))
+    probs, loss = np.asarray(probs), float(loss)
+    out = {"loss": loss, "auroc": critic_lib.auroc(probs, labels), "ece": critic_lib.ece(probs, labels),
+           "accuracy": float(np.mean((probs >= 0.5) == (labels > 0.5)))}
+    if threshold is not None:
+        accept = probs >= threshold
+        out.update(threshold=threshold,
+                   answered_accuracy=float(np.mean(np.where(accept, labels > 0.5, ~split["answerable"]))),
+                   unsupported_accepted=float(np.mean(accept[labels < 0.5])),
+                   supported_rejected=float(np.mean(~accept[labels > 0.5])))
+    return out, probs
+
+
+def train(config: ml_collections.ConfigDict, checkpoint: str, workdir: str, *, lm=None) -> dict:
+    """Trains (or resumes) a critic for the LM in `checkpoint`; returns the summary printed by the CLI."""
+    os.makedirs(workdir, exist_ok=True)
+    _, tokenizer, lm_params = lm if lm is not None else load_for_inference(checkpoint)
+    data = _dataset(config, tokenizer, lm_params, workdir)
+    cr = config.critic
+    state = init_state(config, jax.random.key(config.seed))
+    saved = store.steps(workdir)
+    if saved:
+        state = store.restore_state(workdir, store.abstract(state), saved[-1])
+    start = int(state["step"])
+    n = len(data["train"]["labels"])
+    batch = min(cr.batch_size, n)
+    writer = MetricsWriter(workdir, jsonl=config.logging.jsonl, tensorboard=config.logging.tensorboard)
+    progress = tqdm.tqdm(total=cr.steps, initial=start, unit="step", desc="critic",
+                         disable=not (config.logging.progress and sys.stderr.isatty()))
+    feats = jax.tree.map(jnp.asarray, data["train"]["feats"])
+    labels = jnp.asarray(data["train"]["labels"])
+    losses = []
+    threshold = float(cr.abstain_threshold)
+    for step in range(start, cr.steps):
+        idx = jax.random.choice(jax.random.fold_in(jax.random.key(config.seed), step), n, (batch,), replace=False)
+        state, loss = train_step(cr.d_hidden, float(cr.lr), state, jax.tree.map(lambda a: a[idx], feats),
+                                 labels[idx])
+        losses.append(float(loss))
+        progress.update(1)
+        done = step + 1
+        if done % config.train.log_every == 0:
+            writer.write(done, {"loss": float(np.mean(losses[-config.train.log_every:]))}, prefix="critic_train")
+        if done % cr.save_every == 0 or done == cr.steps:
+            val, val_probs = evaluate(config, state["params"], data["val"])
+            threshold = critic_lib.best_threshold(val_probs, data["val"]["labels"], data["val"]["answerable"])
+            writer.write(done, {**val, "threshold": threshold}, prefix="critic_val")
+            progress.set_postfix(val_loss=f"{val['loss']:.3f}", auroc=f"{val['auroc']:.3f}")
+            store.save(workdir, done, state, config=config,
+                       meta={"threshold": threshold, "checkpoint": os.path.abspath(checkpoint), "val": val})
+    progress.close()
+    step, _, meta = store.read_json(workdir, store.CRITIC_COMMAND)
+    threshold = float(meta["threshold"])
+    test, _ = evaluate(config, state["params"], data["test"], threshold)
+    writer.write(step, test, prefix="critic_test")
+    writer.close()
+    kinds = {str(k): int(np.sum(data["train"]["kinds"] == k)) for k in np.unique(data["train"]["kinds"])}
+    return {"step": step, "threshold": threshold, "test": test, "train_losses": losses, "train_kinds": kinds,
+            "workdir": workdir}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    args, overrides = store.parse_args("python -m mantis_jax.control.train_critic", __doc__.splitlines()[0], argv)
+    try:
+        saved_config, tokenizer, lm_params = load_for_inference(args.checkpoint)
+        config = store.control_config(saved_config, overrides)
+        summary = train(config, args.checkpoint, args.workdir, lm=(config, tokenizer, lm_params))
+    except (CheckpointError, store.ControlCheckpointError, ConfigError) as e:
+        cli.fail(e)
+    printable = {k: v for k, v in summary.items() if k != "train_losses"}
+    print(json.dumps(printable, indent=1, default=float))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""The per-query pipeline: read → encode → decide → retrieve → generate → verify, with a trace of each step.
+
+`Engine.read(text, session=...)` splits a context of any length into spans (sentences, or fixed token spans:
+`engine.span`), encodes each with the retrieval encoder (the Stage-2 weights, or the frozen LM's mean-pooled
+hidden states) and writes them to memory (engine/memory.py); the current session's last spans are also kept as
+text, the window the model sees directly. `Engine.answer(question)`:
+  1. encode the question; search memory (its best score is part of the state summary);
+  2. prefill the window + question once: the state summary (pooled state, entropy, exit-layer confidence, fills);
+  3. the policy decides the gates (`policy.decide(summary) -> Decisions`);
+  4. when a memory gate is on and memory holds spans, the retrieved spans' text goes into the prompt before the
+     window and that prompt is prefilled once; otherwise the step-2 cache is the one generation continues from;
+  5. greedy decoding from that cache, stopping at a newline (the answer is one line);
+  6. with `verify`, the critic scores (question, answer, evidence) and below its threshold the answer is "unknown".
+FLOPs are added to the trace as each device call returns, from the tokens, layers and cache slots it processed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mantis_jax import config as config_lib
+from mantis_jax.engine import runtime
+from mantis_jax.engine.memory import Memory, Span
+from mantis_jax.engine.policy import Decisions, FixedPolicy, StateSummary
+from mantis_jax.engine.trace import Answer, Trace
+from mantis_jax.infer.decode import left_pad, stop_mask
+from mantis_jax.infer.runner import newline_ids
+from mantis_jax.memory import encoder as enc
+from mantis_jax.memory.train import complete_config, load_encoder_params, set_key
+from mantis_jax.model.args import ModelArgs
+from mantis_jax.model.ssm import SSMArgs
+from mantis_jax.model.transformer import init_cache
+
+UNKNOWN = "unknown"
+TRAIN_CRITIC = "python -m mantis_jax.control.train_critic"
+ENCODE_BATCH = 64
+
+
+def split_spans(text: str, mode: str, tokenizer, span_tokens: int) -> list[str]:
+    """Sentences (ending at . ! ? or a newline), or consecutive runs of `span_tokens` tokens."""
+    if mode == "sentence":
+        return enc.split_sentences(text)
+    ids = tokenizer.encode(text, add_bos=False)
+    return [tokenizer.decode(ids[i:i + span_tokens]).strip() for i in range(0, len(ids), span_tokens)
+            if tokenizer.decode(ids[i:i + span_tokens]).strip()]
+
+
+class Engine:
+    def __init__(self, config: ml_collections.ConfigDict, params, tokenizer, *, policy=None, critic=None,
+                 memory: Memory | None = None, encoder_params: dict | None = None):
+        self.config = config = complete_config(config)
+        self.args = ModelArgs.from_config(config)
+        self.ssm_args = SSMArgs.from_config(config)
+        self.params, self.tokenizer = params, tokenizer
+        self.policy = policy if policy is not None else FixedPolicy.from_config(config)
+        self.critic = critic
+        if config.engine.verify and critic is None:
+            raise ValueError(f"config.engine.verify is set but the engine has no critic; train one with "
+                             f"`{TRAIN_CRITIC}` and pass it (Engine(..., critic=...)), or set "
+                             "--config.engine.verify=False")
+        self.memory = memory if memory is not None else Memory(config)
+        self.encoder_params = encoder_params
+        self._encode = enc.encode_fn(self.args, self.ssm_args, encoder_params is not None)
+        self.stop_v = jnp.asarray(stop_mask(self.args.vocab_size, [tokenizer.eos_id, *newline_ids(tokenizer)]))
+        e = config.engine
+        self.window = min(e.window_tokens or config.data.seq_len, self.args.max_seq_len)
+        self.budget = self.window - e.max_new_tokens
+        if self.budget < 8:
+            raise ValueError(f"config.engine.max_new_tokens ({e.max_new_tokens}) leaves {self.budget} prompt tokens "
+                             f"in the window ({self.window}); lower it or raise config.engine.window_tokens")
+        self.exit_layer = max(1, min(config.model.get("min_exit_layer", 1), self.args.n_layers))
+        self.sessions: dict[str, list[tuple[str, int]]] = {}  # recent spans per session: (text, tokens)
+        self._offsets: dict[str, int] = {}
+        self.session = "default"
+
+    @classmethod
+    def from_workdir(cls, workdir: str, *, policy=None, critic=None, stage2: str | None = None,
+                     overrides: dict | None = None, memory: Memory | None = None) -> "Engine":
+        """An engine from a Stage-1 workdir (its best checkpoint); `stage2` (default `engine.encoder`) names the
+        Stage-2 workdir whose trained retrieval encoder to use."""
+        from mantis_jax.train.checkpoint import load_for_inference  # noqa: PLC0415
+
+        saved, tokenizer, params = load_for_inference(workdir)
+        config = complete_config(saved)
+        for key, value in (overrides or {}).items():
+            set_key(config, key, value)
+        config_lib.validate(config)
+        path = stage2 if stage2 is not None else config.engine.encoder
+        encoder_params = load_encoder_params(path) if path else None
+        return cls(config, params, tokenizer, policy=policy, critic=critic, memory=memory,
+                   encoder_params=encoder_params)
+
+    # ------------------------------------------------------------------------------------------ encoding
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, float]:
+        """(unit vectors [N, D], FLOPs spent) of texts, in batches of ENCODE_BATCH padded to 16-token buckets."""
+        out, flops = [], 0.0
+        ids = [self.tokenizer.encode(t, add_bos=True)[:self.args.max_seq_len] for t in texts]
+        for i in range(0, len(ids), ENCODE_BATCH):
+            chunk = ids[i:i + ENCODE_BATCH]
+            rows = ENCODE_BATCH if len(ids) > ENCODE_BATCH else len(chunk)
+            tokens, mask = enc.right_pad(chunk + [[self.tokenizer.pad_id]] * (rows - len(chunk)),
+                                         self.tokenizer.pad_id)
+            out.append(np.asarray(self._encode(self.encoder_params, self.params, tokens, mask))[:len(chunk)])
+            flops += rows * enc.flops_per_span(self.args, self.ssm_args, tokens.shape[1],
+                                               self.encoder_params is not None)
+        return np.concatenate(out), flops
+
+    # -------------------------------------------------------------------------------------------- read
+    def read(self, text: str, session: str | None = None) -> dict:
+        """Reads a context into memory; returns {"spans", "tokens", "seconds"}."""
+        if not isinstance(text, str):
+            raise TypeError(f"Engine.read takes text (str), got {type(text).__name__}")
+        if not text.strip():
+            raise ValueError("the context is empty; give the engine some text to read")
+        self.session = session = session or self.session
+        t0 = time.perf_counter()
+        e = self.config.engine
+        texts = split_spans(text, e.span, self.tokenizer, e.span_tokens)
+        vectors, _ = self.encode(texts)
+        offset = start = self._offsets.get(session, 0)
+        spans, recent = [], self.sessions.setdefault(session, [])
+        for t, v in zip(texts, vectors):
+            n = len(self.tokenizer.encode(" " + t, add_bos=False))
+            spans.append(Span(t, (offset, offset + n), v, session))
+            recent.append((t, n))
+            offset += n
+        self._offsets[session] = offset
+        keep, total = [], 0  # only what can still enter a prompt
+        for t, n in reversed(recent):
+            if total + n > self.budget:
+                break
+            keep.append((t, n))
+            total += n
+        self.sessions[session] = keep[::-1]
+        self.memory.write(spans)
+        return {"spans": len(spans), "tokens": offset - start,
+                "seconds": time.perf_counter() - t0}
+
+    # ------------------------------------------------------------------------------------------ answer
+    def _prompt(self, question: str, hits) -> tuple[list[int], str]:
+        """Token ids and text: retrieved spans (best first), then as much of the window as fits, the question."""
+        tail = f"\nQ: {question.strip()}\nA:"
+        room = self.budget - len(self.tokenizer.encode(tail, add_bos=False)) - 2
+        recent = self.sessions.get(self.session, [])
+        recent_texts = {t for t, _ in recent}
+        head = []
+        for h in hits:
+            n = len(self.tokenizer.encode(" " + h.text, add_bos=False))
+            if h.text not in recent_texts and n <= room:
+                head.append(h.text)
+                room -= n
+        window = []
+        for t, n in reversed(recent):
+            if n > room:
+                break
+            window.append(t)
+            room -= n
+        text = " " + " ".join(head + window[::-1]) + tail
+        ids = self.tokenizer.encode(text, add_bos=True)
+        return ids[-self.budget:], text
+
+    def _prefill(self, ids: list[int], summary: bool = True):
+        """(Prefill, padded length, cache slots, FLOPs of the full-depth pass, FLOPs of the exit-layer pass, which
+        runs only for the `summary`)."""
+        length = min(-(-len(ids) // 16) * 16, self.budget)
+        tokens, mask = left_pad([ids], self.tokenizer.pad_id, length)
+        slots = length + self.config.engine.max_new_tokens
+        cache = init_cache(self.args, 1, slots)
+        out = runtime.prefill(self.args, self.params, cache, jnp.asarray(tokens), jnp.asarray(mask),
+                              exit_layer=self.exit_layer if summary else 0)
+        jax.block_until_ready(out.first_logits_v)
+        # every layer over the padded prompt against every cache slot; the exit-layer pass is cache-less
+        full = enc.forward_flops(self.args, length, self.args.n_layers, length * slots)
+        exit_flops = enc.forward_flops(self.args, length, self.exit_layer, length * length) if summary else 0.0
+        return out, length, slots, full, exit_flops
+
+    def answer(self, question: str) -> Answer:
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("the question is empty; ask something")
+        e, trace, times = self.config.engine, Trace(question=question), {}
+        t0 = time.perf_counter()
+        qvec, qflops = self.encode([question.strip()])
+        trace.add_flops("retrieval_encoder", qflops)
+        times["encode"] = time.perf_counter() - t0
+
+        t = time.perf_counter()
+        counts = self.memory.counts()
+        trace.memory = counts
+        hits = self.memory.search(qvec[0], e.top_k) if sum(counts.values()) else []
+        hits = [h for h in hits if h.score >= e.min_score]
+        times["search"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        base_ids, base_text = self._prompt(question, [])
+        pre, length, slots, base_flops, exit_flops = self._prefill(base_ids)
+        base_slots = slots
+        trace.add_flops("summary", exit_flops)
+        ep_fill, sem_fill = self.memory.fill()
+        summary = StateSummary(pooled=pre.pooled_d, entropy=pre.entropy,
+                               context_fill=jnp.float32(len(base_ids) / self.window),
+                               episodic_fill=jnp.float32(ep_fill), semantic_fill=jnp.float32(sem_fill),
+                               best_score=jnp.float32(hits[0].score if hits else 0.0),
+                               exit_confidence=pre.exit_confidence)
+        trace.summary = {k: float(getattr(summary, k)) for k in ("entropy", "context_fill", "episodic_fill",
+                                                                 "semantic_fill", "best_score", "exit_confidence")}
+        times["prefill_summary"] = time.perf_counter() - t
+        t = time.perf_counter()
+        decisions: Decisions = self.policy.decide(summary)
+        trace.decisions = decisions.to_dict()
+        times["decide"] = time.perf_counter() - t
+        if decisions.verify and self.critic is None:
+            raise ValueError(f"the policy asked to verify but the engine has no critic; train one with "
+                             f"`{TRAIN_CRITIC}` and pass it (Engine(..., critic=...))")
+
+        used = [h for h in hits if (h.tier == "episodic" and decisions.episodic)
+                or (h.tier == "semantic" and decisions.semantic)]
+        if not sum(counts.values()):
+            trace.notes.append("memory is empty: answered from the window")
+        elif not used and (decisions.episodic or decisions.semantic):
+            trace.notes.append("no span in the enabled tiers passed engine.min_score: answered from the window")
+        full_ids, _ = self._prompt(question, hits)
+        t = time.perf_counter()
+        if used:
+            ids, text = self._prompt(question, used)
+            trace.add_flops("summary", base_flops)  # the window-only prefill served the summary alone
+            pre, length, slots, full_flops, _ = self._prefill(ids, summary=False)
+            trace.add_flops("prefill", full_flops)
+        else:  # the step-2 cache is the one generation continues from
+            ids, text = base_ids, base_text
+            trace.add_flops("prefill", base_flops)
+        trace.retrieved = [h.to_dict() for h in used]
+        trace.prompt, trace.prompt_tokens = text, len(ids)
+        times["prefill"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        dec = runtime.decode(self.args, self.params, pre.cache, pre.first_logits_v, pre.kv_mask_bs,
+                             jnp.int32(len(ids)), self.stop_v, self.tokenizer.pad_id,
+                             max_new_tokens=e.max_new_tokens)
+        n = int(dec.length)
+        toks, layers = np.asarray(dec.tokens_n)[:n].tolist(), np.asarray(dec.layers_n)[:n].tolist()
+        trace.layers_per_token = layers
+        for i in range(1, n):  # step i fed token i-1 through layers[i] layers against the whole cache
+            trace.add_flops("decode", enc.forward_flops(self.args, 1, layers[i], slots))
+        candidate = self.tokenizer.decode(toks).split("\n", 1)[0].strip()
+        trace.candidate = candidate
+        times["decode"] = time.perf_counter() - t
+
+        text_out = candidate
+        critic_flops = 0.0
+        if decisions.verify:
+            t = time.perf_counter()
+            evidence = [text.rsplit("\nQ:", 1)[0].strip()]  # what the model read: retrieved spans and the window
+            score = float(self.critic.score(question, candidate, evidence))
+            critic_flops = float(getattr(self.critic, "flops", lambda *a: 0.0)(question, candidate, evidence))
+            trace.add_flops("critic", critic_flops)
+            trace.critic_score = score
+            trace.abstained = score < float(self.critic.threshold)
+            text_out = UNKNOWN if trace.abstained else candidate
+            times["verify"] = time.perf_counter() - t
+        trace.flops_full = self._full_path_flops(full_ids if hits else None, n, qflops + exit_flops + base_flops,
+                                                 critic_flops, base_slots)
+        trace.latency_ms = {k: v * 1e3 for k, v in times.items()}
+        trace.latency_ms["total"] = (time.perf_counter() - t0) * 1e3
+        return Answer(text_out, trace)
+
+    def _full_path_flops(self, retrieval_ids: list[int] | None, n_tokens: int, before: float,
+                         critic_flops: float, base_slots: int) -> float:
+        """The same query on the full path: what ran before the decision (`before`: encoder, summary passes), the
+        retrieval prompt prefilled at full depth (when memory had spans to place), every generated token through
+        every layer, and the critic (its FLOPs when the critic reports them)."""
+        a, total = self.args, before
+        slots = base_slots  # no span to place: the window prompt is the full path's prompt too
+        if retrieval_ids is not None:
+            length = min(-(-len(retrieval_ids) // 16) * 16, self.budget)
+            slots = length + self.config.engine.max_new_tokens
+            total += enc.forward_flops(a, length, a.n_layers, length * slots)
+        total += (n_tokens - 1) * enc.forward_flops(a, 1, a.n_layers, slots)
+        return float(total + critic_flops)
+
+    def close(self) -> None:
+        self.memory.close()
+
+
+def read_context_file(path: str) -> str:
+    """The text of a context file; one clear error when it is missing, empty or not UTF-8."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--context_file {path!r} does not exist")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--context_file {path!r} is not UTF-8 text (byte {err.start}: {raw[err.start:err.start + 4]!r}"
+                         "); convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+    if not text.strip():
+        raise ValueError(f"--context_file {path!r} is empty; give the engine some text to read")
+    return text

@@ -1,0 +1,124 @@
+"""The critic: its loss falls on a tiny separable set; inputs are truncated to its window with padding masked;
+`python -m mantis_jax.control.train_critic` trains, checkpoints and resumes exactly on a tiny LM; metrics."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mantis_jax.config import default_config
+from mantis_jax.control import critic as critic_lib
+from mantis_jax.control import critic_data, store, train_critic
+from mantis_jax.data import factworld as fw
+from mantis_jax.model.args import ModelArgs
+
+def test_loss_falls_on_a_tiny_separable_set():
+    """Labels are the sign of one feature direction: the head must drive the loss well down."""
+    config = default_config()
+    config.model.d_model = 8
+    config.critic.update(d_hidden=16, lr=1e-2)
+    rng = np.random.default_rng(0)
+    feats = {"h_answer": rng.normal(size=(32, 8)).astype(np.float32),
+             "h_prompt": rng.normal(size=(32, 8)).astype(np.float32),
+             "lm": rng.normal(size=(32, 3)).astype(np.float32)}
+    labels = jnp.asarray((feats["h_answer"][:, 0] - feats["h_prompt"][:, 1] > 0).astype(np.float32))
+    feats = jax.tree.map(jnp.asarray, feats)
+    state = train_critic.init_state(config, jax.random.key(0))
+    losses = []
+    for _ in range(60):
+        state, loss = train_critic.train_step(16, 1e-2, state, feats, labels)
+        losses.append(float(loss))
+    assert losses[-1] < 0.25 * losses[0]
+    probs = critic_lib.head_probs(16, state["params"], feats)
+    assert float(jnp.mean((probs > 0.5) == (labels > 0.5))) == 1.0
+
+
+def test_encode_truncates_to_the_window_and_keeps_the_answer(lm):
+    _, tokenizer, _ = lm
+    evidence = ["Zatav lives in Brisk. " * 40]
+    ids, n_ans = critic_lib.encode(tokenizer, "Where does Zatav live?", "Brisk", evidence, 48)
+    assert len(ids) == 48 and n_ans == len(tokenizer.encode(" Brisk", add_bos=False))
+    assert tokenizer.decode(ids).endswith("Q: Where does Zatav live?\nA: Brisk")
+    short, n = critic_lib.encode(tokenizer, "Where does Zatav live?", "Brisk", ["Zatav lives in Brisk."], 48)
+    tokens, mask, answer = critic_lib.batch_arrays([(short, n), (ids, n_ans)], 48, tokenizer.pad_id)
+    assert mask[0].sum() == len(short) and answer[0].sum() == n and answer[0, len(short) - 1] == 1
+    assert tokenizer.decode(tokens[0][answer[0] > 0].tolist()).strip() == "Brisk"
+
+
+def test_features_ignore_padding(lm):
+    """An example's features do not depend on the pad tokens after it or on the other rows of its batch."""
+    config, tokenizer, params = lm
+    args = ModelArgs.from_config(config)
+    enc = [critic_lib.encode(tokenizer, "How old is Bo?", "54", ["Bo is 54 years old."], 64),
+           critic_lib.encode(tokenizer, "Where does Al live?", "Brisk", ["Al lives in Brisk. Al owns a kite."], 64)]
+    one = critic_lib.features(args, params, *map(jnp.asarray, critic_lib.batch_arrays(enc[:1], 64, 0)))
+    tokens, mask, answer = critic_lib.batch_arrays(enc, 64, tokenizer.pad_id)
+    tokens[0, mask[0] == 0] = 7  # other pad ids: nothing real may see them
+    two = critic_lib.features(args, params, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(answer))
+    for k in one:
+        np.testing.assert_allclose(np.asarray(one[k])[0], np.asarray(two[k])[0], rtol=1e-4, atol=1e-5)
+
+
+def test_metrics_against_direct_definitions():
+    probs, labels = np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])
+    assert critic_lib.auroc(probs, labels) == pytest.approx(0.75)  # pairs (pos > neg): 0.35>0.1, 0.8>both
+    # one per bin: 0.1 (label 0) -> 0.1, 0.35 (1) -> 0.65, 0.4 (0) -> 0.4, 0.8 (1) -> 0.2, each with weight 1/4
+    expect = 0.25 * (0.1 + 0.65 + 0.4 + 0.2)
+    assert critic_lib.ece([0.3, 0.35, 0.9], [0, 1, 1]) == pytest.approx(2 / 3 * abs(0.5 - 0.325) + 1 / 3 * 0.1)
+    assert critic_lib.ece(probs, labels) == pytest.approx(expect)
+    t = critic_lib.best_threshold([0.1, 0.4, 0.6, 0.8], labels, answerable=[True, False, True, True])
+    assert t == pytest.approx(0.6)  # accepts 0.6 and 0.8 (supported), abstains on 0.4 (unanswerable): 3 of 4
+
+
+def test_examples_cover_every_kind():
+    ex = critic_data.examples(fw.World(0, 60), "train", 64, answer_fn=lambda recs: ["Brisk"] * len(recs))
+    kinds = {e["kind"] for e in ex}
+    assert kinds >= {"supported", "wrong_value", "unanswerable", "evidence_removed", "own"}
+    assert 0.35 < np.mean([e["label"] for e in ex]) < 0.65
+    for e in ex:
+        if e["kind"] == "evidence_removed":
+            assert e["label"] == 0 and e["answer"] in fw.VOCABS.get("age", ()) + tuple(fw.TOWNS) + tuple(
+                fw.JOBS) + tuple(fw.PETS) + tuple(fw.COLOURS) + tuple(fw.OBJECTS) or e["answer"]
+        if e["kind"] in ("wrong_value", "unanswerable"):
+            assert e["label"] == 0
+
+
+def test_cli_trains_checkpoints_and_resumes_exactly(critic_runs, lm_workdir):
+    a, b, full, first, resumed = critic_runs
+    assert np.mean(full["train_losses"][-5:]) < np.mean(full["train_losses"][:5])
+    assert store.steps(a) == [10, 20] and store.steps(b) == [10, 20]
+    assert first["step"] == 10 and len(resumed["train_losses"]) == 10
+    np.testing.assert_allclose(resumed["train_losses"], full["train_losses"][10:], rtol=1e-6)
+    sa = store.restore_state(a, store.abstract(train_critic.init_state(_config(a), jax.random.key(0))), 20)
+    sb = store.restore_state(b, store.abstract(train_critic.init_state(_config(b), jax.random.key(0))), 20)
+    for x, y in zip(jax.tree.leaves(sa["params"]), jax.tree.leaves(sb["params"])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    test = full["test"]
+    assert 0.0 <= test["ece"] <= 1.0 and 0.0 <= test["auroc"] <= 1.0 and 0.0 <= full["threshold"] <= 1.0
+    rows = [json.loads(line) for line in open(os.path.join(a, "metrics.jsonl"))]
+    assert {r["split"] for r in rows} >= {"critic_val", "critic_test"}
+    assert os.path.isdir(os.path.join(a, "tensorboard"))
+
+
+def _config(workdir):
+    return store.read_json(workdir, store.CRITIC_COMMAND)[1]
+
+
+def test_critic_scores_like_the_batched_features(critic_runs, lm):
+    a = critic_runs[0]
+    critic = critic_lib.Critic.from_workdir(a, lm=lm)
+    q, ans, ev = "How old is Bo?", "54", ["Bo is 54 years old. Bo lives in Brisk."]
+    config, tokenizer, params = lm
+    feats = train_critic.lm_features(ModelArgs.from_config(config), params, tokenizer,
+                                     [{"question": q, "answer": ans, "evidence": ev}], critic.window)
+    expect = float(critic_lib.head_probs(critic.d_hidden, critic.head_params, jax.tree.map(jnp.asarray, feats))[0])
+    assert critic.score(q, ans, ev) == pytest.approx(expect, rel=1e-4)
+    assert critic.threshold == pytest.approx(critic_runs[2]["threshold"]) and critic.flops() > 0
+
+
+def test_missing_critic_names_the_command(tmp_path):
+    with pytest.raises(store.ControlCheckpointError, match="python -m mantis_jax.control.train_critic"):
+        critic_lib.Critic.from_workdir(str(tmp_path))
