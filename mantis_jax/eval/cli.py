@@ -4,7 +4,8 @@ A training workdir enters (its best-val-loss checkpoint, or `--step`); its store
 defaults of sections it predates (e.g. `eval`), then `--config.<section>.<key>=<value>` overrides apply
 (`--config.data.factworld_seed=3` evaluates on another world, `--config.eval.limit=20` shortens every task).
 Each task in `--tasks` (see tasks.py for the files each reads under `--data_dir`) runs on the LM; with
-`--quantize=int8` on int8 weights. Out come a table on stdout, the JSON report at `--output` (config, every task's
+`--quantize=int8` on int8 weights. `--stage2`, `--critic`, `--controller` attach the engine's parts (see
+engine_parts.py): factworld then also runs the engine under each policy, and the critic verifies and detects. Out come a table on stdout, the JSON report at `--output` (config, every task's
 metrics and samples, notes) and, with `--plots=DIR`, PNG figures (training curves from the workdir's metrics.jsonl,
 factworld's accuracy against compute and reliability diagram). Bad input exits with one line (status 2): a missing
 or malformed data file names the file, the line and the format; an unknown task lists the known ones.
@@ -33,6 +34,10 @@ flags.DEFINE_string("data_dir", None, "folder with the benchmarks' files (see do
 flags.DEFINE_string("output", None, "JSON report path", flag_values=FLAGS)
 flags.DEFINE_string("plots", None, "folder for PNG figures", flag_values=FLAGS)
 flags.DEFINE_enum("quantize", "none", ["none", "int8"], "evaluate int8 weight-only params", flag_values=FLAGS)
+flags.DEFINE_string("stage2", None, "Stage-2 workdir: the engine's trained retrieval encoder", flag_values=FLAGS)
+flags.DEFINE_string("critic", None, "critic workdir (python -m mantis_jax.control.train_critic)", flag_values=FLAGS)
+flags.DEFINE_string("controller", None, "controller workdir (python -m mantis_jax.control.train_rl)",
+                    flag_values=FLAGS)
 KNOWN_TASKS = ("factworld", "mmlu", "truthfulqa", "gsm8k", "humaneval", "halueval", "perplexity")  # tasks.TASKS
 
 
@@ -102,7 +107,8 @@ def _json_safe(x):
 
 
 def evaluate(checkpoint: str, task_names: list[str], *, data_dir: str | None, overrides: list[str],
-             step: int | None = None, quantize_mode: str = "none", out: TextIO = sys.stdout) -> dict:
+             step: int | None = None, quantize_mode: str = "none", parts: dict | None = None,
+             out: TextIO = sys.stdout) -> dict:
     from mantis_jax.eval import engine_parts, tasks  # noqa: PLC0415
     from mantis_jax.eval.lm import ModelLM  # noqa: PLC0415
     from mantis_jax.infer import quantize  # noqa: PLC0415
@@ -117,7 +123,7 @@ def evaluate(checkpoint: str, task_names: list[str], *, data_dir: str | None, ov
         float_params, params = params, quantize.quantize_params(params, quantize_mode)
     lm = ModelLM(args, params, tokenizer, batch_size=config.eval.batch_size)
     ctx = tasks.Context(lm, config, tokenizer, params, data_dir, float_params=float_params)
-    engine_parts.attach(ctx, checkpoint, out)
+    engine_parts.attach(ctx, **(parts or {}))
     results = {}
     for name in task_names:
         t0 = time.monotonic()
@@ -152,8 +158,9 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> None:
     try:
         if FLAGS.data_dir and not os.path.isdir(FLAGS.data_dir):
             raise ValueError(f"--data_dir {FLAGS.data_dir!r} is not a directory")
+        parts = {"stage2": FLAGS.stage2, "critic": FLAGS.critic, "controller": FLAGS.controller}
         report = evaluate(FLAGS.checkpoint, names, data_dir=FLAGS.data_dir, overrides=overrides, step=FLAGS.step,
-                          quantize_mode=FLAGS.quantize, out=out)
+                          quantize_mode=FLAGS.quantize, parts=parts, out=out)
     except (flags.Error, ValueError, FileNotFoundError, ConfigError, CheckpointError, formats.DataFormatError) as e:
         fail(e)
     for note in report["notes"]:

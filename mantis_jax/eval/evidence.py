@@ -17,9 +17,10 @@ from typing import Callable, Sequence
 from mantis_jax.data import factworld
 from mantis_jax.eval import metrics as M
 from mantis_jax.eval.lm import ModelLM
+from mantis_jax.engine.memory import Memory
 from mantis_jax.eval.qa import answer_questions
 from mantis_jax.infer.runner import Generator, newline_ids
-from mantis_jax.model.summary import flops_per_token
+from mantis_jax.memory.encoder import forward_flops
 
 MAX_NEW_TOKENS = 8
 # A system answers records: (prediction, FLOPs, confidence in [0, 1]) per record.
@@ -51,8 +52,48 @@ def attention_only(config, tokenizer, params, lm: ModelLM) -> System:
         for p, a in zip(prompts, preds):
             n_prompt = min(room, len(tokenizer.encode(p, add_bos=True)))
             n_new = len(tokenizer.encode(" " + a)) + 1  # the answer and its stop token
-            per_token = flops_per_token(args, n_prompt + n_new, training=False)["active"]
-            out.append((a, per_token * (n_prompt + n_new), math.exp(next(lls)) if a else 0.0))
+            out.append((a, decode_flops(args, n_prompt, n_new, MAX_NEW_TOKENS), math.exp(next(lls)) if a else 0.0))
+        return out
+
+    return answer
+
+
+def decode_flops(args, n_prompt: int, n_new: int, max_new: int) -> float:
+    """FLOPs of a prefill of `n_prompt` tokens and `n_new - 1` cached decode steps on a cache of n_prompt +
+    max_new slots, all layers: counted as the engine counts its own (memory/encoder.forward_flops)."""
+    slots = n_prompt + max_new
+    return (forward_flops(args, n_prompt, args.n_layers, n_prompt * slots)
+            + max(0, n_new - 1) * forward_flops(args, 1, args.n_layers, slots))
+
+
+def _fresh_memory(engine) -> None:
+    """Empty memory and no sessions read (as control/episodes.py does; the engine has no reset of its own yet)."""
+    engine.memory.close()
+    engine.memory = Memory(engine.config)
+    engine.sessions.clear()
+    engine._offsets.clear()  # noqa: SLF001 (its per-session read offsets)
+    engine.session = "default"
+
+
+def engine_system(engine, policy, lm: ModelLM) -> System:
+    """The engine under `policy`: empty memory per record, the record's sessions read, then the question. FLOPs
+    from its trace; confidence the critic's score when it verified, else the LM's probability of the candidate
+    given the prompt the engine built."""
+
+    def answer(records: Sequence[dict]) -> list[tuple[str, float, float]]:
+        engine.policy = policy
+        out = []
+        for r in records:
+            _fresh_memory(engine)
+            for i, text in enumerate(r["sessions"] or [r["context"]]):
+                engine.read(text, session=f"s{i}")
+            a = engine.answer(r["question"])
+            tr = a.trace
+            if tr.critic_score is not None:
+                conf = tr.critic_score if not tr.abstained else 1.0 - tr.critic_score
+            else:
+                conf = math.exp(lm.loglikelihood([(tr.prompt, " " + tr.candidate)])[0][0]) if tr.candidate else 0.0
+            out.append((a.text, tr.flops_total, conf))
         return out
 
     return answer
