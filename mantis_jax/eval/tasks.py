@@ -103,8 +103,8 @@ def run_factworld(ctx: Context) -> dict:
 def run_perplexity(ctx: Context) -> dict:
     args = ctx.lm.args
     seq = min(ctx.config.data.seq_len, args.max_seq_len - 1)
-    windows = ppl.val_windows(ctx.config, ctx.tokenizer, seq_len=seq, max_windows=max(1, min(ctx.config.eval.limit
-                                                                                             or 32, 32)))
+    n = min(ctx.config.eval.limit or 32, 32)
+    windows = ppl.val_windows(ctx.config, ctx.tokenizer, seq_len=seq, max_windows=n)
     if ctx.float_params is not None:
         metrics = ppl.quantization_report(args, ctx.float_params, ctx.params, windows)
     else:
