@@ -2,13 +2,14 @@
 
 A training workdir enters (its best-val-loss checkpoint, or `--step`); its stored config is completed with the
 defaults of sections it predates (e.g. `eval`), then `--config.<section>.<key>=<value>` overrides apply
-(`--config.data.factworld_seed=3` evaluates on another world, `--config.eval.limit=20` shortens every task).
-Each task in `--tasks` (see tasks.py for the files each reads under `--data_dir`) runs on the LM; with
-`--quantize=int8` on int8 weights. `--stage2`, `--critic`, `--controller` attach the engine's parts (see
-engine_parts.py): factworld then also runs the engine under each policy, and the critic verifies and detects. Out come a table on stdout, the JSON report at `--output` (config, every task's
-metrics and samples, notes) and, with `--plots=DIR`, PNG figures (training curves from the workdir's metrics.jsonl,
-factworld's accuracy against compute and reliability diagram). Bad input exits with one line (status 2): a missing
-or malformed data file names the file, the line and the format; an unknown task lists the known ones.
+(`--config.data.factworld_seed=3` evaluates on another world, `--config.eval.limit=20` shortens every task). Each
+task in `--tasks` (see tasks.py for the files each reads under `--data_dir`) runs on the LM; with `--quantize=int8`
+on int8 weights. `--stage2`, `--critic`, `--controller` attach the engine's parts (see engine_parts.py): factworld
+then also runs the engine under each policy, and the critic verifies and detects. Out come a table on stdout, the
+JSON report at `--output` (config, every task's metrics and samples, notes) and, with `--plots=DIR`, PNG figures
+(training curves from the workdir's metrics.jsonl, factworld's accuracy against compute and reliability diagram).
+Bad input exits with one line (status 2): a missing or malformed data file names the file, the line and the format;
+an unknown task lists the known ones.
 """
 
 from __future__ import annotations

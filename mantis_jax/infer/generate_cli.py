@@ -5,7 +5,8 @@ modes: `--prompt` (one completion to stdout), `--prompts_file` (one prompt per l
 with a "prompt" field) to `--output` (JSONL: prompt, completion) or stdout, and `--interactive`
 (prompts on stdin; `set <param> <value>`, `stats`, `help`, `quit`). Every run reports tokens/s, latency and time
 to first token. `--quantize int8` stores the weights as int8 and reports the memory change (the perplexity
-change is evaluation's: `python -m mantis_jax.eval --tasks=perplexity --quantize=int8`). Bad input (missing checkpoint, empty prompts file, bad flag values) exits with one line.
+change is evaluation's: `python -m mantis_jax.eval --tasks=perplexity --quantize=int8`).
+Bad input (missing checkpoint, empty prompts file, bad flag values) exits with one line.
 The flags live in their own FlagValues, so importing this module never clashes with other entry points' flags.
 """
 

@@ -41,7 +41,8 @@ def test_mmlu_by_loglikelihood(tmp_path):
     assert records[1] == {"subject": "astronomy", "question": "How many planets, counting Earth, orbit the Sun?",
                           "choices": ["7", "8", "9", "10"], "answer": 1}
     table = {"closest": [-1.0, -2.0, -3.0, -4.0], "planets": [-1.0, -3.0, -2.0, -5.0]}
-    lm = TableLM(lambda c, x: table["closest" if "closest" in c.split("\n\n")[-1] else "planets"][" ABCD".index(x[1]) - 1])
+    which = lambda c: "closest" if "closest" in c.split("\n\n")[-1] else "planets"  # noqa: E731
+    lm = TableLM(lambda c, x: table[which(c)]["ABCD".index(x[1])])
     res = benchmarks.score_mmlu(lm, records)
     m = res["metrics"]
     # q1: argmax A (right), p = 1 / (1 + e^-1 + e^-2 + e^-3) = 0.64391; q2: argmax A (wrong), p = 0.65723
