@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from mantis_jax.eval import metrics as M
+from mantis_jax.eval.lm import cut_at_stop
 
 LETTERS = "ABCD"
 # The 6-shot QA prompt of the TruthfulQA paper (used by lm-evaluation-harness for MC1/MC2).
@@ -148,7 +149,8 @@ def score_gsm8k(lm, records: Sequence[dict], shots: Sequence[dict] = (), *, max_
     """Exact match of the extracted number; confidence is the completion's probability under the LM, or the
     verifier's P(supported) (below its threshold the answer is an abstention)."""
     prompts = [gsm8k_prompt(r, shots) for r in records]
-    completions = lm.generate(prompts, max_new_tokens=max_new_tokens, stop=GSM8K_STOP)
+    completions = [cut_at_stop(c, GSM8K_STOP) for c in lm.generate(prompts, max_new_tokens=max_new_tokens,
+                                                                      stop=GSM8K_STOP)]
     answered = [(p, c) for p, c in zip(prompts, completions) if c.strip()]
     seq_ll = iter([ll for ll, _ in lm.loglikelihood(answered)] if answered else [])
     correct, conf, abstained, samples = [], [], [], []

