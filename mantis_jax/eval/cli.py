@@ -110,7 +110,7 @@ def _json_safe(x):
 def evaluate(checkpoint: str, task_names: list[str], *, data_dir: str | None, overrides: list[str],
              step: int | None = None, quantize_mode: str = "none", parts: dict | None = None,
              out: TextIO = sys.stdout) -> dict:
-    from mantis_jax.eval import engine_parts, tasks  # noqa: PLC0415
+    from mantis_jax.eval import engine_parts, evidence, tasks  # noqa: PLC0415
     from mantis_jax.eval.lm import ModelLM  # noqa: PLC0415
     from mantis_jax.infer import quantize  # noqa: PLC0415
     from mantis_jax.model.args import ModelArgs  # noqa: PLC0415
@@ -122,7 +122,7 @@ def evaluate(checkpoint: str, task_names: list[str], *, data_dir: str | None, ov
     float_params = None
     if quantize_mode != "none":
         float_params, params = params, quantize.quantize_params(params, quantize_mode)
-    lm = ModelLM(args, params, tokenizer, batch_size=config.eval.batch_size)
+    lm = ModelLM(args, params, tokenizer, batch_size=config.eval.batch_size, window=evidence.window(config))
     ctx = tasks.Context(lm, config, tokenizer, params, data_dir, float_params=float_params)
     engine_parts.attach(ctx, **(parts or {}))
     results = {}

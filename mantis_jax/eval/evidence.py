@@ -1,12 +1,12 @@
 """factworld's evidence report: does the system remember beyond its window, hallucinate less, at what compute?
 
-For each kind of question (near: evidence in the prompt; far and cross_session: evidence more than a window
-before the question; unanswerable: never stated, the right answer is "unknown") and each system, it reports exact
-match, hallucination rate (an answer other than "unknown" that is wrong), abstention rate, ECE and FLOPs per
-question. Systems: `attention_only` (the LM reads the prompt cut to its window; confidence is the probability of
-its answer) and, when the checkpoint has the engine's parts, the engine under each policy present (its trace gives
-FLOPs, the critic's score is its confidence). Records come from `factworld.eval_questions` on the test split of
-the checkpoint's world (`--config.data.factworld_seed=N` evaluates on another).
+For each kind of question (near: evidence in the prompt; far and cross_session: evidence more than a window before
+the question; unanswerable: never stated, the right answer is "unknown") and each system, it reports exact match,
+hallucination rate (an answer other than "unknown" that is wrong), abstention rate, ECE and FLOPs per question.
+Systems: `attention_only` (the LM reads the prompt cut to the window it trained on, the engine's window; confidence
+is the probability of its answer) and, when the checkpoint has the engine's parts, the engine under each policy
+present (its trace gives FLOPs, the critic's score is its confidence). Records come from `factworld.eval_questions`
+on the test split of the checkpoint's world (`--config.data.factworld_seed=N` evaluates on another).
 """
 
 from __future__ import annotations
@@ -27,10 +27,16 @@ MAX_NEW_TOKENS = 8
 System = Callable[[Sequence[dict]], list[tuple[str, float, float]]]
 
 
+def window(config) -> int:
+    """The tokens the model attends to at once: the engine's window (engine.window_tokens, else the training
+    length data.seq_len), at most model.max_seq_len. Attention-only answers from this many tokens too."""
+    return min(config.engine.window_tokens or config.data.seq_len, config.model.max_seq_len)
+
+
 def records_by_kind(config, tokenizer, kinds: Sequence[str], n: int, distance: int) -> dict[str, list[dict]]:
     """`n` test records per kind; far / cross_session put `distance` tokens (of this tokenizer) of filler between
-    the evidence and the question (0: the model's window, so the evidence is out of attention's reach)."""
-    distance = distance or config.model.max_seq_len
+    the evidence and the question (0: the window, so the evidence is out of attention's reach)."""
+    distance = distance or window(config)
     count = lambda text: len(tokenizer.encode(text))  # noqa: E731
     return {k: factworld.eval_questions("test", k, n, config=config, distance=distance, count_tokens=count)
             for k in kinds}
@@ -39,14 +45,15 @@ def records_by_kind(config, tokenizer, kinds: Sequence[str], n: int, distance: i
 def attention_only(config, tokenizer, params, lm: ModelLM) -> System:
     """The LM alone: greedy answer from the window-truncated prompt; FLOPs of its prefill and decode."""
     args = lm.args
-    room = args.max_seq_len - MAX_NEW_TOKENS
+    span = window(config)
+    room = span - MAX_NEW_TOKENS
     generator = Generator(args, params, tokenizer, batch_size=lm.batch_size, extra_stop_ids=newline_ids(tokenizer))
 
     def answer(records: Sequence[dict]) -> list[tuple[str, float, float]]:
         preds, _ = answer_questions(config, tokenizer, params, records, max_new_tokens=MAX_NEW_TOKENS,
-                                    generator=generator)
+                                    generator=generator, window=span)
         prompts = [factworld.prompt(r) for r in records]
-        given = [(p, " " + a) for p, a in zip(prompts, preds) if a]
+        given = [(p, " " + a) for p, a in zip(prompts, preds) if a]  # the LM keeps the last `span` tokens too
         lls = iter([ll for ll, _ in lm.loglikelihood(given)] if given else [])
         out = []
         for p, a in zip(prompts, preds):

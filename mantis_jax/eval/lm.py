@@ -3,10 +3,10 @@
 `ModelLM(args, params, tokenizer)` answers the two requests of lm-evaluation-harness's model API:
 - `loglikelihood([(context, continuation), ...])` -> [(sum of the continuation tokens' log-probs, whether every
   continuation token is the argmax)], tokenized as the harness does (the context's trailing spaces move to the
-  continuation; the pair is encoded whole and split at the context's length), left-truncated to the window,
+  continuation; the pair is encoded whole and split at the context's length), left-truncated to `window`,
   batched in length buckets through one jitted forward per (batch, bucket) shape;
 - `generate(prompts, max_new_tokens=..., stop=[...])` -> completions cut at the first stop string, through the
-  cached decoder (`infer.runner.Generator`).
+  cached decoder (`infer.runner.Generator`), prompts keeping their last `window - max_new_tokens` tokens.
 Scorers take any object with these two methods, so their tests can hand in an LM with known log-likelihoods.
 """
 
@@ -41,9 +41,13 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 class ModelLM:
-    def __init__(self, args: ModelArgs, params, tokenizer, *, batch_size: int = 8, bucket: int = 64):
+    def __init__(self, args: ModelArgs, params, tokenizer, *, batch_size: int = 8, bucket: int = 64,
+                 window: int | None = None):
+        """`window`: the tokens the model attends to (default max_seq_len; the CLI passes the length it trained
+        on); longer contexts keep their last tokens."""
         self.args, self.params, self.tokenizer = args, params, tokenizer
         self.batch_size, self.bucket = batch_size, bucket
+        self.window = min(window or args.max_seq_len, args.max_seq_len)
         self._generator: Generator | None = None
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -61,7 +65,7 @@ class ModelLM:
         for (c, x), (_, cont) in zip(requests, pairs):
             if not cont:
                 raise ValueError(f"continuation {x!r} after {c[-40:]!r} has no tokens; give a non-empty answer")
-        window = self.args.max_seq_len
+        window = self.window
         seqs = [(ctx + cont)[-(window + 1):] for ctx, cont in pairs]
         n_cont = [min(len(cont), len(s) - 1) for (_, cont), s in zip(pairs, seqs)]
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
@@ -88,6 +92,8 @@ class ModelLM:
                  temperature: float = 0.0, seed: int = 0) -> list[str]:
         if self._generator is None:
             self._generator = Generator(self.args, self.params, self.tokenizer, batch_size=self.batch_size)
-        texts, _ = self._generator.generate(list(prompts), max_new_tokens=max_new_tokens, temperature=temperature,
-                                            seed=seed, truncate=True, measure_ttft=False)
-        return [cut_at_stop(t, stop) for t in texts]
+        keep = max(1, self.window - max_new_tokens)
+        ids = [self.tokenizer.encode(p, add_bos=True)[-keep:] for p in prompts]
+        out, _ = self._generator.generate_ids(ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                              truncate=True, measure_ttft=False)
+        return [cut_at_stop(self.tokenizer.decode(i), stop) for i in out]

@@ -21,6 +21,7 @@ def tiny_config(tokenizer):
     c.model.n_heads, c.model.n_kv_heads, c.model.d_ff, c.model.max_seq_len = 4, 2, 64, 64
     c.model.vocab_size = tokenizer.padded_vocab_size
     c.data.seq_len, c.data.factworld_entities = 16, 60  # perplexity windows [8, 17] in every test: one compile
+    c.engine.window_tokens = 64  # the window QA and benchmarks read (else data.seq_len)
     return validate(c)
 
 
