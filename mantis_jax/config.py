@@ -176,12 +176,13 @@ def default_config() -> ml_collections.ConfigDict:
 
     # The critic: a head on the frozen LM's hidden states over "evidence, Q: question, A: answer" (control/critic.py).
     cr = c.critic = ml_collections.ConfigDict()
-    cr.d_hidden = 128
+    cr.d_hidden = 64
     cr.window = 256  # tokens the critic reads (at most model.max_seq_len); longer inputs keep their last tokens
     cr.lr = 3e-3
-    cr.steps = 400
+    cr.weight_decay = 0.05
+    cr.steps = 200
     cr.batch_size = 64
-    cr.examples = 1200  # training examples (half supported); val and test get a quarter each
+    cr.examples = 2000  # training examples (half supported); val and test get a quarter each
     cr.save_every = 100
     cr.abstain_threshold = 0.5
 
@@ -526,6 +527,7 @@ def _validate_control(config: ml_collections.ConfigDict) -> None:
     _require(0.0 <= cr.abstain_threshold <= 1.0,
              f"config.critic.abstain_threshold ({cr.abstain_threshold}) is a probability and must be in [0, 1]")
     _require(cr.examples >= 16, f"config.critic.examples ({cr.examples}) must be >= 16")
+    _require(cr.weight_decay >= 0, f"config.critic.weight_decay ({cr.weight_decay}) must be >= 0")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

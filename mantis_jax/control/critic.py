@@ -7,7 +7,8 @@ right-padded. One frozen LM forward gives, per example, features that padding ne
 at real positions):
   h_answer  [D]  mean of the last layer's hidden states over the answer tokens
   h_prompt  [D]  hidden state at the last prompt token (where the LM starts answering)
-  lm        [3]  mean and min log-probability the LM gives the answer tokens, and its top-1 probability there
+  lm        [4]  mean and min log-probability the LM gives the answer tokens, its top-1 probability where the
+                 answer starts, and the share of answer tokens that occur in the prompt (the copy signal)
 The head (LayerNorm on each hidden part → MLP → logit) is all that trains; `features` runs once per example, so
 training the head is a loop over cached features. `Critic` is the engine's critic (`score`, `threshold`).
 """
@@ -26,7 +27,7 @@ from mantis_jax.model import transformer
 from mantis_jax.model.args import ModelArgs
 from mantis_jax.model.summary import flops_per_token
 
-N_LM_FEATURES = 3
+N_LM_FEATURES = 4
 
 
 def window(config) -> int:
@@ -63,7 +64,7 @@ def batch_arrays(encoded: list[tuple[list[int], int]], window: int, pad_id: int)
 @functools.partial(jax.jit, static_argnums=0)
 def features(args: ModelArgs, lm_params, tokens_bt, mask_bt, answer_bt) -> dict:
     """The frozen LM's features of a padded batch (see the module docstring)."""
-    del mask_bt  # right padding under causal attention: no real token sees a pad; pad rows are never read
+    # right padding under causal attention: no real token sees a pad; pad rows are never read
     logits_btv, aux = transformer.forward(args, lm_params, tokens_bt)
     hidden_btd = aux["hidden"].astype(jnp.float32)
     h_answer = jnp.einsum("bt,btd->bd", answer_bt, hidden_btd) / jnp.maximum(answer_bt.sum(-1, keepdims=True), 1)
@@ -78,7 +79,10 @@ def features(args: ModelArgs, lm_params, tokens_bt, mask_bt, answer_bt) -> dict:
     lp_mean = jnp.sum(next_lp_bt * ans_next, -1) / n_ans
     lp_min = jnp.min(jnp.where(ans_next > 0, next_lp_bt, 0.0), -1)
     top1 = jnp.exp(jnp.max(jnp.take_along_axis(logp_btv, prompt_end[:, None, None], axis=1)[:, 0], -1))
-    return {"h_answer": h_answer, "h_prompt": h_prompt, "lm": jnp.stack([lp_mean, lp_min, top1], -1)}
+    prompt_bt = mask_bt * (1.0 - answer_bt)
+    same_btt = (tokens_bt[:, :, None] == tokens_bt[:, None, :]) & (prompt_bt[:, None, :] > 0)  # [B, T, T]
+    overlap = jnp.sum(answer_bt * jnp.any(same_btt, -1), -1) / jnp.maximum(answer_bt.sum(-1), 1)
+    return {"h_answer": h_answer, "h_prompt": h_prompt, "lm": jnp.stack([lp_mean, lp_min, top1, overlap], -1)}
 
 
 class CriticHead(nn.Module):
@@ -132,13 +136,15 @@ def auroc(probs, labels) -> float:
     return float(greater + 0.5 * ties)
 
 
-def best_threshold(probs, labels, answerable) -> float:
-    """The threshold that maximises final accuracy on a split: an accepted answer counts when it is supported,
-    an abstention ("unknown") counts when the question was unanswerable."""
-    probs, labels, answerable = np.asarray(probs), np.asarray(labels) > 0.5, np.asarray(answerable, bool)
-    candidates = np.unique(np.concatenate([[0.0], probs, [1.0 + 1e-6]]))
-    scores = [np.mean(np.where(probs >= t, labels, ~answerable)) for t in candidates]
-    return float(candidates[int(np.argmax(scores))])
+def best_threshold(probs, labels, max_rejected: float = 0.1) -> float:
+    """The highest threshold that still accepts all but `max_rejected` of the supported answers: the critic's
+    accuracy cost (right answers turned into "unknown") stays within that share, and as many unsupported answers
+    as possible are refused."""
+    probs, labels = np.asarray(probs, np.float64), np.asarray(labels) > 0.5
+    positives = np.sort(probs[labels])
+    if len(positives) == 0:
+        return 0.5
+    return float(positives[int(np.floor(max_rejected * len(positives)))])
 
 
 @dataclasses.dataclass

@@ -7,7 +7,8 @@ Positives are correct answers with their evidence. Negatives are answers the evi
   evidence_removed  the correct value, with the sentence that states it cut from the context
   own               the model's own greedy answers (right ones are positives, wrong ones negatives; "unknown"
                     answers are left out: they are abstentions, not claims)
-Every example is a pure function of (world, split, index), apart from the model's answers.
+A third of the answerable examples use far contexts (the evidence, then filler), two thirds near ones. Every
+example is a pure function of (world, split, index), apart from the model's answers.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Callable
 from mantis_jax.data import factworld as fw
 
 NEGATIVE_KINDS = ("wrong_value", "context_value", "unanswerable", "evidence_removed")
+FAR_DISTANCE = 48  # filler tokens after the evidence in the far-context examples
 
 
 def _example(record: dict, answer: str, evidence: list[str], label: bool, kind: str,
@@ -71,7 +73,8 @@ def examples(world: fw.World, split: str, n: int, *, seed: int = 0,
             rec = world.qa_record(split, "unanswerable", i)
             out.append(_example(rec, wrong_value(world, rec, r), [rec["context"]], False, kind))
         else:
-            rec = world.qa_record(split, "near", i)
+            # near contexts, and far ones (the evidence, then filler: what a prompt with a retrieved span looks like)
+            rec = world.qa_record(split, "far" if (i // 2) % 3 == 2 else "near", i, distance=FAR_DISTANCE)
             if kind == "supported":
                 out.append(_example(rec, rec["answer"], [rec["context"]], True, kind))
             elif kind == "evidence_removed":

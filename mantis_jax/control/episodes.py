@@ -7,7 +7,7 @@ session), and answers the question with the policy it is given. The outcome coun
   candidate_correct  exact match of the answer before the critic's verdict
   latency            reward.latency_fraction over model passes: the prefill, the retrieval prefill when spans were
                      placed, the critic call; the full path has all three (the retrieval one when memory held spans)
-  compute            trace.flops / trace.flops_full
+  compute            trace.flops / the full path's (trace.flops_full, plus a critic call when none ran)
 Everything is deterministic given the policy's actions: the same episode index and actions give the same outcome.
 """
 
@@ -38,15 +38,19 @@ def record(world: factworld.World, split: str, index: int, distance: int) -> dic
     return world.qa_record(split, kind, index // len(factworld.KINDS), distance=distance)
 
 
-def outcome(answer, rec: dict, n_layers: int) -> reward.Outcome:
+def outcome(answer, rec: dict, n_layers: int, critic_flops: float = 0.0) -> reward.Outcome:
+    """`critic_flops`: one critic call, part of the full path even when this query did not verify (the engine's
+    flops_full counts the critic only when it ran)."""
     tr = answer.trace
     critic_calls = int(tr.critic_score is not None)
+    flops_full = tr.flops_full + (critic_flops if not critic_calls else 0.0)
     passes = 1 + int(bool(tr.retrieved)) + critic_calls
     full_passes = 1 + int(sum(tr.memory.values()) > 0) + 1
     latency = reward.latency_fraction(tr.layers_per_token or [n_layers], n_layers, passes, full_passes)
     return reward.Outcome(correct=factworld.exact_match(answer.text, rec["answer"]),
                           candidate_correct=factworld.exact_match(tr.candidate, rec["answer"]),
-                          confidence=tr.critic_score, latency=latency, compute=min(float(tr.compute), 1.0))
+                          confidence=tr.critic_score, latency=latency,
+                          compute=min(tr.flops_total / flops_full, 1.0) if flops_full else 1.0)
 
 
 class EngineEpisodes:
@@ -72,7 +76,9 @@ class EngineEpisodes:
         self.engine.policy = policy
         answer = self.engine.answer(rec["question"])
         decisions = Decisions(**{k: v for k, v in answer.trace.decisions.items() if k != "expert_bias"})
-        return Episode(outcome(answer, rec, self.engine.args.n_layers), decisions,
+        critic = self.engine.critic
+        critic_flops = float(critic.flops()) if critic is not None and hasattr(critic, "flops") else 0.0
+        return Episode(outcome(answer, rec, self.engine.args.n_layers, critic_flops), decisions,
                        {"id": rec["id"], "kind": rec["kind"], "answer": answer.text,
                         "candidate": answer.trace.candidate, "expected": rec["answer"],
                         "trace": answer.trace})

@@ -4,8 +4,9 @@ Examples come from the factworld the LM trained on (control/critic_data.py: trai
 them the LM's own greedy answers. The frozen LM's features of every example are computed once (and cached in the
 workdir); the head then trains for `critic.steps` Adam steps on shuffled minibatches, a pure function of the step
 (so a resume continues exactly). Every `critic.save_every` steps and at the end: validation loss and AUROC, the
-abstain threshold chosen on val (the one that maximises final accuracy there), an orbax checkpoint; at the end, the
-test split's ECE (10 bins), AUROC and accuracy with and without abstaining. Metrics go to `metrics.jsonl` and
+abstain threshold chosen on val (the highest that still accepts 90% of the supported answers: at most 10% of the
+right answers become "unknown"), an orbax checkpoint; at the end, the test split's ECE (10 bins), AUROC,
+accuracy with and without abstaining, and the share accepted per kind of example. Metrics go to `metrics.jsonl` and
 TensorBoard in the workdir; the final summary is printed as JSON. Re-running the command resumes.
 """
 
@@ -37,7 +38,7 @@ FEATURE_BATCH = 16
 
 
 def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    return optax.adamw(float(config.critic.lr), weight_decay=1e-4)
+    return optax.adamw(float(config.critic.lr), weight_decay=float(config.critic.weight_decay))
 
 
 def init_state(config: ml_collections.ConfigDict, key: jax.Array) -> dict:
@@ -45,11 +46,12 @@ def init_state(config: ml_collections.ConfigDict, key: jax.Array) -> dict:
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer(config).init(params)}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2,))
-def train_step(d_hidden: int, lr: float, state: dict, feats: dict, labels_b) -> tuple[dict, jax.Array]:
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3,))
+def train_step(d_hidden: int, lr: float, weight_decay: float, state: dict, feats: dict,
+               labels_b) -> tuple[dict, jax.Array]:
     loss, grads = jax.value_and_grad(functools.partial(critic_lib.bce_loss, d_hidden))(state["params"], feats,
                                                                                         labels_b)
-    tx = optax.adamw(lr, weight_decay=1e-4)
+    tx = optax.adamw(lr, weight_decay=weight_decay)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
             "opt_state": opt_state}, loss
@@ -130,7 +132,9 @@ def evaluate(config, params, split: dict, threshold: float | None = None) -> tup
         out.update(threshold=threshold,
                    answered_accuracy=float(np.mean(np.where(accept, labels > 0.5, ~split["answerable"]))),
                    unsupported_accepted=float(np.mean(accept[labels < 0.5])),
-                   supported_rejected=float(np.mean(~accept[labels > 0.5])))
+                   supported_rejected=float(np.mean(~accept[labels > 0.5])),
+                   accepted_by_kind={str(k): float(np.mean(accept[split["kinds"] == k]))
+                                     for k in np.unique(split["kinds"])})
     return out, probs
 
 
@@ -156,8 +160,8 @@ def train(config: ml_collections.ConfigDict, checkpoint: str, workdir: str, *, l
     threshold = float(cr.abstain_threshold)
     for step in range(start, cr.steps):
         idx = jax.random.choice(jax.random.fold_in(jax.random.key(config.seed), step), n, (batch,), replace=False)
-        state, loss = train_step(cr.d_hidden, float(cr.lr), state, jax.tree.map(lambda a: a[idx], feats),
-                                 labels[idx])
+        state, loss = train_step(cr.d_hidden, float(cr.lr), float(cr.weight_decay), state,
+                                 jax.tree.map(lambda a: a[idx], feats), labels[idx])
         losses.append(float(loss))
         progress.update(1)
         done = step + 1
@@ -165,7 +169,7 @@ def train(config: ml_collections.ConfigDict, checkpoint: str, workdir: str, *, l
             writer.write(done, {"loss": float(np.mean(losses[-config.train.log_every:]))}, prefix="critic_train")
         if done % cr.save_every == 0 or done == cr.steps:
             val, val_probs = evaluate(config, state["params"], data["val"])
-            threshold = critic_lib.best_threshold(val_probs, data["val"]["labels"], data["val"]["answerable"])
+            threshold = critic_lib.best_threshold(val_probs, data["val"]["labels"])
             writer.write(done, {**val, "threshold": threshold}, prefix="critic_val")
             progress.set_postfix(val_loss=f"{val['loss']:.3f}", auroc=f"{val['auroc']:.3f}")
             store.save(workdir, done, state, config=config,

@@ -119,10 +119,12 @@ def main(argv: list[str] | None = None) -> dict:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--critic", default="", help="critic workdir (python -m mantis_jax.control.train_critic)")
     pre.add_argument("--split", default="train", choices=("train", "val", "test"))
+    pre.add_argument("--stage2", default="", help="Stage-2 workdir: its trained retrieval encoder (default: none)")
     known, rest = pre.parse_known_args(argv)
     args, overrides = store.parse_args("python -m mantis_jax.control.train_rl", __doc__.splitlines()[0], rest)
     from mantis_jax.control.critic import Critic  # noqa: PLC0415
     from mantis_jax.engine.core import Engine  # noqa: PLC0415
+    from mantis_jax.memory.train import Stage2Error, load_encoder_params  # noqa: PLC0415
     from mantis_jax.train.checkpoint import load_for_inference  # noqa: PLC0415
 
     try:
@@ -133,11 +135,13 @@ def main(argv: list[str] | None = None) -> dict:
         saved, tokenizer, params = load_for_inference(args.checkpoint)
         config = store.control_config(saved, overrides)
         critic = Critic.from_workdir(known.critic, lm=(config, tokenizer, params))
-        engine = Engine(config, params, tokenizer, critic=critic)
+        encoder = load_encoder_params(known.stage2) if known.stage2 else None
+        engine = Engine(config, params, tokenizer, critic=critic, encoder_params=encoder)
         env = EngineEpisodes(engine, known.split, distance=config.controller.distance)
-        summary = train(config, args.workdir, env, meta={"checkpoint": os.path.abspath(args.checkpoint),
-                                                         "critic": os.path.abspath(known.critic)})
-    except (CheckpointError, store.ControlCheckpointError, ConfigError) as e:
+        meta = {"checkpoint": os.path.abspath(args.checkpoint), "critic": os.path.abspath(known.critic),
+                "stage2": os.path.abspath(known.stage2) if known.stage2 else ""}
+        summary = train(config, args.workdir, env, meta=meta)
+    except (CheckpointError, store.ControlCheckpointError, ConfigError, Stage2Error) as e:
         cli.fail(e)
     printable = {k: v for k, v in summary.items() if k not in ("state", "history")}
     printable["last"] = summary["history"][-1] if summary["history"] else {}

@@ -23,13 +23,13 @@ def test_loss_falls_on_a_tiny_separable_set():
     rng = np.random.default_rng(0)
     feats = {"h_answer": rng.normal(size=(32, 8)).astype(np.float32),
              "h_prompt": rng.normal(size=(32, 8)).astype(np.float32),
-             "lm": rng.normal(size=(32, 3)).astype(np.float32)}
+             "lm": rng.normal(size=(32, 4)).astype(np.float32)}
     labels = jnp.asarray((feats["h_answer"][:, 0] - feats["h_prompt"][:, 1] > 0).astype(np.float32))
     feats = jax.tree.map(jnp.asarray, feats)
     state = train_critic.init_state(config, jax.random.key(0))
     losses = []
     for _ in range(60):
-        state, loss = train_critic.train_step(16, 1e-2, state, feats, labels)
+        state, loss = train_critic.train_step(16, 1e-2, 1e-4, state, feats, labels)
         losses.append(float(loss))
     assert losses[-1] < 0.25 * losses[0]
     probs = critic_lib.head_probs(16, state["params"], feats)
@@ -69,8 +69,12 @@ def test_metrics_against_direct_definitions():
     expect = 0.25 * (0.1 + 0.65 + 0.4 + 0.2)
     assert critic_lib.ece([0.3, 0.35, 0.9], [0, 1, 1]) == pytest.approx(2 / 3 * abs(0.5 - 0.325) + 1 / 3 * 0.1)
     assert critic_lib.ece(probs, labels) == pytest.approx(expect)
-    t = critic_lib.best_threshold([0.1, 0.4, 0.6, 0.8], labels, answerable=[True, False, True, True])
-    assert t == pytest.approx(0.6)  # accepts 0.6 and 0.8 (supported), abstains on 0.4 (unanswerable): 3 of 4
+    # the highest threshold keeping >= 90% of the supported answers: with 2 or 3 of them, all (the lowest one)
+    assert critic_lib.best_threshold([0.1, 0.4, 0.6, 0.8], labels) == pytest.approx(0.6)
+    assert critic_lib.best_threshold([0.1, 0.4, 0.6, 0.8], [0, 1, 1, 1]) == pytest.approx(0.4)
+    pos = np.linspace(0.3, 0.9, 10)  # 10 supported: one may be refused, the threshold is the second lowest
+    t = critic_lib.best_threshold(np.concatenate([pos, [0.95]]), np.r_[np.ones(10), 0])
+    assert t == pytest.approx(pos[1]) and np.mean(pos >= t) == pytest.approx(0.9)
 
 
 def test_examples_cover_every_kind():
