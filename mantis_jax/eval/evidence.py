@@ -17,7 +17,6 @@ from typing import Callable, Sequence
 from mantis_jax.data import factworld
 from mantis_jax.eval import metrics as M
 from mantis_jax.eval.lm import ModelLM
-from mantis_jax.engine.memory import Memory
 from mantis_jax.eval.qa import answer_questions
 from mantis_jax.infer.runner import Generator, newline_ids
 from mantis_jax.memory.encoder import forward_flops
@@ -73,15 +72,6 @@ def decode_flops(args, n_prompt: int, n_new: int, max_new: int) -> float:
             + max(0, n_new - 1) * forward_flops(args, 1, args.n_layers, slots))
 
 
-def _fresh_memory(engine) -> None:
-    """Empty memory and no sessions read (as control/episodes.py does; the engine has no reset of its own yet)."""
-    engine.memory.close()
-    engine.memory = Memory(engine.config)
-    engine.sessions.clear()
-    engine._offsets.clear()  # noqa: SLF001 (its per-session read offsets)
-    engine.session = "default"
-
-
 def engine_system(engine, policy, lm: ModelLM) -> System:
     """The engine under `policy`: empty memory per record, the record's sessions read, then the question. FLOPs
     from its trace; confidence the critic's score when it verified, else the LM's probability of the candidate
@@ -91,7 +81,7 @@ def engine_system(engine, policy, lm: ModelLM) -> System:
         engine.policy = policy
         out = []
         for r in records:
-            _fresh_memory(engine)
+            engine.forget()  # empty memory, no sessions; compiled functions stay
             for i, text in enumerate(r["sessions"] or [r["context"]]):
                 engine.read(text, session=f"s{i}")
             a = engine.answer(r["question"])
