@@ -37,6 +37,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mantis_jax.eval import perplexity as ppl_lib  # noqa: E402
 from mantis_jax.infer import decode, quantize  # noqa: E402
 from mantis_jax.model import transformer as tfm  # noqa: E402
 from mantis_jax.model.args import ModelArgs  # noqa: E402
@@ -142,8 +143,8 @@ def main() -> None:
         args = ModelArgs.from_config(config)
         args = args.replace(max_seq_len=max(args.max_seq_len, a.prompt_len + a.new))
         rows += bench_shape(os.path.basename(a.checkpoint.rstrip("/")), args, params, a, baseline)
-        windows = quantize.val_windows(config, tokenizer, seq_len=min(config.data.seq_len, 256), max_windows=32)
-        ppl = quantize.report(args, params, quantize.quantize_params(params), windows)
+        windows = ppl_lib.val_windows(config, tokenizer, seq_len=min(config.data.seq_len, 256), max_windows=32)
+        ppl = ppl_lib.quantization_report(args, params, quantize.quantize_params(params), windows)
     else:
         for name in a.shapes.split(","):
             args = ModelArgs(vocab_size=a.vocab, max_seq_len=max(512, a.prompt_len + a.new), scan_layers=False,

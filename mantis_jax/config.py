@@ -327,6 +327,22 @@ def default_config() -> ml_collections.ConfigDict:
     lg.tensorboard = True
     lg.jsonl = True
     lg.progress = True
+
+    # ---- eval: `python -m mantis_jax.eval` (docs/eval.md) -------------------------------------------------
+    ev = c.eval = ml_collections.ConfigDict()
+    ev.limit = 100  # items per task (0 = all); factworld uses factworld_questions per kind
+    ev.num_fewshot = 0  # MMLU dev / GSM8K train examples before each question
+    ev.batch_size = 8  # rows per log-likelihood and generation batch
+    ev.max_new_tokens = 256  # GSM8K and HumanEval completions
+    ev.humaneval_samples = 1  # completions per problem (1 = greedy)
+    ev.humaneval_k = "1"  # comma-separated k of pass@k (each <= humaneval_samples)
+    ev.temperature = 0.8  # sampling temperature when humaneval_samples > 1
+    ev.sandbox_timeout_s = 5.0  # wall (and CPU) seconds per executed completion
+    ev.sandbox_memory_mb = 512  # address-space limit per executed completion
+    ev.sandbox_workers = 2  # completions executed at once
+    ev.factworld_questions = 50  # questions per kind
+    ev.factworld_kinds = "near,far,cross_session,unanswerable"
+    ev.factworld_distance = 0  # filler tokens between evidence and question (far, cross_session); 0 = the window
     return c
 
 
@@ -537,7 +553,26 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             _require(t is None or t in MESH_AXES,
                      f"config.mesh.rules maps {name!r} to unknown mesh axis {t!r}; use one of {MESH_AXES}")
     _validate_trainer(config)
+    _validate_eval(config)
     return config
+
+
+def _validate_eval(config: ml_collections.ConfigDict) -> None:
+    if "eval" not in config:  # a config stored before the eval section existed
+        return
+    ev = config.eval
+    _positive(config, ("eval.batch_size", "eval.max_new_tokens", "eval.humaneval_samples",
+                       "eval.sandbox_timeout_s", "eval.sandbox_memory_mb", "eval.sandbox_workers",
+                       "eval.factworld_questions"))
+    _require(ev.limit >= 0 and ev.num_fewshot >= 0 and ev.factworld_distance >= 0,
+             "config.eval.limit, config.eval.num_fewshot and config.eval.factworld_distance must be >= 0")
+    ks = [k.strip() for k in str(ev.humaneval_k).split(",") if k.strip()]
+    _require(bool(ks) and all(k.isdigit() and 1 <= int(k) <= ev.humaneval_samples for k in ks),
+             f"config.eval.humaneval_k ({ev.humaneval_k!r}) must list integers in [1, config.eval.humaneval_samples "
+             f"({ev.humaneval_samples})], e.g. --config.eval.humaneval_k=1,10 with humaneval_samples=10")
+    kinds = ("near", "far", "cross_session", "unanswerable")
+    bad = [k for k in str(ev.factworld_kinds).split(",") if k.strip() not in kinds]
+    _require(not bad, f"config.eval.factworld_kinds names {bad}; use a comma-separated subset of {', '.join(kinds)}")
 
 
 def _validate_control(config: ml_collections.ConfigDict) -> None:

@@ -35,7 +35,7 @@ import tqdm  # noqa: E402
 from mantis_jax import config as config_lib  # noqa: E402
 from mantis_jax.data import factworld  # noqa: E402
 from mantis_jax.data.tokenizer import FILENAME as TOKENIZER_FILENAME, Tokenizer  # noqa: E402
-from mantis_jax.infer.qa import answer_questions  # noqa: E402
+from mantis_jax.eval.qa import answer_questions  # noqa: E402
 from mantis_jax.infer.runner import Generator  # noqa: E402
 from mantis_jax.model.args import ModelArgs  # noqa: E402
 from mantis_jax.model.summary import param_counts  # noqa: E402

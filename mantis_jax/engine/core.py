@@ -40,6 +40,7 @@ from mantis_jax.model.transformer import init_cache
 UNKNOWN = "unknown"
 TRAIN_CRITIC = "python -m mantis_jax.control.train_critic"
 ENCODE_BATCH = 64
+ENCODE_CACHE = 200_000  # texts whose vectors an engine keeps
 
 
 def split_spans(text: str, mode: str, tokenizer, span_tokens: int) -> list[str]:
@@ -75,6 +76,7 @@ class Engine:
             raise ValueError(f"config.engine.max_new_tokens ({e.max_new_tokens}) leaves {self.budget} prompt tokens "
                              f"in the window ({self.window}); lower it or raise config.engine.window_tokens")
         self.exit_layer = max(1, min(config.model.get("min_exit_layer", 1), self.args.n_layers))
+        self._vectors: dict[str, np.ndarray] = {}
         self.sessions: dict[str, list[tuple[str, int]]] = {}  # recent spans per session: (text, tokens)
         self._offsets: dict[str, int] = {}
         self.session = "default"
@@ -97,8 +99,23 @@ class Engine:
                    encoder_params=encoder_params)
 
     # ------------------------------------------------------------------------------------------ encoding
-    def encode(self, texts: list[str]) -> tuple[np.ndarray, float]:
-        """(unit vectors [N, D], FLOPs spent) of texts, in batches of ENCODE_BATCH padded to 16-token buckets."""
+    def encode(self, texts: list[str], cache: bool = True) -> tuple[np.ndarray, float]:
+        """(unit vectors [N, D], FLOPs spent) of texts, in batches of ENCODE_BATCH padded to 16-token buckets.
+        Texts already encoded by this engine come from its cache (the encoder is a pure function of the text):
+        a long context repeats many sentences, and only the new ones cost FLOPs. Questions are encoded afresh
+        (`cache=False`), so a query's FLOPs do not depend on what was asked before."""
+        if not cache:
+            return self._encode_batches(texts)
+        todo = list(dict.fromkeys(t for t in texts if t not in self._vectors))
+        flops = 0.0
+        if todo:
+            vectors, flops = self._encode_batches(todo)
+            if len(self._vectors) + len(todo) > ENCODE_CACHE:
+                self._vectors.clear()
+            self._vectors.update(zip(todo, vectors))
+        return np.stack([self._vectors[t] for t in texts]), flops
+
+    def _encode_batches(self, texts: list[str]) -> tuple[np.ndarray, float]:
         out, flops = [], 0.0
         ids = [self.tokenizer.encode(t, add_bos=True)[:self.args.max_seq_len] for t in texts]
         for i in range(0, len(ids), ENCODE_BATCH):
@@ -185,7 +202,7 @@ class Engine:
             raise ValueError("the question is empty; ask something")
         e, trace, times = self.config.engine, Trace(question=question), {}
         t0 = time.perf_counter()
-        qvec, qflops = self.encode([question.strip()])
+        qvec, qflops = self.encode([question.strip()], cache=False)
         trace.add_flops("retrieval_encoder", qflops)
         times["encode"] = time.perf_counter() - t0
 
@@ -282,6 +299,12 @@ class Engine:
             total += enc.forward_flops(a, length, a.n_layers, length * slots)
         total += (n_tokens - 1) * enc.forward_flops(a, 1, a.n_layers, slots)
         return float(total + critic_flops)
+
+    def forget(self, memory: Memory | None = None) -> None:
+        """Starts afresh: new (or the given) memory, no sessions; the compiled functions and encodings stay."""
+        self.memory.close()
+        self.memory = memory if memory is not None else Memory(self.config)
+        self.sessions, self._offsets, self.session = {}, {}, "default"
 
     def close(self) -> None:
         self.memory.close()

@@ -5,8 +5,9 @@ modes: `--prompt` (one completion to stdout), `--prompts_file` (one prompt per l
 with a "prompt" field) to `--output` (JSONL: prompt, completion) or stdout, and `--interactive`
 (prompts on stdin; `set <param> <value>`, `stats`, `help`, `quit`). Every run reports tokens/s, latency and time
 to first token. `--exit_threshold` < 1 decodes with early exit (infer/early_exit.py; the stats then give the mean
-layers run per token). `--quantize int8` stores the weights as int8 and reports the memory and factworld-val
-perplexity change. Bad input (missing checkpoint, empty prompts file, bad flag values) exits with one line.
+layers run per token). `--quantize int8` stores the weights as int8 and reports the memory change (the perplexity
+change is evaluation's: `python -m mantis_jax.eval --tasks=perplexity --quantize=int8`).
+Bad input (missing checkpoint, empty prompts file, bad flag values) exits with one line.
 The flags live in their own FlagValues, so importing this module never clashes with other entry points' flags.
 """
 
@@ -109,11 +110,10 @@ def load(path: str, step: int | None, quantize_mode: str, batch_size: int, out: 
     args = ModelArgs.from_config(config)
     if quantize_mode != "none":
         qparams = quantize.quantize_params(params, quantize_mode)
-        windows = quantize.val_windows(config, tokenizer, seq_len=min(config.data.seq_len, 128), max_windows=16)
-        r = quantize.report(args, params, qparams, windows)
-        print(f"{quantize_mode}: weights {r['bytes_float'] / 2**20:.2f} MiB -> {r['bytes_quantized'] / 2**20:.2f} MiB "
-              f"({r['memory_ratio']:.2f}x); factworld val perplexity {r['ppl_float']:.3f} -> "
-              f"{r['ppl_quantized']:.3f} ({100 * r['ppl_change']:+.2f}%)", file=out, flush=True)
+        bytes_f, bytes_q = quantize.param_bytes(params), quantize.param_bytes(qparams)
+        print(f"{quantize_mode}: weights {bytes_f / 2**20:.2f} MiB -> {bytes_q / 2**20:.2f} MiB "
+              f"({bytes_q / bytes_f:.2f}x); perplexity change: python -m mantis_jax.eval --checkpoint={path} "
+              f"--tasks=perplexity --quantize={quantize_mode}", file=out, flush=True)
         params = qparams
     min_layer = args.min_exit_layer if FLAGS.min_exit_layer is None else FLAGS.min_exit_layer
     exit = EarlyExit(min_layer, FLAGS.exit_confidence).check(args.n_layers)

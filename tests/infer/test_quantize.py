@@ -1,5 +1,5 @@
 """int8 weight-only quantization: per-channel error bound, which leaves are quantized, bytes, logits of the int8
-model close to float, perplexity against a direct computation, and decoding with dequantization inside the jit."""
+model close to float, and decoding with dequantization inside the jit."""
 
 import flax.linen as nn
 import jax
@@ -7,9 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mantis_jax.config import default_config
-from mantis_jax.data import factworld as fw
-from mantis_jax.data import tokenizer as tk
 from mantis_jax.infer import decode, quantize
 from mantis_jax.model import transformer as tfm
 from mantis_jax.model.args import ModelArgs
@@ -103,19 +100,6 @@ def test_int8_logits_close_to_float(model, jitted_forward):
     assert np.max(np.abs(got - ref)) > 0  # the weights really changed
 
 
-def test_perplexity_matches_direct_computation(jitted_forward):
-    args = VARIANTS["dense_untied_scan"]
-    params = random_params(args)
-    qparams = quantize.quantize_params(params)
-    windows = np.random.default_rng(2).integers(0, args.vocab_size, (3, 17)).astype(np.int32)
-    logits = np.asarray(jitted_forward(args, params, jnp.asarray(windows[:, :-1])), np.float64)
-    logz = np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1)) + logits.max(-1)
-    nll = logz - np.take_along_axis(logits, windows[:, 1:, None], -1)[..., 0]
-    ppl = quantize.perplexity(args, params, windows)  # one batch of 8: 3 rows + 5 padding rows
-    np.testing.assert_allclose(ppl, np.exp(nll.mean()), rtol=1e-4)
-    assert abs(np.log(quantize.perplexity(args, qparams, windows) / ppl)) < 0.1  # nats/token
-
-
 def test_decode_with_int8_params_equals_greedy_argmax_of_the_int8_forward(jitted_forward):
     """Dequantization happens inside the jitted decode loop: its tokens are the argmax of the int8 model's full
     forward each step (buffer and jitted forward shared with test_int8_logits_close_to_float)."""
@@ -134,22 +118,6 @@ def test_decode_with_int8_params_equals_greedy_argmax_of_the_int8_forward(jitted
         for r, s in enumerate(seqs):
             s.append(int(np.argmax(logits[r, len(s) - 1])))
     np.testing.assert_array_equal(out.tokens_bn, [s[len(p):] for s, p in zip(seqs, prompts)])
-
-
-def test_val_windows_and_report():
-    config = default_config()
-    config.data.factworld_entities = 60
-    tok = tk.Tokenizer.train(fw.World(seed=0, n_entities=60).tokenizer_sample(40), 384)
-    windows = quantize.val_windows(config, tok, n_docs=4, seq_len=16, max_windows=3)
-    assert windows.shape == (3, 17)
-    first = tok.encode(next(fw.world_from_config(config).iter_documents("val", 0, 1)), add_bos=True)
-    np.testing.assert_array_equal(windows[0], first[:17])
-    np.testing.assert_array_equal(windows[1, 0], windows[0, -1])  # windows overlap by the shifted target
-    args = VARIANTS["dense_untied_scan"]
-    params = random_params(args)
-    r = quantize.report(args, params, quantize.quantize_params(params), windows)
-    assert r["bytes_quantized"] < r["bytes_float"] and abs(np.log1p(r["ppl_change"])) < 0.1
-    assert r["ppl_float"] == pytest.approx(quantize.perplexity(args, params, windows))
 
 
 def test_bad_mode_is_rejected():
