@@ -242,6 +242,27 @@ def default_config() -> ml_collections.ConfigDict:
     ck.keep_best = True
     ck.async_save = True
 
+    # ---- post-training (mantis_jax/post/, docs/post.md): SFT, LoRA, DPO, GRPO ----
+    po = c.post = ml_collections.ConfigDict()
+    po.base = ""  # workdir of the model to start from (Stage 1 or an earlier post stage); "" = a fresh init
+    po.data = ""  # JSONL of the stage's examples (docs/post.md schemas); "" = generated from factworld
+    po.examples = 2000  # factworld examples generated for the stage (when post.data is "")
+    po.eval_examples = 128  # held-out examples (test-split entities) for the stage's evaluation
+    po.lora_rank = 0  # 0 = full fine-tuning; r > 0 = LoRA adapters of rank r (the base frozen)
+    po.lora_alpha = 16.0  # adapter scale alpha / rank
+    po.lora_dropout = 0.0  # drop rate of the adapter's input features
+    po.lora_targets = "attn.wq,attn.wk,attn.wv,attn.wo,mlp.w_gate,mlp.w_up,mlp.w_down,moe.w_gate,moe.w_up,moe.w_down"
+    po.dpo_beta = 0.1
+    po.dpo_reference = "precomputed"  # precomputed (reference log-probs before training) | frozen (a frozen copy)
+    po.grpo_group = 8  # samples per prompt (G)
+    po.grpo_prompts = 4  # prompts per step
+    po.grpo_clip = 0.2  # ratio clip epsilon
+    po.grpo_kl = 0.04  # weight of the KL to the reference
+    po.grpo_updates = 2  # optimizer updates per sampled batch (the clipped ratio acts from the second)
+    po.grpo_temperature = 1.0
+    po.grpo_max_new_tokens = 6
+    po.grpo_unanswerable = 0.5  # share of unanswerable prompts
+
     lg = c.logging = ml_collections.ConfigDict()
     lg.tensorboard = True
     lg.jsonl = True
@@ -400,6 +421,22 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(d.worker_count >= 0, f"config.data.worker_count ({d.worker_count}) must be >= 0")
     _require(0.0 < config.train.min_lr_ratio <= 1.0 or config.train.min_lr_ratio == 0.0,
              f"config.train.min_lr_ratio ({config.train.min_lr_ratio}) must be in [0, 1]")
+    po = config.post  # post-training (mantis_jax/post/)
+    _positive(config, ("post.examples", "post.eval_examples", "post.lora_alpha", "post.dpo_beta", "post.grpo_group",
+                       "post.grpo_prompts", "post.grpo_updates", "post.grpo_max_new_tokens"))
+    _require(po.lora_rank >= 0, f"config.post.lora_rank ({po.lora_rank}) must be >= 0 (0 = full fine-tuning)")
+    _require(0.0 <= po.lora_dropout < 1.0, f"config.post.lora_dropout ({po.lora_dropout}) must be in [0, 1)")
+    _require(po.lora_rank == 0 or bool(po.lora_targets.strip()),
+             "config.post.lora_targets is empty; name the adapted weights, e.g. --config.post.lora_targets=attn.wq")
+    _one_of(config, "post.dpo_reference", ("precomputed", "frozen"))
+    _require(po.grpo_group >= 2, f"config.post.grpo_group ({po.grpo_group}) must be >= 2 (advantages compare "
+             "samples within a group)")
+    _require(0.0 < po.grpo_clip < 1.0, f"config.post.grpo_clip ({po.grpo_clip}) must be in (0, 1)")
+    _require(po.grpo_kl >= 0, f"config.post.grpo_kl ({po.grpo_kl}) must be >= 0")
+    _require(po.grpo_temperature > 0, f"config.post.grpo_temperature ({po.grpo_temperature}) must be > 0 "
+             "(GRPO samples; 0 would make every sample of a group the same)")
+    _require(0.0 <= po.grpo_unanswerable <= 1.0,
+             f"config.post.grpo_unanswerable ({po.grpo_unanswerable}) must be in [0, 1]")
     sizes = [config.mesh[a] for a in MESH_AXES]
     _require(all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1,
              f"config.mesh sizes {dict(zip(MESH_AXES, sizes))} must be positive, with at most one -1")

@@ -57,19 +57,27 @@ def causal_attention(q_btgqk, keys_bsgk, values_bsgk, mask_bts, block_q: int, dt
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
-def causal_conv(x_btgk: jax.Array, w_lgk: jax.Array, tail_blgk: jax.Array | None = None):
+def causal_conv(x_btgk: jax.Array, w_lgk: jax.Array, tail_blgk: jax.Array | None = None,
+                segment_ids_bt: jax.Array | None = None):
     """y_t = x_t + sum_{j=1..W-1} w[j-1] * x_{t-j}: a depthwise causal convolution over the time axis (residual form).
 
     x [B, T, G, Dh]; w [W-1, G, Dh] (lag 1 first); `tail` [B, W-1, G, Dh] holds the W-1 inputs before x (oldest
     first; None = zeros, the start of a sequence). Returns (y, the new tail: the last W-1 inputs of tail ++ x).
+    With `segment_ids_bt` (packed sequences, no tail) a lag term counts only within the same segment.
     """
     lags, T = w_lgk.shape[0], x_btgk.shape[1]
     if tail_blgk is None:
         tail_blgk = jnp.zeros((x_btgk.shape[0], lags) + x_btgk.shape[2:], x_btgk.dtype)
     full = jnp.concatenate([tail_blgk.astype(x_btgk.dtype), x_btgk], axis=1)  # [B, W-1+T, G, Dh]
     y = x_btgk
+    if segment_ids_bt is not None:
+        seg_full = jnp.concatenate([jnp.full((x_btgk.shape[0], lags), -1, segment_ids_bt.dtype), segment_ids_bt], 1)
     for j in range(1, lags + 1):
-        y = y + w_lgk[j - 1] * full[:, lags - j:lags - j + T]
+        term = w_lgk[j - 1] * full[:, lags - j:lags - j + T]
+        if segment_ids_bt is not None:  # packed examples: no key mixes in a token of the example before it
+            same_bt = seg_full[:, lags - j:lags - j + T] == segment_ids_bt
+            term = term * same_bt[:, :, None, None].astype(term.dtype)
+        y = y + term
     return y, full[:, -lags:]
 
 
@@ -122,6 +130,10 @@ class Attention(nn.Module):
     0): a key then says which tokens precede its own, the previous-token half of an induction (copy) circuit that
     plain attention must build from two layers. The cache then also holds the last W-1 raw keys and values
     ("k_tail", "v_tail": [B, W-1, G, Dh]); masked (padding) positions enter the convolution as zeros.
+
+    `segment_ids_bt` [B, T] (packed training rows, no cache): a query sees only keys of its own segment, so
+    examples packed into one row never attend to each other (nor mix through the convolution); the caller gives
+    positions that restart at 0 in each segment.
     """
 
     n_heads: int
@@ -135,9 +147,12 @@ class Attention(nn.Module):
     kv_conv: int = 0  # width of the causal convolution on keys and values (0 or 1 = none)
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, cache=None, cache_index=None, kv_mask_bs=None, kv_only=False):
+    def __call__(self, x_btd, positions_bt, cache=None, cache_index=None, kv_mask_bs=None, segment_ids_bt=None,
+                 kv_only=False):
         """(output [B, T, D], new cache or None); `kv_only` (with a cache): write the keys/values, output None."""
         B, T, D = x_btd.shape
+        if segment_ids_bt is not None and cache is not None:
+            raise ValueError("segment_ids (packed rows) work without a KV cache only; decode one sequence per row")
         H, G, Dh = self.n_heads, self.n_kv_heads, self.head_dim
         init = nn.initializers.normal(self.init_std)
         out_init = nn.initializers.normal(self.init_std / jnp.sqrt(2.0))
@@ -162,7 +177,7 @@ class Attention(nn.Module):
                 tail = None
                 if cache is not None:  # slot 0 starts a sequence: a reused cache's old tail must not leak in
                     tail = cache[f"{name}_tail"] * (cache_index > 0).astype(cache[f"{name}_tail"].dtype)
-                kv[name], new_tails[f"{name}_tail"] = causal_conv(raw, w, tail)
+                kv[name], new_tails[f"{name}_tail"] = causal_conv(raw, w, tail, segment_ids_bt)
             k_btgk, v_btgk = kv["k"], kv["v"]
         q_bthk = constrain(apply_rope(q_bthk, positions_bt, self.rope_theta), ("batch", "length", "heads", "head_dim"))
         k_btgk = constrain(apply_rope(k_btgk, positions_bt, self.rope_theta),
@@ -184,6 +199,8 @@ class Attention(nn.Module):
         S = keys.shape[1]
         mask_ts = jnp.arange(S)[None, :] <= q_slots[:, None]  # causal over slots
         mask_bts = mask_ts[None] if kv_mask_bs is None else mask_ts[None] & kv_mask_bs[:, None, :].astype(bool)
+        if segment_ids_bt is not None:  # packed rows: attention stays inside each example
+            mask_bts = mask_bts & (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])
 
         q_btgqk = q_bthk.reshape(B, T, G, H // G, Dh)
         # Query blocks need the keys to be the T input positions (no cache: slot s is position s, causal mask).

@@ -38,7 +38,8 @@ class Block(nn.Module):
     args: ModelArgs
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, cache_index, kv_mask_bs, layer_cache, expert_bias_e, kv_only=False):
+    def __call__(self, x_btd, positions_bt, cache_index, kv_mask_bs, layer_cache, expert_bias_e, segment_ids_bt=None,
+                 kv_only=False):
         """`kv_only`: write this layer's keys/values for x into the cache and return x unchanged (no attention, no
         feed-forward): how early-exit decoding fills the layers a token skipped."""
         a = self.args
@@ -46,7 +47,8 @@ class Block(nn.Module):
         h = RMSNorm(a.norm_eps, dt, pdt, name="attn_norm")(x_btd)
         attn = Attention(a.n_heads, a.n_kv_heads, a.head_dim, a.rope_theta, a.init_std, dt, pdt, a.attn_block_q,
                          a.kv_conv, name="attn")
-        attn_out, new_cache = attn(h, positions_bt, layer_cache, cache_index, kv_mask_bs, kv_only=kv_only)
+        attn_out, new_cache = attn(h, positions_bt, layer_cache, cache_index, kv_mask_bs, segment_ids_bt,
+                                   kv_only=kv_only)
         if kv_only:
             return x_btd, (new_cache, None)
         x_btd = x_btd + attn_out
@@ -77,7 +79,8 @@ class MantisLM(nn.Module):
     args: ModelArgs
 
     @nn.compact
-    def __call__(self, tokens_bt, *, positions_bt=None, cache=None, kv_mask_bs=None, expert_bias_le=None):
+    def __call__(self, tokens_bt, *, positions_bt=None, cache=None, kv_mask_bs=None, expert_bias_le=None,
+                 segment_ids_bt=None):
         a = self.args
         B, T = tokens_bt.shape
         cache_index = None if cache is None else cache["index"]
@@ -94,17 +97,17 @@ class MantisLM(nn.Module):
         block_cls = _block_class(a)
         if a.scan_layers:
             stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0), length=a.n_layers,
+                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast), length=a.n_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
             x_btd, (new_caches, aux) = stack(a, name="layers")(x_btd, positions_bt, cache_index, kv_mask_bs,
-                                                                layer_caches, expert_bias_le)
+                                                                layer_caches, expert_bias_le, segment_ids_bt)
         else:
             outs = []
             for i in range(a.n_layers):
                 layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], layer_caches)
                 bias = None if expert_bias_le is None else expert_bias_le[i]
                 x_btd, out = block_cls(a, name=f"layer_{i}")(x_btd, positions_bt, cache_index, kv_mask_bs,
-                                                             layer_cache, bias)
+                                                             layer_cache, bias, segment_ids_bt)
                 outs.append(out)
             new_caches, aux = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
@@ -162,11 +165,12 @@ def _first_layers(args: ModelArgs, params: dict, k: int) -> dict:
 
 
 def forward(args: ModelArgs, params: dict, tokens_bt, *, exit_layer: int | None = None, cache=None,
-            positions_bt=None, kv_mask_bs=None, expert_bias_le=None):
+            positions_bt=None, kv_mask_bs=None, expert_bias_le=None, segment_ids_bt=None):
     """Apply MantisLM, optionally stopping after `exit_layer` layers (static; 1 <= exit_layer <= L).
 
     `params` is the unboxed "params" collection. With exit_layer = k < L only the first k layers run (their
     parameters, cache rows and expert-bias rows), then the final norm and head: the early-exit gate's forward.
+    `segment_ids_bt` [B, T] (with per-example `positions_bt`) runs packed rows: attention never crosses examples.
     """
     if exit_layer is not None and exit_layer != args.n_layers:
         if not 1 <= exit_layer <= args.n_layers:
@@ -178,7 +182,7 @@ def forward(args: ModelArgs, params: dict, tokens_bt, *, exit_layer: int | None 
             expert_bias_le = expert_bias_le[:exit_layer]
         args = args.replace(n_layers=exit_layer)
     return MantisLM(args).apply({"params": params}, tokens_bt, positions_bt=positions_bt, cache=cache,
-                                kv_mask_bs=kv_mask_bs, expert_bias_le=expert_bias_le)
+                                kv_mask_bs=kv_mask_bs, expert_bias_le=expert_bias_le, segment_ids_bt=segment_ids_bt)
 
 
 def init_params(args: ModelArgs, rng: jax.Array, batch: int = 1, seq_len: int = 8) -> dict:
