@@ -1,0 +1,141 @@
+"""Memory tokens on factworld far questions: exact match with and without memory at equal training tokens, and the
+memory's cost per segment against the segment's forward.
+
+    python benchmarks/memory_tokens.py                      # configs/memory_tokens.py, 300 steps per run
+    python benchmarks/memory_tokens.py --quick              # 20 steps per run: a smoke test of the script
+    python benchmarks/memory_tokens.py --cost-only          # only the cost per segment
+
+Both runs use `python -m mantis_jax.memory.train_tokens`'s `train()` with the same preset, steps and tokens per
+step (memory: batch_size documents x segments x segment_len; none: batch_size x segments windows of segment_len),
+so they see the same number of training tokens. Cost: one segment of batch_size rows, (a) the memory's own FLOPs
+(read + router + gated write, from XLA's cost analysis) over the LM forward's, (b) the wall time of the jitted
+memory segment (read, forward, write) over the plain forward of the same tokens (median of --reps timed calls,
+back to back), (c) the share of a segment's positions the 2N memory tokens take. The engine's retrieval memory
+(mantis_jax/engine/) is compared when this tree has it; otherwise the script says it is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mantis_jax.cli import load_preset  # noqa: E402
+from mantis_jax.memory import tokens as mt  # noqa: E402
+from mantis_jax.memory import train_tokens  # noqa: E402
+from mantis_jax.model.args import ModelArgs  # noqa: E402
+from mantis_jax.model.transformer import forward  # noqa: E402
+
+PRESET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "memory_tokens.py")
+
+
+def _flops(fn, *args) -> float:
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0))
+
+
+def _time(fn, *args, reps: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def segment_cost(config, reps: int) -> dict:
+    """The memory's cost per segment relative to the segment's forward (random weights: cost does not depend on
+    them)."""
+    c = config.memory.tokens
+    config.model.vocab_size = 1152  # the preset's BPE (1024) + 2N memory tokens, padded to 128
+    args = ModelArgs.from_config(config)
+    B, S, N = config.data.batch_size, c.segment_len, c.n_tokens
+    params = train_tokens.init_all(args, config, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (B, S), 16, 1000, jnp.int32)
+    state = mt.initial_state(params["memory"], B)
+    valid = jnp.ones((B,))
+
+    def plain(p, x):  # the same padding mask as the memory segment's, so only the memory differs
+        return forward(args, p["lm"], x, kv_mask_bs=x != 0)[0]
+
+    def with_memory(p, s, x):
+        new_state, logits, _ = mt.segment_forward(args, p, s, x, valid, pad_id=0)
+        return new_state, logits
+
+    def memory_only(p, s, h):  # read + router + gated write, without the LM
+        r = mt.read(s["memory"], s["route"])
+        probs = mt.route(p["memory"], jnp.mean(h, 1))
+        return r, mt.gated_update(p["memory"], s["memory"], h, probs, valid)
+
+    h = jax.random.normal(jax.random.key(2), (B, N, args.d_model))
+    f_plain, f_mem = _flops(plain, params, tokens), _flops(memory_only, params, state, h)
+    jit_plain, jit_mem = jax.jit(plain), jax.jit(with_memory)
+    t_plain = _time(jit_plain, params, tokens, reps=reps)
+    t_mem = _time(jit_mem, params, state, tokens, reps=reps)
+    t_plain = min(t_plain, _time(jit_plain, params, tokens, reps=reps))  # again, after: load drifts
+    return {"segment": f"{B} x {S} tokens, N={N}, E={c.n_experts}, d_model={args.d_model}",
+            "forward_flops": f_plain, "memory_flops": f_mem, "memory_flops_ratio": f_mem / f_plain,
+            "forward_ms": 1e3 * t_plain, "memory_segment_ms": 1e3 * t_mem, "time_ratio": t_mem / t_plain,
+            "memory_token_share": 2 * N / S}
+
+
+def run(config, workdir: str, steps: int, enabled: bool, eval_questions: int) -> dict:
+    config.memory.tokens.enabled = enabled
+    config.memory.tokens.eval_questions = eval_questions
+    config.train.total_steps = steps
+    config.train.max_minutes = 0.0
+    config.train.save_every = steps
+    shutil.rmtree(workdir, ignore_errors=True)
+    t0 = time.perf_counter()
+    summary = train_tokens.train(config, workdir)
+    summary.pop("state")
+    return {"memory": enabled, "steps": summary["step"], "tokens_seen": summary["tokens_seen"],
+            "far_em": summary["eval"]["far_em"], "far_questions": summary["eval"]["far_questions"],
+            "train_answer_ce": summary["train"].get("answer_ce"), "train_loss": summary["train"].get("loss"),
+            "train_answer_accuracy": summary["train"].get("answer_accuracy"),
+            "minutes": (time.perf_counter() - t0) / 60, "params": summary["params"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--eval-questions", type=int, default=128)
+    p.add_argument("--workdir", default="runs/bench_memory_tokens")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--quick", action="store_true", help="20 steps, 32 questions, 5 timing reps")
+    p.add_argument("--cost-only", action="store_true")
+    p.add_argument("--out", default="", help="also write the JSON result here")
+    a = p.parse_args()
+    if a.quick:
+        a.steps, a.eval_questions, a.reps = 20, 32, 5
+    result = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv),
+              "cost": segment_cost(load_preset(PRESET), a.reps)}
+    print(json.dumps(result["cost"], indent=1), flush=True)
+    if not a.cost_only:
+        result["runs"] = [run(load_preset(PRESET), os.path.join(a.workdir, name), a.steps, enabled, a.eval_questions)
+                          for name, enabled in (("memory", True), ("none", False))]
+        for r in result["runs"]:
+            print(json.dumps(r), flush=True)
+    result["engine"] = ("mantis_jax.engine is present but this script does not compare it yet" if
+                        importlib.util.find_spec("mantis_jax.engine") else
+                        "left: mantis_jax.engine is not in this tree, so the retrieval-memory comparison is not run")
+    print(json.dumps({k: v for k, v in result.items() if k not in ("cost", "runs")}), flush=True)
+    if a.out:
+        with open(a.out, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
