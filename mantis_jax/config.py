@@ -170,7 +170,7 @@ def default_config() -> ml_collections.ConfigDict:
     mt.lb_loss_weight = 0.01  # weight of the memory router's load-balancing loss
     mt.lm_loss_weight = 0.1  # weight of the context tokens' next-token loss (answer tokens weigh 1)
     mt.max_answer_tokens = 8  # greedy tokens generated per question when scoring exact match
-    mt.eval_questions = 100  # test-split far questions scored (exact match) at each evaluation
+    mt.eval_questions = 100  # test-split far questions scored (exact match) at each evaluation (0 = none)
     mt.eval_every = 0  # steps between evaluations (0 = only at the end)
 
     ctl = c.controller = ml_collections.ConfigDict()
@@ -455,8 +455,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     mt = config.memory.get("tokens")  # memory tokens (mantis_jax/memory/tokens.py)
     if mt is not None:
         _positive(config, ("memory.tokens.n_tokens", "memory.tokens.n_experts", "memory.tokens.segments",
-                           "memory.tokens.bptt", "memory.tokens.distance", "memory.tokens.max_answer_tokens",
-                           "memory.tokens.eval_questions"))
+                           "memory.tokens.bptt", "memory.tokens.distance", "memory.tokens.max_answer_tokens"))
         _require(mt.segment_len > 2 * mt.n_tokens + mt.max_answer_tokens,
                  f"config.memory.tokens.segment_len ({mt.segment_len}) must exceed 2 x n_tokens + max_answer_tokens "
                  f"({2 * mt.n_tokens + mt.max_answer_tokens}): a segment holds N read, N write and text tokens")
@@ -465,8 +464,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                  f"({config.model.max_seq_len})")
         _require(mt.segments >= 2, f"config.memory.tokens.segments ({mt.segments}) must be >= 2 (context segments, "
                  "then the question segment)")
-        _require(mt.lb_loss_weight >= 0 and mt.lm_loss_weight >= 0 and mt.eval_every >= 0,
-                 "config.memory.tokens.lb_loss_weight, lm_loss_weight and eval_every must be >= 0")
+        _require(min(mt.lb_loss_weight, mt.lm_loss_weight, mt.eval_every, mt.eval_questions) >= 0,
+                 "config.memory.tokens.lb_loss_weight, lm_loss_weight, eval_every and eval_questions must be >= 0")
     sizes = [config.mesh[a] for a in MESH_AXES]
     _require(all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1,
              f"config.mesh sizes {dict(zip(MESH_AXES, sizes))} must be positive, with at most one -1")

@@ -165,7 +165,7 @@ def compiled(args: ModelArgs, config_json: str, pad_id: int) -> dict:
     def train_step(state: state_lib.TrainState, batch: dict) -> tuple[state_lib.TrainState, dict]:
         (_, metrics), grads = grad_fn(state.params, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
         return state_lib.TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
 
     def init(rng):
@@ -217,6 +217,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         steps = ckpt.steps()
         if steps:
             tokenizer = ckpt.tokenizer_at(steps[-1])
+            config.model.vocab_size = tokenizer.padded_vocab_size
             diffs = _resume_differences(ckpt.config_at(steps[-1]), config)
             if diffs:
                 raise CheckpointError(f"the checkpoint in {ckpt.directory} was made with another config: "
@@ -275,6 +276,8 @@ def _train(config, workdir: str, ckpt: Checkpointer, tokenizer: Tokenizer) -> di
         pending, clock = [], time.perf_counter()
 
     def run_eval(step):
+        if not c.eval_questions:
+            return
         m = evaluate(fns, state.params, FarQuestions(config, tokenizer, "test"), c.eval_questions,
                      config.data.batch_size * train_data.rows_per_step, tokenizer)
         writer.write(step, m, prefix="eval")
@@ -306,7 +309,7 @@ def _train(config, workdir: str, ckpt: Checkpointer, tokenizer: Tokenizer) -> di
         run_eval(done)
     finally:
         writer.close()
-    return {"step": done, "stopped": stopped, "train": last, "eval": evals[-1], "evals": evals,
+    return {"step": done, "stopped": stopped, "train": last, "eval": evals[-1] if evals else None, "evals": evals,
             "tokens_seen": done * tokens_per_step, "params": n_params, "resumed_from": start or None,
             "memory": bool(c.enabled), "state": state, "workdir": workdir}
 
