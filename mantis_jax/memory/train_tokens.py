@@ -48,6 +48,7 @@ from mantis_jax.train import metrics as metrics_lib
 from mantis_jax.train import state as state_lib
 from mantis_jax.train.checkpoint import Checkpointer, CheckpointError, config_differences
 from mantis_jax.train.step import cross_entropy_and_hits
+from mantis_jax.train.trainer import TrainingError
 
 # Config fields that shape the saved state or the meaning of the data position: resuming across a change is refused.
 RESUME_KEYS = ("memory.tokens.enabled", "memory.tokens.n_tokens", "memory.tokens.n_experts",
@@ -77,14 +78,17 @@ class FarQuestions:
         rec = self.world.qa_record(self.split, "far", index, distance=c.distance, count_tokens=self.count)
         context = self._encode(" " + rec["context"], f"factworld record {rec['id']}")
         question = self._encode(f"\nQ: {rec['question']}\nA:", f"factworld record {rec['id']}")
-        answer = self._encode(f" {rec['answer']}\n", f"factworld record {rec['id']}") if with_answer else []
+        if with_answer:
+            answer = self._encode(f" {rec['answer']}\n", f"factworld record {rec['id']}")
+        else:  # room for the generated answer: padding the greedy loop writes into
+            answer = np.full((c.max_answer_tokens,), self.tok.pad_id, np.int32)
         doc = mt.segment_document(context, question, answer, segments=c.segments, segment_len=c.segment_len,
                                   read_ids=self.read_ids, write_ids=self.write_ids, pad_id=self.tok.pad_id,
                                   lm_weight=c.lm_loss_weight)
         if doc is None:
             return None
         if not c.enabled:
-            doc = self._window(context, question, answer, with_answer)
+            doc = self._window(context, question, answer if with_answer else [], with_answer)
         doc["answer"] = rec["answer"]
         return doc
 
@@ -267,7 +271,8 @@ def _train(config, workdir: str, ckpt: Checkpointer, tokenizer: Tokenizer) -> di
         nonlocal pending, clock, last
         host = [metrics_lib.to_host(m) for m in pending]
         if not all(math.isfinite(h["loss"]) for h in host):
-            raise RuntimeError(f"the loss is not finite at step {step}: lower --config.train.lr (now {t.lr})")
+            raise TrainingError(f"the loss is not finite at step {step}: training diverged; lower --config.train.lr "
+                                f"(now {t.lr}); the last checkpoint in {ckpt.directory} is good")
         elapsed = time.perf_counter() - clock
         last = dict(metrics_lib.mean_metrics(host), tokens_per_s=len(host) * tokens_per_step / max(elapsed, 1e-9),
                     tokens_seen=step * tokens_per_step)
@@ -321,7 +326,7 @@ def main(argv: list[str]) -> None:
         raise ValueError(f"unexpected arguments {argv[1:]}; settings go in --config.<section>.<key>=<value>")
     try:
         summary = train(flags.FLAGS.config, flags.FLAGS.workdir)
-    except (CheckpointError, ValueError) as e:
+    except (CheckpointError, TrainingError, ValueError) as e:
         cli.fail(e)
     summary.pop("state")
     print(json.dumps(summary, indent=1, default=str))
