@@ -4,13 +4,15 @@ memory's cost per segment against the segment's forward.
     python benchmarks/memory_tokens.py                      # configs/memory_tokens.py, 300 steps per run
     python benchmarks/memory_tokens.py --quick              # 20 steps per run: a smoke test of the script
     python benchmarks/memory_tokens.py --cost-only          # only the cost per segment
+    python benchmarks/memory_tokens.py --cost-only --ablation runs/bench_memory_tokens/memory   # + a run's ablation
 
 Both runs use `python -m mantis_jax.memory.train_tokens`'s `train()` with the same preset, steps and tokens per
 step (memory: batch_size documents x segments x segment_len; none: batch_size x segments windows of segment_len),
 so they see the same number of training tokens. Cost: one segment of batch_size rows, (a) the memory's own FLOPs
 (read + router + gated write, from XLA's cost analysis) over the LM forward's, (b) the wall time of the jitted
 memory segment (read, forward, write) over the plain forward of the same tokens (median of --reps timed calls,
-back to back), (c) the share of a segment's positions the 2N memory tokens take. The engine's retrieval memory
+back to back), (c) the share of a segment's positions the 2N memory tokens take. Ablation: the trained memory
+model's teacher-forced answer CE with each document's own memory against another document's. The engine's retrieval memory
 (mantis_jax/engine/) is compared when this tree has it; otherwise the script says it is left.
 """
 
@@ -91,6 +93,42 @@ def segment_cost(config, reps: int) -> dict:
             "memory_token_share": 2 * N / S}
 
 
+def memory_ablation(workdir: str, n: int) -> dict:
+    """Answer CE and top-1 accuracy (teacher-forced) on n test-split far questions of a trained memory run, with each
+    document's own memory and with the memory of another document (the batch rolled by one): the gap is what the
+    memory carries about its own document."""
+    from mantis_jax import config as config_lib  # noqa: PLC0415
+    from mantis_jax.train.checkpoint import Checkpointer  # noqa: PLC0415
+    from mantis_jax.train.step import cross_entropy_and_hits  # noqa: PLC0415
+
+    ckpt = Checkpointer(workdir, create=False, async_save=False)
+    try:
+        step = ckpt.steps()[-1]
+        config, tokenizer = ckpt.config_at(step), ckpt.tokenizer_at(step)
+        args = ModelArgs.from_config(config)
+        fns = train_tokens.compiled(args, config_lib.to_json(config), tokenizer.pad_id)
+        _, state, _, _ = ckpt.restore(jax.eval_shape(fns["init"], jax.random.key(0)), step=step)
+    finally:
+        ckpt.close()
+    batch, _, _ = train_tokens.FarQuestions(config, tokenizer, "test").batch(0, n)
+    pad = tokenizer.pad_id
+
+    @jax.jit
+    def answer_scores(params, batch, shift):
+        context = {k: v[:-1] for k, v in batch.items() if k in ("tokens", "targets", "weights", "valid")}
+        mem, _ = mt.unroll(args, params, context, pad_id=pad, bptt=1)
+        mem = jax.tree.map(lambda x: jnp.roll(x, shift, axis=0), mem)
+        _, logits, _ = mt.segment_forward(args, params, mem, batch["tokens"][-1], batch["valid"][-1], pad)
+        ce, hits = cross_entropy_and_hits(logits, batch["targets"][-1])
+        w = batch["weights"][-1]
+        return jnp.sum(ce * w) / jnp.sum(w), jnp.sum(hits * w) / jnp.sum(w)
+
+    own = [float(x) for x in answer_scores(state.params, batch, 0)]
+    other = [float(x) for x in answer_scores(state.params, batch, 1)]
+    return {"step": step, "questions": n, "answer_ce_own_memory": own[0], "answer_ce_other_memory": other[0],
+            "answer_acc_own_memory": own[1], "answer_acc_other_memory": other[1]}
+
+
 def run(config, workdir: str, steps: int, enabled: bool, eval_questions: int) -> dict:
     config.memory.tokens.enabled = enabled
     config.memory.tokens.eval_questions = eval_questions
@@ -117,6 +155,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="20 steps, 32 questions, 5 timing reps")
     p.add_argument("--cost-only", action="store_true")
     p.add_argument("--out", default="", help="also write the JSON result here")
+    p.add_argument("--ablation", default="", help="with --cost-only: the memory ablation of this trained workdir")
     a = p.parse_args()
     if a.quick:
         a.steps, a.eval_questions, a.reps = 20, 32, 5
@@ -128,10 +167,13 @@ def main() -> None:
                           for name, enabled in (("memory", True), ("none", False))]
         for r in result["runs"]:
             print(json.dumps(r), flush=True)
+    if not a.cost_only or a.ablation:
+        result["ablation"] = memory_ablation(a.ablation or os.path.join(a.workdir, "memory"), a.eval_questions)
+        print(json.dumps(result["ablation"]), flush=True)
     result["engine"] = ("mantis_jax.engine is present but this script does not compare it yet" if
                         importlib.util.find_spec("mantis_jax.engine") else
                         "left: mantis_jax.engine is not in this tree, so the retrieval-memory comparison is not run")
-    print(json.dumps({k: v for k, v in result.items() if k not in ("cost", "runs")}), flush=True)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("cost", "runs", "ablation")}), flush=True)
     if a.out:
         with open(a.out, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)
