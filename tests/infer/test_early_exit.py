@@ -125,3 +125,26 @@ def test_confidence_against_numpy():
         EarlyExit(0).check(L)
     with pytest.raises(ValueError, match="confidence"):
         EarlyExit(1, "entropy").check(L)
+
+
+def test_exit_loss_is_the_truncated_models_cross_entropy(model):
+    """The trainer's loss with model.exit_loss_weight w = the plain loss + w · mean over layers 1..L-1 of the
+    l-layer model's weighted cross-entropy (forward(exit_layer=l): an independent path through the model)."""
+    from mantis_jax.train.step import loss_fn  # noqa: PLC0415
+
+    args, params = model
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, args.vocab_size, (2, 9))
+    weights = rng.uniform(0.0, 2.0, (2, 8)).astype(np.float32)
+    batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
+             "loss_mask": jnp.asarray(weights)}
+    loss = jax.jit(lambda p, b, a: loss_fn(p, b, a)[0], static_argnums=2)
+    plain, with_exit = loss(params, batch, args), loss(params, batch, args.replace(exit_loss_weight=0.5))
+    ces = []
+    for layer in range(1, L):
+        logits = np.asarray(jax.jit(lambda p, t, k=layer: tfm.forward(args, p, t, exit_layer=k)[0])(
+            params, batch["inputs"]), np.float64)
+        lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        ce = lse - np.take_along_axis(logits, tokens[:, 1:, None], -1)[..., 0]
+        ces.append((ce * weights).sum() / weights.sum())
+    np.testing.assert_allclose(float(with_exit) - float(plain), 0.5 * np.mean(ces), rtol=1e-4)
