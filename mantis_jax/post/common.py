@@ -173,7 +173,7 @@ def make_step(run: Run, loss_fn: Callable, state_sh, frozen_example) -> Callable
 
         (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         updates, opt_state = run.tx.update(grads, state.opt_state, state.params)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), lr=run.schedule(state.step))
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads), lr=run.schedule(state.step))
         return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
 
     frozen_sh = jax.tree.map(lambda x: x.sharding, frozen_example)
