@@ -163,6 +163,21 @@ def default_config() -> ml_collections.ConfigDict:
     # "" = in memory only (not crash-safe); else a directory.
     con.spool_dir = "auto"
 
+    # ---- memory tokens (mantis_jax/memory/tokens.py, docs/memory_tokens.md): MemXLNet-style read/write tokens ----
+    mt = mem.tokens = ml_collections.ConfigDict()
+    mt.enabled = True  # False: the no-memory baseline (one window: the segment_len tokens before the answer)
+    mt.n_tokens = 4  # N read and N write tokens per segment
+    mt.n_experts = 2  # k expert memories [N, D], written with routed gates and read as the routed mixture
+    mt.segment_len = 64  # tokens per segment, its 2N memory tokens included
+    mt.segments = 5  # segments per document: its context's segments (right-aligned), then the question segment
+    mt.bptt = 2  # segments back-propagated through: the memory passes stop_gradient every bptt segments
+    mt.distance = 64  # factworld far questions: tokens (of this tokenizer) between the evidence and the question
+    mt.lb_loss_weight = 0.01  # weight of the memory router's load-balancing loss
+    mt.lm_loss_weight = 0.1  # weight of the context tokens' next-token loss (answer tokens weigh 1)
+    mt.max_answer_tokens = 8  # greedy tokens generated per question when scoring exact match
+    mt.eval_questions = 100  # test-split far questions scored (exact match) at each evaluation (0 = none)
+    mt.eval_every = 0  # steps between evaluations (0 = only at the end)
+
     # The meta-controller (mantis_jax/control, docs/control.md): an MLP over the engine's state summary; its input
     # width and the expert-bias shape [model.n_layers, moe.n_experts] come from the model, never from these keys.
     ctl = c.controller = ml_collections.ConfigDict()
@@ -534,6 +549,20 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              "(GRPO samples; 0 would make every sample of a group the same)")
     _require(0.0 <= po.grpo_unanswerable <= 1.0,
              f"config.post.grpo_unanswerable ({po.grpo_unanswerable}) must be in [0, 1]")
+    mt = config.memory.get("tokens")  # memory tokens (mantis_jax/memory/tokens.py)
+    if mt is not None:
+        _positive(config, ("memory.tokens.n_tokens", "memory.tokens.n_experts", "memory.tokens.segments",
+                           "memory.tokens.bptt", "memory.tokens.distance", "memory.tokens.max_answer_tokens"))
+        _require(mt.segment_len > 2 * mt.n_tokens + mt.max_answer_tokens,
+                 f"config.memory.tokens.segment_len ({mt.segment_len}) must exceed 2 x n_tokens + max_answer_tokens "
+                 f"({2 * mt.n_tokens + mt.max_answer_tokens}): a segment holds N read, N write and text tokens")
+        _require(mt.segment_len <= config.model.max_seq_len,
+                 f"config.memory.tokens.segment_len ({mt.segment_len}) must be <= config.model.max_seq_len "
+                 f"({config.model.max_seq_len})")
+        _require(mt.segments >= 2, f"config.memory.tokens.segments ({mt.segments}) must be >= 2 (context segments, "
+                 "then the question segment)")
+        _require(min(mt.lb_loss_weight, mt.lm_loss_weight, mt.eval_every, mt.eval_questions) >= 0,
+                 "config.memory.tokens.lb_loss_weight, lm_loss_weight, eval_every and eval_questions must be >= 0")
     sizes = [config.mesh[a] for a in MESH_AXES]
     _require(all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1,
              f"config.mesh sizes {dict(zip(MESH_AXES, sizes))} must be positive, with at most one -1")

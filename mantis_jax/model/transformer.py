@@ -80,7 +80,7 @@ class MantisLM(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_bt, *, positions_bt=None, cache=None, kv_mask_bs=None, expert_bias_le=None,
-                 segment_ids_bt=None):
+                 segment_ids_bt=None, input_embeds_btd=None):
         a = self.args
         B, T = tokens_bt.shape
         cache_index = None if cache is None else cache["index"]
@@ -90,7 +90,10 @@ class MantisLM(nn.Module):
         # std init_std (not 1): with a tied head the logits' scale is rms(x)·std·sqrt(D), so they start near 0.
         embedding = logical_param(self, "embedding", nn.initializers.normal(a.init_std), (a.vocab_size, a.d_model),
                                   ("vocab", "embed"), a.weight_dtype)
-        x_btd = jnp.take(embedding, tokens_bt, axis=0).astype(a.compute_dtype)
+        if input_embeds_btd is None:
+            x_btd = jnp.take(embedding, tokens_bt, axis=0).astype(a.compute_dtype)
+        else:  # precomputed input embeddings (e.g. memory tokens' rows replaced by a memory state)
+            x_btd = input_embeds_btd.astype(a.compute_dtype)
         x_btd = constrain(x_btd, ("batch", "length", "embed"))
         layer_caches = None if cache is None else {n: c for n, c in cache.items() if n != "index"}
 
@@ -165,12 +168,14 @@ def _first_layers(args: ModelArgs, params: dict, k: int) -> dict:
 
 
 def forward(args: ModelArgs, params: dict, tokens_bt, *, exit_layer: int | None = None, cache=None,
-            positions_bt=None, kv_mask_bs=None, expert_bias_le=None, segment_ids_bt=None):
+            positions_bt=None, kv_mask_bs=None, expert_bias_le=None, segment_ids_bt=None, input_embeds_btd=None):
     """Apply MantisLM, optionally stopping after `exit_layer` layers (static; 1 <= exit_layer <= L).
 
     `params` is the unboxed "params" collection. With exit_layer = k < L only the first k layers run (their
     parameters, cache rows and expert-bias rows), then the final norm and head: the early-exit gate's forward.
     `segment_ids_bt` [B, T] (with per-example `positions_bt`) runs packed rows: attention never crosses examples.
+    `input_embeds_btd` [B, T, D] replaces the embedding lookup of `tokens_bt` (the head stays the embedding's):
+    how memory tokens (memory/tokens.py) enter a memory state at their positions (start from `embed(...)`).
     """
     if exit_layer is not None and exit_layer != args.n_layers:
         if not 1 <= exit_layer <= args.n_layers:
@@ -182,7 +187,8 @@ def forward(args: ModelArgs, params: dict, tokens_bt, *, exit_layer: int | None 
             expert_bias_le = expert_bias_le[:exit_layer]
         args = args.replace(n_layers=exit_layer)
     return MantisLM(args).apply({"params": params}, tokens_bt, positions_bt=positions_bt, cache=cache,
-                                kv_mask_bs=kv_mask_bs, expert_bias_le=expert_bias_le, segment_ids_bt=segment_ids_bt)
+                                kv_mask_bs=kv_mask_bs, expert_bias_le=expert_bias_le, segment_ids_bt=segment_ids_bt,
+                                input_embeds_btd=input_embeds_btd)
 
 
 def init_params(args: ModelArgs, rng: jax.Array, batch: int = 1, seq_len: int = 8) -> dict:

@@ -1,0 +1,193 @@
+"""Memory tokens (memory/tokens.py) and their trainer (memory/train_tokens.py) on a tiny model."""
+
+import math
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mantis_jax.cli import load_preset
+from mantis_jax.config import set_shape
+from mantis_jax.data.factworld import World
+from mantis_jax.data.tokenizer import Tokenizer
+from mantis_jax.memory import tokens as mt
+from mantis_jax.memory import train_tokens
+from mantis_jax.model.args import ModelArgs
+from mantis_jax.model.transformer import init_params
+from mantis_jax.train.checkpoint import params_equal
+
+V, D, N, E, T, B, S, PAD = 128, 32, 2, 2, 3, 3, 12, 0
+READ, WRITE = np.array([V - 4, V - 3]), np.array([V - 2, V - 1])
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def model():
+    args = ModelArgs(vocab_size=V, d_model=D, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=S,
+                     scan_layers=False, attn_block_q=0)
+    params = {"lm": init_params(args, jax.random.key(0)),
+              "memory": mt.init_memory_params(jax.random.key(1), D, N, E, 0.02)}
+    # Wider memory weights than the init's, so that what a write stores is visible in the read.
+    params["memory"]["init"] = params["memory"]["init"] * 20
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(5, V - 4, (T, B, S)).astype(np.int32)
+    tokens[:, :, :N], tokens[:, :, S - N:] = READ, WRITE
+    tokens[0, 1, N:S - N] = PAD  # document 1 starts with an empty segment (a short document, right-aligned)
+    tokens[1, 2, S - N - 3:S - N] = PAD  # document 2's middle segment is padded before its write tokens
+    valid = np.ones((T, B), np.float32)
+    valid[0, 1] = 0.0
+    targets = np.concatenate([tokens[:, :, 1:], np.full((T, B, 1), PAD, np.int32)], axis=2)
+    weights = (np.isin(targets, np.concatenate([READ, WRITE, [PAD]])) == 0).astype(np.float32)
+    batch = {"tokens": tokens, "targets": targets, "weights": weights, "valid": valid}
+    unroll = jax.jit(lambda p, b: mt.unroll(args, p, b, pad_id=PAD, bptt=2, keep_logits=True))
+    segment = jax.jit(lambda p, s, x, v: mt.segment_forward(args, p, s, x, v, PAD)[:2])
+    return {"args": args, "params": params, "batch": batch, "unroll": unroll, "segment": segment}
+
+
+def test_read_tokens_carry_the_memory_into_the_logits(model):
+    """The READ tokens' embeddings are the memory: another memory state gives other logits at every position."""
+    p, b = model["params"], model["batch"]
+    x = jnp.asarray(b["tokens"][0, :1])
+    state = mt.initial_state(p["memory"], 1)
+    other = dict(state, memory=state["memory"] + 1.0)
+    _, logits = model["segment"](p, state, x, jnp.ones((1,)))
+    _, logits_other = model["segment"](p, other, x, jnp.ones((1,)))
+    assert np.all(np.abs(np.asarray(logits) - np.asarray(logits_other)).max(-1) > 1e-4)
+
+
+def test_memory_carries_context_unless_the_gate_is_closed(model):
+    """Open gate: changing segment 0's text changes the question segment's logits (only through the memory, as
+    segments never attend to each other). Closed gate (g = 0): the memory never changes, the logits are equal."""
+    p, b = model["params"], model["batch"]
+    changed = dict(b, tokens=b["tokens"].copy())
+    changed["tokens"][0, 0, N:S - N] = (changed["tokens"][0, 0, N:S - N] + 7) % (V - 10) + 5
+    closed = {"lm": p["lm"], "memory": dict(p["memory"], b_gate=jnp.full((D,), -1e4))}
+    last = lambda params, batch: np.asarray(model["unroll"](params, batch)[1]["logits"][-1, 0])  # noqa: E731
+    assert np.abs(last(p, b) - last(p, changed)).max() > 1e-4
+    np.testing.assert_array_equal(last(closed, b), last(closed, changed))
+    state, _ = model["unroll"](closed, b)
+    np.testing.assert_array_equal(np.asarray(state["memory"]), np.asarray(mt.initial_state(p["memory"], B)["memory"]))
+
+
+def test_time_major_batches_equal_a_per_document_loop(model):
+    """Row t of the scan is segment t of every document: each document's logits and final memory equal a loop
+    over that document alone; an empty segment (valid 0) leaves its document's state as it was."""
+    p, b = model["params"], model["batch"]
+    state_b, outs = model["unroll"](p, b)
+    for d in range(B):
+        state = mt.initial_state(p["memory"], 1)
+        for t in range(T):
+            before = state
+            state, logits = model["segment"](p, state, jnp.asarray(b["tokens"][t, d:d + 1]),
+                                             jnp.asarray(b["valid"][t, d:d + 1]))
+            np.testing.assert_allclose(np.asarray(logits[0]), np.asarray(outs["logits"][t, d]), atol=2e-5)
+            if b["valid"][t, d] == 0:
+                np.testing.assert_array_equal(np.asarray(state["memory"]), np.asarray(before["memory"]))
+        np.testing.assert_allclose(np.asarray(state["memory"][0]), np.asarray(state_b["memory"][d]), atol=2e-5)
+        np.testing.assert_allclose(np.asarray(state["route"][0]), np.asarray(state_b["route"][d]), atol=2e-6)
+
+
+def test_time_major_layout_and_segment_document():
+    context, question, answer = np.arange(10, 23), np.array([50, 51]), np.array([60, 61])
+    doc = mt.segment_document(context, question, answer, segments=4, segment_len=9, read_ids=READ[:2],
+                              write_ids=WRITE[:2], pad_id=PAD, lm_weight=0.5)
+    # text_len 5: 13 context tokens -> 3 rows, right-aligned into rows 0..2; row 3 = question + answer
+    np.testing.assert_array_equal(doc["tokens"][1], [V - 4, V - 3, 15, 16, 17, 18, 19, V - 2, V - 1])
+    np.testing.assert_array_equal(doc["tokens"][3], [V - 4, V - 3, 50, 51, 60, 61, PAD, V - 2, V - 1])
+    np.testing.assert_array_equal(doc["weights"][3], [0, 0, 0, 1, 1, 0, 0, 0, 0])  # predicts 60 and 61
+    np.testing.assert_array_equal(doc["weights"][2], [0, 0, 0.5, 0.5, 0, 0, 0, 0, 0])  # 20 -> 21 -> 22
+    assert mt.segment_document(np.arange(30), question, answer, segments=4, segment_len=9, read_ids=READ[:2],
+                               write_ids=WRITE[:2], pad_id=PAD, lm_weight=0.5) is None  # needs 6 rows
+    docs = [{"tokens": np.full((T, S), k), "valid": np.full((T,), k)} for k in range(B)]
+    tm = mt.time_major(docs)
+    assert tm["tokens"].shape == (T, B, S) and all((tm["tokens"][t, k] == k).all() for t in range(T) for k in range(B))
+
+
+def test_gated_update_against_a_hand_computation():
+    sig = lambda z: 1.0 / (1.0 + math.exp(-z))  # noqa: E731
+    params = {"w_u": jnp.array([[2.0]]), "b_u": jnp.array([0.0]), "w_gate": jnp.array([[1.0], [2.0]]),
+              "b_gate": jnp.array([0.0])}
+    memory = jnp.array([[[[0.5]], [[-1.0]]]])  # [B=1, E=2, N=1, D=1]
+    h, probs = jnp.array([[[0.5]]]), jnp.array([[0.25, 0.75]])
+    out = np.asarray(mt.gated_update(params, memory, h, probs, jnp.ones((1,))))
+    u = math.tanh(1.0)  # tanh(2 * 0.5)
+    g0, g1 = sig(0.5 + 1.0), sig(-1.0 + 1.0)  # sigmoid(m W_m + h W_h) = sigmoid(m + 2h)
+    expect = [0.25 * g0 * u + (1 - 0.25 * g0) * 0.5, 0.75 * g1 * u + (1 - 0.75 * g1) * -1.0]
+    np.testing.assert_allclose(out.reshape(-1), expect, rtol=1e-6)
+    one = np.asarray(mt.gated_update(params, memory[:, :1], h, jnp.ones((1, 1)), jnp.ones((1,))))
+    np.testing.assert_allclose(one.reshape(-1), [g0 * u + (1 - g0) * 0.5], rtol=1e-6)  # E = 1: g*u + (1-g)*m
+    np.testing.assert_array_equal(np.asarray(mt.gated_update(params, memory, h, probs, jnp.zeros((1,)))), memory)
+
+
+def test_load_balance_loss_against_a_hand_computation():
+    probs = jnp.array([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.2, 0.8]])
+    # top experts 0, 0, 0, 1: f = (3/4, 1/4); mean probs P = (0.6, 0.4); 2 * (0.75 * 0.6 + 0.25 * 0.4) = 1.1
+    assert float(mt.load_balance_loss(probs)) == pytest.approx(1.1, rel=1e-6)
+    # rows 0 and 3 masked out: f = (1, 0), P = (0.65, 0.35) -> 2 * 0.65
+    assert float(mt.load_balance_loss(probs, jnp.array([0.0, 1, 1, 0]))) == pytest.approx(1.3, rel=1e-6)
+    np.testing.assert_allclose(np.asarray(mt.read(jnp.ones((1, 2, 1, 1)) * jnp.array([1.0, 3.0])[None, :, None, None],
+                                                  jnp.array([[0.25, 0.75]]))), [[[2.5]]])
+
+
+def test_truncated_backpropagation(model):
+    """bptt = 2: segment 2's loss sends no gradient to the initial memory (cut at t = 2); segments 0 and 1 do."""
+    p, b = model["params"], model["batch"]
+    b = dict(b, valid=np.ones((T, B), np.float32))
+    args = model["args"]
+    jac = jax.jit(jax.jacrev(lambda init: mt.unroll(args, {"lm": p["lm"], "memory": dict(p["memory"], init=init)}, b,
+                                                    pad_id=PAD, bptt=2)[1]["ce_sum"]))(p["memory"]["init"])
+    norms = np.abs(np.asarray(jac)).reshape(T, -1).sum(1)
+    assert norms[0] > 0 and norms[1] > 0 and norms[2] == 0
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer(tmp_path_factory):
+    tok = Tokenizer.train(World(0, 2000).tokenizer_sample(300), 512)
+    return tok.save(str(tmp_path_factory.mktemp("tok")))
+
+
+def test_memory_tokens_are_added_without_colliding_with_text(small_tokenizer):
+    base = Tokenizer.load(small_tokenizer)
+    tok, read_ids, write_ids = mt.add_memory_tokens(base, 4)
+    ids = np.concatenate([read_ids, write_ids])
+    assert len(set(ids.tolist())) == 8 and ids.min() >= base.vocab_size and tok.padded_vocab_size % 128 == 0
+    text = " ".join(World(0, 2000).iter_documents("train", 0, 20))
+    encoded = np.asarray(tok.encode(text))
+    assert not np.isin(encoded, ids).any() and encoded.tolist() == base.encode(text)
+    assert tok.decode(np.concatenate([read_ids, encoded[:5], write_ids])) == base.decode(encoded[:5])
+    again, r2, _ = mt.add_memory_tokens(tok, 4)  # a checkpoint's tokenizer already has them
+    assert again.fingerprint() == tok.fingerprint() and (r2 == read_ids).all()
+
+
+def _trainer_config(tokenizer_path):
+    c = load_preset(os.path.join(ROOT, "configs", "memory_tokens.py"))
+    c.data.tokenizer = tokenizer_path
+    set_shape(c, d_model=D, n_layers=1, n_experts=1, top_k=1)
+    c.model.n_heads, c.model.n_kv_heads, c.model.d_ff = 2, 1, 64
+    c.data.batch_size = 2
+    mtc = c.memory.tokens
+    mtc.n_tokens, mtc.segment_len, mtc.segments, mtc.distance, mtc.eval_questions = 2, 32, 6, 12, 0
+    c.train.total_steps, c.train.save_every, c.train.warmup_steps, c.train.log_every = 4, 2, 1, 2
+    c.checkpoint.max_to_keep = 2
+    c.logging.progress = False
+    return c
+
+
+def test_trainer_resumes_exactly(small_tokenizer, tmp_path):
+    """4 steps straight equal 2 steps, a restart from that orbax checkpoint, and 2 more (params bitwise)."""
+    config = _trainer_config(small_tokenizer)
+    straight = train_tokens.train(config, str(tmp_path / "a"))
+    assert straight["step"] == 4 and math.isfinite(straight["train"]["loss"])
+    os.makedirs(tmp_path / "b" / "checkpoints")
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "2", tmp_path / "b" / "checkpoints" / "2")
+    resumed = train_tokens.train(config, str(tmp_path / "b"))
+    assert resumed["resumed_from"] == 2 and resumed["step"] == 4
+    assert params_equal(straight["state"].params, resumed["state"].params)
+    records = [line for line in open(tmp_path / "a" / "metrics.jsonl") if '"split": "train"' in line]
+    assert len(records) >= 2 and os.listdir(tmp_path / "a" / "tensorboard")
+    config.memory.tokens.n_experts = 3
+    with pytest.raises(ValueError, match="memory.tokens.n_experts"):
+        train_tokens.train(config, str(tmp_path / "b"))
