@@ -346,6 +346,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _one_of(config, "train.optimizer", ("adamw", "adamw_bf16", "adafactor"))
     for key in ("train.max_minutes", "train.min_delta", "train.peak_flops", "train.patience"):
         _require(_get(config, key) >= 0, f"config.{key} ({_get(config, key)}) must be >= 0")
+    _validate_trainer(config)
     _require(moe.lb_loss_weight >= 0 and moe.z_loss_weight >= 0,
              "config.moe.lb_loss_weight and config.moe.z_loss_weight must be >= 0")
     for key in ("memory.episodic.d_model", "memory.semantic.dim", "controller.d_model", "critic.d_model"):
@@ -404,43 +405,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         for t in targets:
             _require(t is None or t in MESH_AXES,
                      f"config.mesh.rules maps {name!r} to unknown mesh axis {t!r}; use one of {MESH_AXES}")
-    _validate_trainer(config)
     return config
-
-
-def resolve_dtype(name: str) -> str:
-    """A compute dtype name, with "auto" made concrete by the platform: bfloat16 on GPU/TPU, float32 on CPU.
-
-    Called when the model is built (after `jax.distributed.initialize`), never by `validate`: asking JAX for its
-    backend initialises it."""
-    if name != "auto":
-        return name
-    import jax  # noqa: PLC0415 (config stays free of JAX at import time)
-
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
-
-
-def seq_len_schedule(config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
-    """`train.seq_len_schedule` as [(first step, row length), ...] ([(0, data.seq_len)] when empty)."""
-    text = config.train.seq_len_schedule.strip()
-    if not text:
-        return [(0, config.data.seq_len)]
-    try:
-        stages = [(int(step), int(length)) for step, length in (part.split(":") for part in text.split(","))]
-    except ValueError:  # not two integers per stage
-        raise ConfigError(f"config.train.seq_len_schedule ({text!r}) must read 'step:len,step:len,...', e.g. "
-                          f"'0:64,1000:{config.data.seq_len}'") from None
-    return stages
-
-
-def _validate_trainer(config: ml_collections.ConfigDict) -> None:
-    stages, full = seq_len_schedule(config), config.data.seq_len
-    key = f"config.train.seq_len_schedule ({config.train.seq_len_schedule!r})"
-    _require(stages[0][0] == 0, f"{key} must start at step 0, e.g. '0:64,...'")
-    _require(all(a[0] < b[0] for a, b in zip(stages, stages[1:])), f"{key}: its steps must increase")
-    for _, length in stages:
-        _require(0 < length <= full and full % length == 0,
-                 f"{key}: each length must divide config.data.seq_len ({full}); {length} does not")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:
@@ -478,3 +443,38 @@ def set_shape(config: ml_collections.ConfigDict, *, d_model: int, n_layers: int,
     config.moe.n_experts = n_experts
     config.moe.top_k = top_k
     config.controller.n_experts = n_experts
+
+
+def resolve_dtype(name: str) -> str:
+    """A compute dtype name, with "auto" made concrete by the platform: bfloat16 on GPU/TPU, float32 on CPU.
+
+    Called when the model is built (after `jax.distributed.initialize`), never by `validate`: asking JAX for its
+    backend initialises it."""
+    if name != "auto":
+        return name
+    import jax  # noqa: PLC0415 (config stays free of JAX at import time)
+
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def seq_len_schedule(config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
+    """`train.seq_len_schedule` as [(first step, row length), ...] ([(0, data.seq_len)] when empty)."""
+    text = config.train.seq_len_schedule.strip()
+    if not text:
+        return [(0, config.data.seq_len)]
+    try:
+        stages = [(int(step), int(length)) for step, length in (part.split(":") for part in text.split(","))]
+    except ValueError:  # not two integers per stage
+        raise ConfigError(f"config.train.seq_len_schedule ({text!r}) must read 'step:len,step:len,...', e.g. "
+                          f"'0:64,1000:{config.data.seq_len}'") from None
+    return stages
+
+
+def _validate_trainer(config: ml_collections.ConfigDict) -> None:
+    stages, full = seq_len_schedule(config), config.data.seq_len
+    key = f"config.train.seq_len_schedule ({config.train.seq_len_schedule!r})"
+    _require(stages[0][0] == 0, f"{key} must start at step 0, e.g. '0:64,...'")
+    _require(all(a[0] < b[0] for a, b in zip(stages, stages[1:])), f"{key}: its steps must increase")
+    for _, length in stages:
+        _require(0 < length <= full and full % length == 0,
+                 f"{key}: each length must divide config.data.seq_len ({full}); {length} does not")

@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import ml_collections
 from jax import lax
 
-from mantis_jax.config import resolve_dtype
 from mantis_jax.model.layers import RMSNorm, constrain, logical_param
 
 SCAN_IMPLS = ("sequential", "associative", "chunked")
@@ -223,6 +222,8 @@ class SSMArgs:
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "SSMArgs":
+        from mantis_jax.config import resolve_dtype  # noqa: PLC0415 ("auto": the platform's compute dtype)
+
         ep, m = config.memory.episodic, config.model
         return cls(d_model=ep.d_model, d_state=ep.d_state, d_conv=ep.d_conv, expand=ep.expand,
                    n_layers=ep.n_layers, dt_rank=ep.dt_rank, dt_min=ep.dt_min, dt_max=ep.dt_max,
