@@ -272,6 +272,41 @@ def _one_of(config: ml_collections.ConfigDict, key: str, choices: tuple[str, ...
     _require(value in choices, f"config.{key} ({value!r}) must be one of {', '.join(choices)}")
 
 
+def resolve_dtype(name: str) -> str:
+    """A compute dtype name, with "auto" made concrete by the platform: bfloat16 on GPU/TPU, float32 on CPU.
+
+    Called when the model is built (after `jax.distributed.initialize`), never by `validate`: asking JAX for its
+    backend initialises it."""
+    if name != "auto":
+        return name
+    import jax  # noqa: PLC0415 (config stays free of JAX at import time)
+
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def seq_len_schedule(config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
+    """`train.seq_len_schedule` as [(first step, row length), ...] ([(0, data.seq_len)] when empty)."""
+    text = config.train.seq_len_schedule.strip()
+    if not text:
+        return [(0, config.data.seq_len)]
+    try:
+        stages = [(int(step), int(length)) for step, length in (part.split(":") for part in text.split(","))]
+    except ValueError:  # not two integers per stage
+        raise ConfigError(f"config.train.seq_len_schedule ({text!r}) must read 'step:len,step:len,...', e.g. "
+                          f"'0:64,1000:{config.data.seq_len}'") from None
+    return stages
+
+
+def _validate_trainer(config: ml_collections.ConfigDict) -> None:
+    stages, full = seq_len_schedule(config), config.data.seq_len
+    key = f"config.train.seq_len_schedule ({config.train.seq_len_schedule!r})"
+    _require(stages[0][0] == 0, f"{key} must start at step 0, e.g. '0:64,...'")
+    _require(all(a[0] < b[0] for a, b in zip(stages, stages[1:])), f"{key}: its steps must increase")
+    for _, length in stages:
+        _require(0 < length <= full and full % length == 0,
+                 f"{key}: each length must divide config.data.seq_len ({full}); {length} does not")
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks every invariant; raises one ConfigError naming the key and the fix. Returns the config."""
     m, moe = config.model, config.moe
@@ -443,38 +478,3 @@ def set_shape(config: ml_collections.ConfigDict, *, d_model: int, n_layers: int,
     config.moe.n_experts = n_experts
     config.moe.top_k = top_k
     config.controller.n_experts = n_experts
-
-
-def resolve_dtype(name: str) -> str:
-    """A compute dtype name, with "auto" made concrete by the platform: bfloat16 on GPU/TPU, float32 on CPU.
-
-    Called when the model is built (after `jax.distributed.initialize`), never by `validate`: asking JAX for its
-    backend initialises it."""
-    if name != "auto":
-        return name
-    import jax  # noqa: PLC0415 (config stays free of JAX at import time)
-
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
-
-
-def seq_len_schedule(config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
-    """`train.seq_len_schedule` as [(first step, row length), ...] ([(0, data.seq_len)] when empty)."""
-    text = config.train.seq_len_schedule.strip()
-    if not text:
-        return [(0, config.data.seq_len)]
-    try:
-        stages = [(int(step), int(length)) for step, length in (part.split(":") for part in text.split(","))]
-    except ValueError:  # not two integers per stage
-        raise ConfigError(f"config.train.seq_len_schedule ({text!r}) must read 'step:len,step:len,...', e.g. "
-                          f"'0:64,1000:{config.data.seq_len}'") from None
-    return stages
-
-
-def _validate_trainer(config: ml_collections.ConfigDict) -> None:
-    stages, full = seq_len_schedule(config), config.data.seq_len
-    key = f"config.train.seq_len_schedule ({config.train.seq_len_schedule!r})"
-    _require(stages[0][0] == 0, f"{key} must start at step 0, e.g. '0:64,...'")
-    _require(all(a[0] < b[0] for a, b in zip(stages, stages[1:])), f"{key}: its steps must increase")
-    for _, length in stages:
-        _require(0 < length <= full and full % length == 0,
-                 f"{key}: each length must divide config.data.seq_len ({full}); {length} does not")
