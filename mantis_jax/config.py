@@ -389,6 +389,41 @@ def _one_of(config: ml_collections.ConfigDict, key: str, choices: tuple[str, ...
     _require(value in choices, f"config.{key} ({value!r}) must be one of {', '.join(choices)}")
 
 
+def resolve_dtype(name: str) -> str:
+    """A compute dtype name, with "auto" made concrete by the platform: bfloat16 on GPU/TPU, float32 on CPU.
+
+    Called when the model is built (after `jax.distributed.initialize`), never by `validate`: asking JAX for its
+    backend initialises it."""
+    if name != "auto":
+        return name
+    import jax  # noqa: PLC0415 (config stays free of JAX at import time)
+
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def seq_len_schedule(config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
+    """`train.seq_len_schedule` as [(first step, row length), ...] ([(0, data.seq_len)] when empty)."""
+    text = config.train.seq_len_schedule.strip()
+    if not text:
+        return [(0, config.data.seq_len)]
+    try:
+        stages = [(int(step), int(length)) for step, length in (part.split(":") for part in text.split(","))]
+    except ValueError:  # not two integers per stage
+        raise ConfigError(f"config.train.seq_len_schedule ({text!r}) must read 'step:len,step:len,...', e.g. "
+                          f"'0:64,1000:{config.data.seq_len}'") from None
+    return stages
+
+
+def _validate_trainer(config: ml_collections.ConfigDict) -> None:
+    stages, full = seq_len_schedule(config), config.data.seq_len
+    key = f"config.train.seq_len_schedule ({config.train.seq_len_schedule!r})"
+    _require(stages[0][0] == 0, f"{key} must start at step 0, e.g. '0:64,...'")
+    _require(all(a[0] < b[0] for a, b in zip(stages, stages[1:])), f"{key}: its steps must increase")
+    for _, length in stages:
+        _require(0 < length <= full and full % length == 0,
+                 f"{key}: each length must divide config.data.seq_len ({full}); {length} does not")
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks every invariant; raises one ConfigError naming the key and the fix. Returns the config."""
     m, moe = config.model, config.moe
@@ -480,6 +515,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _one_of(config, "train.optimizer", ("adamw", "adamw_bf16", "adafactor"))
     for key in ("train.max_minutes", "train.min_delta", "train.peak_flops", "train.patience"):
         _require(_get(config, key) >= 0, f"config.{key} ({_get(config, key)}) must be >= 0")
+    _validate_trainer(config)
     _require(moe.lb_loss_weight >= 0 and moe.z_loss_weight >= 0,
              "config.moe.lb_loss_weight and config.moe.z_loss_weight must be >= 0")
     for key in ("memory.episodic.d_model", "memory.semantic.dim"):
@@ -581,7 +617,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         for t in targets:
             _require(t is None or t in MESH_AXES,
                      f"config.mesh.rules maps {name!r} to unknown mesh axis {t!r}; use one of {MESH_AXES}")
-    _validate_trainer(config)
     _validate_eval(config)
     return config
 
@@ -625,41 +660,6 @@ def _validate_control(config: ml_collections.ConfigDict) -> None:
              f"config.critic.abstain_threshold ({cr.abstain_threshold}) is a probability and must be in [0, 1]")
     _require(cr.examples >= 16, f"config.critic.examples ({cr.examples}) must be >= 16")
     _require(cr.weight_decay >= 0, f"config.critic.weight_decay ({cr.weight_decay}) must be >= 0")
-
-
-def resolve_dtype(name: str) -> str:
-    """A compute dtype name, with "auto" made concrete by the platform: bfloat16 on GPU/TPU, float32 on CPU.
-
-    Called when the model is built (after `jax.distributed.initialize`), never by `validate`: asking JAX for its
-    backend initialises it."""
-    if name != "auto":
-        return name
-    import jax  # noqa: PLC0415 (config stays free of JAX at import time)
-
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
-
-
-def seq_len_schedule(config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
-    """`train.seq_len_schedule` as [(first step, row length), ...] ([(0, data.seq_len)] when empty)."""
-    text = config.train.seq_len_schedule.strip()
-    if not text:
-        return [(0, config.data.seq_len)]
-    try:
-        stages = [(int(step), int(length)) for step, length in (part.split(":") for part in text.split(","))]
-    except ValueError:  # not two integers per stage
-        raise ConfigError(f"config.train.seq_len_schedule ({text!r}) must read 'step:len,step:len,...', e.g. "
-                          f"'0:64,1000:{config.data.seq_len}'") from None
-    return stages
-
-
-def _validate_trainer(config: ml_collections.ConfigDict) -> None:
-    stages, full = seq_len_schedule(config), config.data.seq_len
-    key = f"config.train.seq_len_schedule ({config.train.seq_len_schedule!r})"
-    _require(stages[0][0] == 0, f"{key} must start at step 0, e.g. '0:64,...'")
-    _require(all(a[0] < b[0] for a, b in zip(stages, stages[1:])), f"{key}: its steps must increase")
-    for _, length in stages:
-        _require(0 < length <= full and full % length == 0,
-                 f"{key}: each length must divide config.data.seq_len ({full}); {length} does not")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

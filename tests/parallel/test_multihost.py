@@ -1,5 +1,6 @@
-"""Multi-process training through the commands users run: `launch/local.sh 2 --config=configs/micro.py ...` starts
-2 × `python -m mantis_jax.train` (1 fake CPU device each, gloo collectives) on a tiny shape of the micro preset.
+"""Multi-process training through the commands users run: `launch/local.sh 2 --config=<preset> ...` starts 2 ×
+`python -m mantis_jax.train` (1 fake CPU device each, gloo collectives); the preset is configs/micro.py at a tiny
+shape.
 
 One module fixture makes three launches: A runs 10 steps uninterrupted (the reference, with the peak-FLOP/s probe;
 the two processes' shares of the validation data have 3 and 2 batches, which used to hang the first evaluation);
@@ -25,15 +26,22 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOTAL, EVERY = 10, 5  # steps; save and eval cadence
 WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "blue", "green", "the", "a", "of", "runs", "sees"]
-# The micro preset at a tiny shape (d_model and the fields that must equal it), on a small text corpus.
-TINY = ["--config=configs/micro.py", "--config.model.d_model=32", "--config.memory.episodic.d_model=32",
-        "--config.memory.semantic.dim=32", "--config.controller.d_model=32", "--config.critic.d_model=32",
-        "--config.model.n_layers=2", "--config.controller.n_layers=2", "--config.model.n_heads=2",
-        "--config.model.n_kv_heads=1", "--config.model.d_ff=64", "--config.data.source=text",
-        "--config.data.val_split=0.1", "--config.data.seq_len=32", "--config.data.batch_size=4",
-        f"--config.train.total_steps={TOTAL}", f"--config.train.save_every={EVERY}",
-        f"--config.train.eval_every={EVERY}", "--config.train.log_every=1", "--config.train.warmup_steps=2",
-        "--config.logging.progress=False", "--config.logging.tensorboard=False"]
+# The micro preset at a tiny shape (set_shape keeps every field tied to the shape in step), on a small text corpus.
+PRESET = """from mantis_jax import cli
+from mantis_jax.config import set_shape
+
+
+def get_config():
+    c = cli.load_preset({micro!r})
+    set_shape(c, d_model=32, n_layers=2, n_experts=1, top_k=1)
+    c.model.n_heads, c.model.n_kv_heads, c.model.d_ff = 2, 1, 64
+    return c
+"""
+OVERRIDES = ["--config.data.source=text", "--config.data.val_split=0.1", "--config.data.seq_len=32",
+             "--config.data.batch_size=4", f"--config.train.total_steps={TOTAL}",
+             f"--config.train.save_every={EVERY}", f"--config.train.eval_every={EVERY}", "--config.train.log_every=1",
+             "--config.train.warmup_steps=2", "--config.logging.progress=False",
+             "--config.logging.tensorboard=False"]
 NO_PROBE = ["--config.train.peak_flops=1e10"]  # B and C skip the peak-FLOP/s probe that A runs
 
 
@@ -45,8 +53,9 @@ def _corpus(root):
     from mantis_jax.data.tokenizer import Tokenizer
 
     Tokenizer.train(open(root / "train.txt").read().split("\n\n"), 300).save(str(root / "tokenizer.json"))
-    return [f"--config.data.path={root / 'train.txt'}", f"--config.data.tokenizer={root / 'tokenizer.json'}",
-            f"--config.data.cache_dir={root / 'cache'}"]
+    (root / "tiny_micro.py").write_text(PRESET.format(micro=os.path.join(ROOT, "configs", "micro.py")))
+    return [f"--config={root / 'tiny_micro.py'}", *OVERRIDES, f"--config.data.path={root / 'train.txt'}",
+            f"--config.data.tokenizer={root / 'tokenizer.json'}", f"--config.data.cache_dir={root / 'cache'}"]
 
 
 def _launch(args, log_path):
@@ -106,9 +115,9 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("multihost")
     data = _corpus(root)
     a, b = root / "a", root / "b"
-    rc_a, out_a = _finish(_launch([*TINY, *data, f"--workdir={a}"], root / "a.log"), root / "a.log", a)
+    rc_a, out_a = _finish(_launch([*data, f"--workdir={a}"], root / "a.log"), root / "a.log", a)
     assert rc_a == 0, f"launch/local.sh 2 failed:\n{out_a[-4000:]}"
-    proc = _launch([*TINY, *NO_PROBE, *data, f"--workdir={b}"], root / "b.log")
+    proc = _launch([*data, *NO_PROBE, f"--workdir={b}"], root / "b.log")
     _wait_for(b / "metrics.jsonl", '"split": "setup"', proc)  # set up: the first step is compiling
     proc.send_signal(signal.SIGTERM)
     live_after_kill = None
@@ -118,7 +127,7 @@ def runs(tmp_path_factory):
     finally:
         rc_b, out_b = _finish(proc, root / "b.log", b)
     shutil.copytree(b, root / "b_stopped")
-    rc_c, out_c = _finish(_launch([*TINY, *NO_PROBE, *data, f"--workdir={b}"], root / "c.log"), root / "c.log", b)
+    rc_c, out_c = _finish(_launch([*data, *NO_PROBE, f"--workdir={b}"], root / "c.log"), root / "c.log", b)
     assert rc_c == 0, f"the resume failed:\n{out_c[-4000:]}"
     return {"root": root, "data": data, "a": a, "b": b, "out_a": out_a, "rc_b": rc_b, "out_b": out_b,
             "live_after_kill": live_after_kill, "out_c": out_c}
@@ -197,7 +206,7 @@ def test_two_process_checkpoint_resumes_in_one_process_on_another_mesh(runs, tmp
 
     stopped_dir = runs["root"] / "b_stopped"
     (u,) = ck.list_steps(str(stopped_dir))
-    config = _config([*TINY, *NO_PROBE, *runs["data"], "--config.mesh.data=1", "--config.mesh.fsdp=2",
+    config = _config([*runs["data"], *NO_PROBE, "--config.mesh.data=1", "--config.mesh.fsdp=2",
                       "--config.mesh.rules_preset=fsdp", f"--config.train.total_steps={u + 1}"])
     summary = train(config, str(tmp_path), resume=str(stopped_dir), devices=jax.devices()[:2])
     assert summary["resumed_from"] == u and summary["step"] == u + 1
