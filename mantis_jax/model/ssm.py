@@ -224,7 +224,6 @@ class SSMArgs:
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "SSMArgs":
-
         ep, m = config.memory.episodic, config.model
         return cls(d_model=ep.d_model, d_state=ep.d_state, d_conv=ep.d_conv, expand=ep.expand,
                    n_layers=ep.n_layers, dt_rank=ep.dt_rank, dt_min=ep.dt_min, dt_max=ep.dt_max,
