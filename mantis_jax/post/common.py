@@ -29,7 +29,7 @@ import optax
 
 from mantis_jax import config as config_lib
 from mantis_jax.data import factworld, pipeline
-from mantis_jax.infer import qa
+from mantis_jax.eval import qa
 from mantis_jax.data.tokenizer import Tokenizer
 from mantis_jax.model.args import ModelArgs
 from mantis_jax.model.transformer import abstract_params

@@ -12,7 +12,8 @@ import pytest
 from mantis_jax.config import default_config, set_shape, validate
 from mantis_jax.data import factworld as fw
 from mantis_jax.data import tokenizer as tk
-from mantis_jax.train.checkpoint import Checkpointer, abstract_train_state
+from mantis_jax.train.checkpoint import Checkpointer
+from mantis_jax.train.state import abstract_train_state
 
 
 def tiny_config(tokenizer):

@@ -16,7 +16,8 @@ from mantis_jax.cli import load_preset
 from mantis_jax.model.args import ModelArgs
 from mantis_jax.model.transformer import forward, init_params
 from mantis_jax.post import common, dpo, grpo, lora, sft
-from mantis_jax.train.checkpoint import Checkpointer, abstract_train_state, load_for_inference
+from mantis_jax.train.checkpoint import Checkpointer, load_for_inference
+from mantis_jax.train.state import abstract_train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = {"model.d_model": 32, "memory.episodic.d_model": 32, "memory.semantic.dim": 32, "controller.d_model": 32,
