@@ -45,12 +45,11 @@ def test_outputs_and_gradients_equal_single_device(layer, shape):
         return jnp.sum(_reference(x, ids, weights, w) * cot)
 
     def loss_ep(x, weights, w):
-        y, _ = ep_moe_ffn(x, ids, weights, *w)
-        return jnp.sum(y * cot)
+        y, info = ep_moe_ffn(x, ids, weights, *w)
+        return jnp.sum(y * cot), (y, info)
 
-    with jax.set_mesh(_mesh(shape)):
-        y, info = jax.jit(lambda *a: ep_moe_ffn(*a))(x, ids, weights, *w)
-        g_ep = jax.jit(jax.grad(loss_ep, argnums=(0, 1, 2)))(x, weights, w)
+    with jax.set_mesh(_mesh(shape)):  # one compile gives outputs and gradients
+        (_, (y, info)), g_ep = jax.jit(jax.value_and_grad(loss_ep, argnums=(0, 1, 2), has_aux=True))(x, weights, w)
     np.testing.assert_allclose(y, _reference(x, ids, weights, w), atol=1e-5, rtol=1e-5)
     assert float(info.dropped_frac) == 0.0
     g_ref = jax.grad(loss_ref, argnums=(0, 1, 2))(x, weights, w)
@@ -152,7 +151,8 @@ def test_mesh_errors_and_detection(layer):
 
 def test_model_with_expert_parallel_equals_single_device():
     """The whole model (moe.expert_parallel=True, fsdp_ep rules, data=2 x expert=4): loss and gradients equal the
-    single-device model's; the config key reaches MoEFeedForward through ModelArgs."""
+    single-device model's; the config key reaches MoEFeedForward through ModelArgs. Capacity factor E/K makes the
+    buffers hold every token (nothing drops) in one compiled size; the dropless ladder is tested above."""
     from mantis_jax.config import default_config, set_shape
     from mantis_jax.model.args import ModelArgs
     from mantis_jax.model.transformer import init_params
@@ -162,7 +162,7 @@ def test_model_with_expert_parallel_equals_single_device():
     c = default_config()
     set_shape(c, d_model=32, n_layers=2, n_experts=8, top_k=2)
     c.model.vocab_size, c.model.n_heads, c.model.n_kv_heads, c.model.d_ff = 128, 4, 2, 32
-    c.moe.impl, c.moe.expert_parallel = "dense", True
+    c.moe.impl, c.moe.capacity_factor, c.moe.expert_parallel = "capacity", 4.0, True
     c.mesh.rules_preset, c.mesh.data, c.mesh.expert = "fsdp_ep", 2, 4
     args = ModelArgs.from_config(c)
     assert args.expert_parallel

@@ -14,7 +14,7 @@ from mantis_jax.parallel import rules
 from mantis_jax.train import state as st
 from mantis_jax.train.step import make_train_step
 
-STEPS = 3
+STEPS = 2
 
 # preset -> (mesh sizes, expected spec of the expert weight w_gate [L, E, D, F], of wq [L, D, H, Dh])
 CASES = {
@@ -58,7 +58,7 @@ def reference():
                for t in tokens[:1].repeat(STEPS, 0)]  # one batch again and again: its loss must fall
     step = jax.jit(make_train_step(args, tx, st.lr_schedule(config)))
     final, losses = _train(step, state, batches)
-    assert losses[-1] < losses[0] - 0.05, losses
+    assert losses[-1] < losses[0] - 0.05, losses  # the update lowered the loss
     return state, batches, losses, jax.tree.map(np.asarray, final.params)
 
 
