@@ -147,7 +147,7 @@ def gsm8k_prompt(rec: dict, shots: Sequence[dict] = ()) -> str:
 def score_gsm8k(lm, records: Sequence[dict], shots: Sequence[dict] = (), *, max_new_tokens: int = 256,
                 verifier=None) -> dict:
     """Exact match of the extracted number; confidence is the completion's probability under the LM, or the
-    verifier's P(supported) (below its threshold the answer is an abstention)."""
+    verifier's P(supported) (below its threshold the answer is an abstention, as is a completion with no number)."""
     prompts = [gsm8k_prompt(r, shots) for r in records]
     completions = [cut_at_stop(c, GSM8K_STOP) for c in lm.generate(prompts, max_new_tokens=max_new_tokens,
                                                                       stop=GSM8K_STOP)]

@@ -53,19 +53,14 @@ def parse_tasks(text: str) -> list[str]:
 
 def apply_overrides(config, overrides: list[str]):
     """The stored config completed with today's defaults, then `--config.x.y=v` overrides, then validated."""
-    import ml_collections  # noqa: PLC0415
     from ml_collections import config_flags  # noqa: PLC0415
 
     from mantis_jax import cli  # noqa: PLC0415
-    from mantis_jax.config import ConfigError, default_config, validate  # noqa: PLC0415
+    from mantis_jax.config import ConfigError, validate  # noqa: PLC0415
+    from mantis_jax.memory.train import complete_config  # noqa: PLC0415
 
-    def merge(base: dict, stored: dict) -> dict:
-        for k, v in stored.items():
-            base[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-        return base
-
-    full = ml_collections.ConfigDict(merge(default_config().to_dict(), config.to_dict()))
-    known = cli._all_keys(full)
+    full = complete_config(config)
+    known = cli._all_keys(full)  # noqa: SLF001 (the same key list the training CLI checks overrides against)
     for arg in overrides:
         key = arg[len("--config."):].split("=", 1)[0]
         if key not in known:
@@ -109,7 +104,7 @@ def _json_safe(x):
 
 def evaluate(checkpoint: str, task_names: list[str], *, data_dir: str | None, overrides: list[str],
              step: int | None = None, quantize_mode: str = "none", parts: dict | None = None,
-             out: TextIO = sys.stdout) -> dict:
+             command: str = "", out: TextIO = sys.stdout) -> dict:
     from mantis_jax.eval import engine_parts, evidence, tasks  # noqa: PLC0415
     from mantis_jax.eval.lm import ModelLM  # noqa: PLC0415
     from mantis_jax.infer import quantize  # noqa: PLC0415
@@ -132,7 +127,7 @@ def evaluate(checkpoint: str, task_names: list[str], *, data_dir: str | None, ov
         results[name] = tasks.TASKS[name](ctx)
         results[name]["seconds"] = time.monotonic() - t0
     return {"checkpoint": os.path.abspath(checkpoint), "date": datetime.date.today().isoformat(),
-            "command": " ".join(["python -m mantis_jax.eval", *sys.argv[1:]]), "quantize": quantize_mode,
+            "command": command, "quantize": quantize_mode,
             "notes": ctx.notes, "config": config.to_dict(), "tasks": results}
 
 
@@ -161,7 +156,8 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> None:
             raise ValueError(f"--data_dir {FLAGS.data_dir!r} is not a directory")
         parts = {"stage2": FLAGS.stage2, "critic": FLAGS.critic, "controller": FLAGS.controller}
         report = evaluate(FLAGS.checkpoint, names, data_dir=FLAGS.data_dir, overrides=overrides, step=FLAGS.step,
-                          quantize_mode=FLAGS.quantize, parts=parts, out=out)
+                          quantize_mode=FLAGS.quantize, parts=parts,
+                          command=" ".join(["python -m mantis_jax.eval", *argv[1:]]), out=out)
     except (flags.Error, ValueError, FileNotFoundError, ConfigError, CheckpointError, formats.DataFormatError) as e:
         fail(e)
     for note in report["notes"]:

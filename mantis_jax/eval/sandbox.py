@@ -23,6 +23,7 @@ import time
 from typing import Sequence
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_child.py")
+STARTUP_S = 2.0  # wall time allowed for the interpreter to start, on top of the timeout (busy machines are slow)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +73,7 @@ def run_program(source: str, limits: Limits = Limits()) -> Verdict:
             proc = subprocess.Popen([sys.executable, "-I", CHILD, work, spec, "program.py"], cwd=work, env=env,
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)
             try:
-                rc = proc.wait(timeout=limits.timeout_s + 1.0)  # + start-up of the interpreter
+                rc = proc.wait(timeout=limits.timeout_s + STARTUP_S)
             except subprocess.TimeoutExpired:
                 rc = None
             finally:

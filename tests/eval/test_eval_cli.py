@@ -131,6 +131,7 @@ def test_cli_report_table_and_plots(tiny_run, model, full_logp, tmp_path, capsys
     assert "mmlu" in text and "attention_only/far/em" in text
     report = json.load(open(out))
     assert report["config"]["data"]["factworld_seed"] == 5 and report["notes"]
+    assert report["command"].startswith("python -m mantis_jax.eval --checkpoint=") and "--plots=" in report["command"]
     mmlu = report["tasks"]["mmlu"]
     lm = ModelLM(*model[:2], tokenizer)
     for s in mmlu["samples"]:  # the report's log-likelihoods are the full forward's
