@@ -52,10 +52,12 @@ def confidence(logits_bv: jax.Array, kind: str) -> jax.Array:
     logits_bv = logits_bv.astype(jnp.float32)
     if kind == "softmax":
         return 1.0 / jnp.sum(jnp.exp(logits_bv - jnp.max(logits_bv, axis=-1, keepdims=True)), axis=-1)
-    if kind == "margin":
-        top_b2 = jax.lax.top_k(logits_bv, 2)[0]
-        p1_b = 1.0 / jnp.sum(jnp.exp(logits_bv - top_b2[:, :1]), axis=-1)
-        return p1_b * (1.0 - jnp.exp(top_b2[:, 1] - top_b2[:, 0]))
+    if kind == "margin":  # two max passes: lax.top_k sorts the row on CPU
+        top1_b1 = jnp.max(logits_bv, axis=-1, keepdims=True)
+        first_bv = jnp.arange(logits_bv.shape[-1]) == jnp.argmax(logits_bv, axis=-1)[:, None]
+        top2_b = jnp.max(jnp.where(first_bv, -jnp.inf, logits_bv), axis=-1)
+        p1_b = 1.0 / jnp.sum(jnp.exp(logits_bv - top1_b1), axis=-1)
+        return p1_b * (1.0 - jnp.exp(top2_b - top1_b1[:, 0]))
     raise ValueError(f"early-exit confidence {kind!r} must be one of {', '.join(CONFIDENCES)}")
 
 
