@@ -134,6 +134,16 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *, devices=None) ->
                mesh_lib.batch_sharding(mesh, rules), mesh_lib.replicated(mesh))
 
 
+def check_rows(run: Run, rows: int, what: str) -> None:
+    """Batches are split over the mesh's batch axes: `rows` must divide evenly (else one error naming `what`)."""
+    spec = run.batch_sharding.spec[0]
+    axes = [a for a in (spec if isinstance(spec, tuple) else (spec,)) if a]
+    shards = math.prod(run.mesh.shape[a] for a in axes)
+    if rows % shards:
+        raise config_lib.ConfigError(f"{what} ({rows} rows) must be divisible by the {shards} batch shards of the "
+                                     f"mesh {dict(run.mesh.shape)}; change it or --config.mesh.data")
+
+
 def _init_boxed(args: ModelArgs, rng):
     from mantis_jax.model.transformer import MantisLM  # noqa: PLC0415
 
