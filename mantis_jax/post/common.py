@@ -111,9 +111,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *, devices=None) ->
             if key.startswith(BASE_DATA_KEYS):
                 config.data[key] = base_config.data[key]
     else:
-        tokenizer = pipeline.build_tokenizer(config)
-        config.model.vocab_size = tokenizer.padded_vocab_size
-        params = None
+        tokenizer, params = pipeline.build_tokenizer(config), None
     config.model.vocab_size = tokenizer.padded_vocab_size
     config_lib.validate(config)
     args = ModelArgs.from_config(config)
