@@ -99,6 +99,7 @@ def run(config, workdir: str, *, devices=None) -> dict:
     r = common.prepare(config, workdir, devices=devices)
     c = r.config
     beta, mode = float(c.post.dpo_beta), c.post.dpo_reference
+    common.check_rows(r, c.data.batch_size, "config.data.batch_size")
     train_ex = data.load_examples(c, "preference", "train", c.post.examples)
     eval_ex = data.load_examples(c, "preference", "test", c.post.eval_examples)
     start_params = jax.device_put(r.base, jax.devices()[0])

@@ -36,6 +36,7 @@ def evaluate_loss(run: common.Run, params, examples) -> float:
 def run(config, workdir: str, *, devices=None) -> dict:
     r = common.prepare(config, workdir, devices=devices)
     c = r.config
+    common.check_rows(r, c.data.batch_size, "config.data.batch_size")
     train_ex = data.load_examples(c, "sft", "train", c.post.examples)
     eval_ex = data.load_examples(c, "sft", "test", c.post.eval_examples)
     iterator = iter(data.sft_dataset(train_ex, r.tokenizer, seq_len=c.data.seq_len, batch_size=c.data.batch_size,
