@@ -184,7 +184,11 @@ def compiled(args: ModelArgs, config_json: str, pad_id: int) -> dict:
             state, tokens, start = None, batch["inputs"], batch["answer_start"]
         return mt.greedy_answer(args, params, state, tokens, start, c.max_answer_tokens, pad_id)
 
-    return {"init": jax.jit(init), "train_step": jax.jit(train_step, donate_argnums=0), "answer": jax.jit(answer)}
+    # One device, explicitly: a fresh state and a restored (committed) one then hit the same compiled step.
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return {"init": jax.jit(init, out_shardings=dev),
+            "train_step": jax.jit(train_step, in_shardings=(dev, dev), out_shardings=(dev, dev), donate_argnums=0),
+            "answer": jax.jit(answer, in_shardings=(dev, dev), out_shardings=dev)}
 
 
 def _resume_differences(saved: ml_collections.ConfigDict, current: ml_collections.ConfigDict) -> list[str]:
