@@ -191,16 +191,22 @@ def compiled(args: ModelArgs, config_json: str, pad_id: int) -> dict:
             "answer": jax.jit(answer, in_shardings=(dev, dev), out_shardings=dev)}
 
 
-def _resume_differences(saved: ml_collections.ConfigDict, current: ml_collections.ConfigDict) -> list[str]:
-    def get(c, key):
-        node = c
-        for part in key.split("."):
-            node = node.get(part) if node is not None else None
-        return node
+def _get(config: ml_collections.ConfigDict | None, key: str) -> Any:
+    for part in key.split("."):
+        config = config.get(part) if config is not None else None
+    return config
 
-    diffs = config_differences(saved, current)
-    return diffs + [f"config.{k}: checkpoint {get(saved, k)!r}, this run {get(current, k)!r}" for k in RESUME_KEYS
-                    if get(saved, k) != get(current, k)]
+
+def _resume_differences(saved: ml_collections.ConfigDict, current: ml_collections.ConfigDict) -> list[str]:
+    """The state- and data-shaping fields that differ, as "config.k: checkpoint a, this run b"."""
+    defaults, out = config_lib.default_config(), []
+    for diff in config_differences(saved, current):
+        key = diff.split(":", 1)[0].removeprefix("config.")
+        if _get(saved, key) is None and _get(current, key) == _get(defaults, key):
+            continue  # a key added after the checkpoint was saved, at its default value
+        out.append(diff)
+    return out + [f"config.{k}: checkpoint {_get(saved, k)!r}, this run {_get(current, k)!r}" for k in RESUME_KEYS
+                  if _get(saved, k) != _get(current, k)]
 
 
 def evaluate(fns: dict, params: Any, data: FarQuestions, n: int, batch_size: int, tokenizer: Tokenizer) -> dict:
