@@ -85,6 +85,7 @@ def main() -> None:
     ap.add_argument("--min_layers", default="", help="comma list of first exit layers (default: "
                     "config.model.min_exit_layer)")
     ap.add_argument("--thresholds", default="0.9,0.8,0.6,0.4")
+    ap.add_argument("--skip_em", action="store_true", help="only the batch-1 speed (no QA)")
     a = ap.parse_args()
     n, repeats = a.n or (48 if a.quick else 150), a.repeats or (3 if a.quick else 5)
     config, tokenizer, params = load_for_inference(a.checkpoint)
@@ -100,7 +101,8 @@ def main() -> None:
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
     records = list(factworld.world_from_config(config).qa_records("test", "near", n))
-    em = near_em(config, tokenizer, params, records, variants)
+    em = ({v: (float("nan"), float("nan")) for v in variants} if a.skip_em
+          else near_em(config, tokenizer, params, records, variants))
     doc = factworld.world_from_config(config).document("test", 0).text
     prompt_ids = tokenizer.encode(doc, add_bos=True)[:64]
     tps = speed(args, params, prompt_ids, variants, a.new, repeats)

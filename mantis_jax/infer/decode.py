@@ -2,17 +2,24 @@
 
 Data in: left-padded prompt ids [B, T] with their mask [B, T] (True on real tokens), a donated KV cache from
 `new_cache` with at least T + N slots, a PRNG key, a boolean stop set [V] (eos, and e.g. newline tokens for QA)
-and the sampling knobs. Data out: `Generation(tokens [B, N], lengths [B], cache)`: each row's new tokens, pad
-after the row stopped, and how many it produced (the stop token included).
+and the sampling knobs. Data out: `Generation(tokens [B, N], lengths [B], cache, layers [B, N])`: each row's new
+tokens, pad after the row stopped, how many it produced (the stop token included) and the layers run per token.
+
+Three entry points, one loop: `generate` (prefill + decode in one call: one dispatch, the fastest), and for a
+caller that reuses a prompt (the engine: retrieved facts + question prefilled once) `prefill` -> `Prefilled`
+(the cache, key mask, positions and last logits) and `decode(state, ...)`, which continues from it without
+consuming it. `exit=EarlyExit(...)` (static) with a traced `exit_threshold` decodes with early exit
+(infer/early_exit.py).
 
 Left padding: a row's real tokens get positions 0..len-1 (`positions_bt`) and its pad slots are masked out of
 attention (`kv_mask_bs`), so a batched row yields the same tokens as the prompt alone. N (max_new_tokens), the
-model args and the shapes are static; the sampling knobs, the stop set and a dynamic step limit are traced, so
-one compilation serves every request of a shape. `TRACES` counts traces per function (tests assert 1).
+model args and the shapes are static; the sampling knobs, the stop set, the exit threshold and a dynamic step
+limit are traced, so one compilation serves every request of a shape. `TRACES` counts traces per function.
 
 `generate_recompute` is the baseline without a cache: every step re-runs the full forward over the [B, T + N]
 token buffer (same jitted while-loop style); greedy decoding by both gives the same tokens.
-Params may be float or int8-quantized (`infer.quantize`): weights are dequantized inside each layer's step.
+Params may be float or int8-quantized (`infer.quantize`): int8 weights are dequantized once per call, before the
+loop (the call then holds a float copy as temporaries; a step does no work that does not change per step).
 """
 
 from __future__ import annotations

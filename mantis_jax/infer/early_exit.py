@@ -5,10 +5,11 @@ each layer l >= `min_layer` (1-based, l < L) the shared exit head (final norm + 
 reads the hidden state and gives a confidence per row (`confidence`); a row whose confidence reaches the
 threshold exits: its logits are that head's, its hidden state is frozen. Each later layer still writes that row's
 keys/values for the position, computed from the frozen (exited) hidden state, so later tokens attend to every
-layer as usual (CALM's state propagation). Compute is really skipped: each layer and each exit head sits in a
-`lax.cond` on "any row still running", so at batch 1 an exited token runs only the key/value projections of the
-skipped layers (`apply_block(kv_only=True)`: norm, two [D, G·Dh] matmuls, no attention, no feed-forward, and no
-final head). With several rows the step runs a layer while any row needs it (the exited rows ignore its output).
+layer as usual (CALM's state propagation). Compute is really skipped: after each exit check a `lax.cond` on "any
+row still running" either continues or only fills the remaining layers, so at batch 1 an exited token runs only
+the key/value projections of the skipped layers (`apply_block(kv_only=True)`: norm, two [D, G·Dh] matmuls, no
+attention, no feed-forward, no final head). With several rows the step runs a layer while any row needs it (the
+exited rows ignore its output).
 
 Confidence (`EarlyExit.confidence`): "softmax" = the top-1 probability; "margin" = top-1 minus top-2 probability.
 A threshold >= 1 never exits, so the step equals the full-depth step; 0 exits every token at `min_layer`.
@@ -19,6 +20,7 @@ The exit head is trained by `model.exit_loss_weight` (model/early_exit.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -50,50 +52,59 @@ def confidence(logits_bv: jax.Array, kind: str) -> jax.Array:
     logits_bv = logits_bv.astype(jnp.float32)
     if kind == "softmax":
         return 1.0 / jnp.sum(jnp.exp(logits_bv - jnp.max(logits_bv, axis=-1, keepdims=True)), axis=-1)
-    if kind == "margin":
-        top_b2 = jax.lax.top_k(logits_bv, 2)[0]
-        p1_b = 1.0 / jnp.sum(jnp.exp(logits_bv - top_b2[:, :1]), axis=-1)
-        return p1_b * (1.0 - jnp.exp(top_b2[:, 1] - top_b2[:, 0]))
+    if kind == "margin":  # two max passes: lax.top_k sorts the row on CPU
+        top1_b1 = jnp.max(logits_bv, axis=-1, keepdims=True)
+        first_bv = jnp.arange(logits_bv.shape[-1]) == jnp.argmax(logits_bv, axis=-1)[:, None]
+        top2_b = jnp.max(jnp.where(first_bv, -jnp.inf, logits_bv), axis=-1)
+        p1_b = 1.0 / jnp.sum(jnp.exp(logits_bv - top1_b1), axis=-1)
+        return p1_b * (1.0 - jnp.exp(top2_b - top1_b1[:, 0]))
     raise ValueError(f"early-exit confidence {kind!r} must be one of {', '.join(CONFIDENCES)}")
 
 
 def step(args: ModelArgs, params, tok_b, positions_b1, cache: dict, kv_mask_bs, threshold, exit: EarlyExit):
-    """One decode step with early exit: (logits [B, V], layers run [B] int32, new cache). `params` float."""
+    """One decode step with early exit: (logits [B, V], layers run [B] int32, new cache). `params` float.
+
+    Traced as a chain of nested conditionals: layers before `min_layer` run unconditionally; after each exit
+    check, `lax.cond(any row still running, next layer ..., fill the remaining layers' K/V)`. A token that exits
+    at layer l therefore executes l - min_layer + 1 conditionals and nothing of the layers after l but their
+    key/value projections (a flat chain of one cond per layer and per head costs more than it saves on a small
+    model: docs/perf/early_exit.md).
+    """
     exit.check(args.n_layers)
     L, B = args.n_layers, tok_b.shape[0]
     index = cache["index"]
     threshold = jnp.asarray(threshold, jnp.float32)
-    x_b1d = embed(args, params, tok_b[:, None])
-    live_b = jnp.ones((B,), bool)
-    layers_b = jnp.zeros((B,), jnp.int32)
-    logits_bv = jnp.zeros((B, args.vocab_size), jnp.float32)
-    new_layers = []
-    for i in range(L):
-        p_i = layer_params(args, params, i)
-        slot = {n: c[i] for n, c in cache.items() if n != "index"}
+    slots = [{n: c[i] for n, c in cache.items() if n != "index"} for i in range(L)]
 
-        def run(x, slot, live_b, p_i=p_i):
-            y, slot = apply_block(args, p_i, x, positions_b1, slot, index, kv_mask_bs)
-            return jnp.where(live_b[:, None, None], y, x), slot
+    def block(i, x, **kw):
+        return apply_block(args, layer_params(args, params, i), x, positions_b1, slots[i], index, kv_mask_bs, **kw)
 
-        def fill(x, slot, live_b, p_i=p_i):
-            return apply_block(args, p_i, x, positions_b1, slot, index, kv_mask_bs, kv_only=True)
+    def fill_from(i, x, live_b, logits_bv, layers_b):
+        """Every row has exited: layers i.. only write their keys/values for the exited states."""
+        return logits_bv, layers_b, [block(j, x, kv_only=True)[1] for j in range(i, L)]
 
-        x_b1d, slot = jax.lax.cond(jnp.any(live_b), run, fill, x_b1d, slot, live_b)
-        new_layers.append(slot)
+    def run_from(i, x, live_b, logits_bv, layers_b):
+        """Layers i.. for a batch in which some row still runs (exited rows keep their state, write K/V)."""
+        if i == L:
+            final_bv = logits_from_hidden(args, params, x)[:, 0]
+            return jnp.where(live_b[:, None], final_bv, logits_bv), layers_b, []
+        y, slot = block(i, x)
+        x = jnp.where(live_b[:, None, None], y, x)
         layers_b = layers_b + live_b.astype(jnp.int32)
-        if exit.min_layer <= i + 1 < L:
-            def head(x, live_b, logits_bv):
-                lg_bv = logits_from_hidden(args, params, x)[:, 0]
-                out_b = live_b & (confidence(lg_bv, exit.confidence) >= threshold) & (threshold < 1.0)
-                return live_b & ~out_b, jnp.where(out_b[:, None], lg_bv, logits_bv)
+        if not exit.min_layer <= i + 1 < L:
+            logits_bv, layers_b, rest = run_from(i + 1, x, live_b, logits_bv, layers_b)
+            return logits_bv, layers_b, [slot] + rest
+        head_bv = logits_from_hidden(args, params, x)[:, 0]
+        out_b = live_b & (confidence(head_bv, exit.confidence) >= threshold) & (threshold < 1.0)
+        live_b, logits_bv = live_b & ~out_b, jnp.where(out_b[:, None], head_bv, logits_bv)
+        logits_bv, layers_b, rest = jax.lax.cond(
+            jnp.any(live_b), functools.partial(run_from, i + 1), functools.partial(fill_from, i + 1),
+            x, live_b, logits_bv, layers_b)
+        return logits_bv, layers_b, [slot] + rest
 
-            live_b, logits_bv = jax.lax.cond(jnp.any(live_b), head, lambda x, lv, lg: (lv, lg), x_b1d, live_b,
-                                             logits_bv)
-
-    def final(x, live_b, logits_bv):
-        return jnp.where(live_b[:, None], logits_from_hidden(args, params, x)[:, 0], logits_bv)
-
-    logits_bv = jax.lax.cond(jnp.any(live_b), final, lambda x, lv, lg: lg, x_b1d, live_b, logits_bv)
-    new_cache = {n: jnp.stack([s[n] for s in new_layers]) for n in new_layers[0]}
+    x_b1d = embed(args, params, tok_b[:, None])
+    logits_bv, layers_b, new_slots = run_from(0, x_b1d, jnp.ones((B,), bool),
+                                              jnp.zeros((B, args.vocab_size), jnp.float32),
+                                              jnp.zeros((B,), jnp.int32))
+    new_cache = {n: jnp.stack([s[n] for s in new_slots]) for n in new_slots[0]}
     return logits_bv, layers_b, dict(new_cache, index=index + 1)

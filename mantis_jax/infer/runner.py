@@ -51,7 +51,8 @@ class Stats:
 
     def line(self) -> str:
         return (f"{self.prompts} prompts, {self.new_tokens} new tokens in {self.latency_s:.3f} s: "
-                f"{self.tokens_per_s:.1f} tokens/s, time to first token {self.ttft_s * 1e3:.1f} ms"
+                f"{self.tokens_per_s:.1f} tokens/s, time to first token {self.ttft_s * 1e3:.1f} ms, "
+                f"{self.mean_layers():.2f} layers/token"
                 + (f" (compile {self.compile_s:.1f} s)" if self.compile_s else ""))
 
 
@@ -62,11 +63,13 @@ def newline_ids(tokenizer) -> list[int]:
 
 class Generator:
     def __init__(self, args: ModelArgs, params, tokenizer, *, batch_size: int = 8, bucket: int = 32,
-                 extra_stop_ids: Sequence[int] = ()):
+                 extra_stop_ids: Sequence[int] = (), exit: EarlyExit | None = None):
+        """`exit`: the early-exit settings used whenever a call's `exit_threshold` is below 1."""
         if batch_size < 1:
             raise ValueError(f"batch_size ({batch_size}) must be >= 1")
         self.args, self.params, self.tokenizer = args, params, tokenizer
         self.batch_size, self.bucket = batch_size, bucket
+        self.exit = exit
         self.stop_v = jnp.asarray(decode.stop_mask(args.vocab_size, [tokenizer.eos_id, *extra_stop_ids]))
         self._caches: dict[tuple[int, int], dict] = {}
         self._warm: set[tuple[int, int]] = set()
@@ -98,6 +101,7 @@ class Generator:
         Prompts longer than max_seq_len - max_new_tokens are an error, or keep their last tokens with truncate.
         """
         check_params(temperature, top_k, top_p)
+        exit = exit or (self.exit if exit_threshold < 1.0 else None)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens ({max_new_tokens}) must be >= 1")
         room = self.args.max_seq_len - max_new_tokens

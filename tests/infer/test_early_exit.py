@@ -3,6 +3,7 @@ the l-layer model's tokens and fills the skipped layers' cache from the exited s
 prefill once and continue equals the one-call loop; the confidence measures against numpy."""
 
 import functools
+import itertools
 
 import flax.linen as nn
 import jax
@@ -49,9 +50,11 @@ def full(model, prompts):
     return run(*model, prompts)
 
 
-@pytest.mark.parametrize("exit", [EarlyExit(1, "margin"), EarlyExit(2, "softmax")])
-def test_threshold_one_is_full_depth_token_for_token(model, prompts, full, exit):
-    out = run(*model, prompts, 1.0, exit)
+EXIT = EarlyExit(1, "margin")  # one compilation for every test below (the threshold is traced)
+
+
+def test_threshold_one_is_full_depth_token_for_token(model, prompts, full):
+    out = run(*model, prompts, 1.0, EXIT)
     np.testing.assert_array_equal(out.tokens_bn, full.tokens_bn)
     np.testing.assert_array_equal(out.layers_bn, np.full((len(prompts), N), L))
     np.testing.assert_array_equal(full.layers_bn, np.full((len(prompts), N), L))
@@ -64,32 +67,33 @@ def _truncated(args, params, buf_1s, layers):
     return logits[0], aux["hidden"][0]
 
 
-def test_forced_exit_runs_l_layers_and_fills_the_skipped_layers(model, prompts):
+def test_forced_exit_runs_l_layers_and_fills_the_skipped_layers(model, prompts, full):
     args, params = model
-    layer = 2
-    out = run(args, params, prompts, 0.0, EarlyExit(layer, "softmax"))  # the threshold-1 test's compilation
+    layer = EXIT.min_layer
+    out = run(args, params, prompts, 0.0, EXIT)  # margin >= 0 always: every token exits at min_layer
     prompt = prompts[1]  # 12 tokens: the unpadded row
     toks = np.asarray(out.tokens_bn[1]).tolist()
     np.testing.assert_array_equal(out.layers_bn, [[L] + [layer] * (N - 1)] * len(prompts))  # token 0: prefill
-    # Layers <= l never read deeper layers, so exiting every token at l is greedy decoding of the l-layer model.
-    seq = list(prompt)
-    for _ in range(N):
+    # Layers <= l never read deeper layers, so exiting every token at l is greedy decoding of the l-layer model
+    # (after token 0, which the full-depth prefill gives).
+    seq = list(prompt) + [int(full.tokens_bn[1, 0])]
+    for _ in range(N - 1):
         buf = np.zeros((1, args.max_seq_len), np.int32)
         buf[0, :len(seq)] = seq
         seq.append(int(jnp.argmax(_truncated(args, params, jnp.asarray(buf), layer)[0][len(seq) - 1])))
     assert toks == seq[len(prompt):]
-    # Each generated token's keys in the skipped layer l+1 come from its exited state h_l: rope(norm(h_l)·W_k).
+    # Each generated token's keys in the skipped layers come from its exited state h_l: rope(norm(h_l)·W_k).
     hidden = np.asarray(_truncated(args, params, jnp.asarray(buf), layer)[1])  # [S, D]: h_l at every position
     T = len(prompt)
-    p = params[f"layer_{layer}"]
-    for s in range(T, T + N - 1):  # slots written by the steps (the last token is never fed back)
+    for j, s in itertools.product(range(layer, L), range(T, T + N - 1)):  # slots the steps wrote
+        p = params[f"layer_{j}"]
         h = hidden[s].astype(np.float64)
         normed = h / np.sqrt(np.mean(h * h) + args.norm_eps) * np.asarray(p["attn_norm"]["scale"])
         k = np.einsum("d,dgk->gk", normed, np.asarray(p["attn"]["wk"]))
         k = np.asarray(apply_rope(jnp.asarray(k[None, None], jnp.float32), jnp.asarray([[s]]), args.rope_theta))
-        np.testing.assert_allclose(np.asarray(out.cache["k"][layer, 1, s]), k[0, 0], atol=2e-4)
+        np.testing.assert_allclose(np.asarray(out.cache["k"][j, 1, s]), k[0, 0], atol=2e-4)
         v = np.einsum("d,dgk->gk", normed, np.asarray(p["attn"]["wv"]))
-        np.testing.assert_allclose(np.asarray(out.cache["v"][layer, 1, s]), v, atol=2e-4)
+        np.testing.assert_allclose(np.asarray(out.cache["v"][j, 1, s]), v, atol=2e-4)
 
 
 def test_prefill_once_then_continue_equals_one_call(model, prompts, full):
@@ -99,7 +103,7 @@ def test_prefill_once_then_continue_equals_one_call(model, prompts, full):
     stop = jnp.zeros((args.vocab_size,), bool)
     for limit in (3, N):  # the state is not consumed: continue from it twice
         out = decode.decode(args, params, state, jax.random.key(0), stop, 0.0, 0, 1.0, PAD, limit, 1.0,
-                            max_new_tokens=N, exit=EarlyExit(2, "softmax"))
+                            max_new_tokens=N, exit=EXIT)
         np.testing.assert_array_equal(out.tokens_bn[:, :limit], full.tokens_bn[:, :limit])
         np.testing.assert_array_equal(out.lengths_b, [limit] * len(prompts))
     np.testing.assert_array_equal(out.layers_bn, full.layers_bn)
@@ -107,7 +111,7 @@ def test_prefill_once_then_continue_equals_one_call(model, prompts, full):
 
 def test_mid_threshold_exits_some_tokens_early(model, prompts):
     args, params = model
-    out = run(args, params, prompts, 0.4, EarlyExit(1, "margin"))  # the threshold-1 test's compilation
+    out = run(args, params, prompts, 0.4, EXIT)
     layers = np.asarray(out.layers_bn)[:, 1:]
     assert layers.min() >= 1 and layers.max() <= L and layers.min() < L
     assert (np.asarray(out.lengths_b) == N).all()
