@@ -100,6 +100,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *, devices=None) ->
     """Validates the config, loads (or initialises) the base model and builds the mesh and optimizer."""
     config = ml_collections.ConfigDict(config.to_dict())
     config_lib.validate(config)
+    spec = lora_lib.LoraSpec.from_config(config)  # bad target names fail before any work
     os.makedirs(workdir, exist_ok=True)
     if config.post.base:
         base_config, tokenizer, params = load_base(config.post.base)
@@ -110,9 +111,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *, devices=None) ->
             if key.startswith(BASE_DATA_KEYS):
                 config.data[key] = base_config.data[key]
     else:
-        tokenizer = pipeline.build_tokenizer(config)
-        config.model.vocab_size = tokenizer.padded_vocab_size
-        params = None
+        tokenizer, params = pipeline.build_tokenizer(config), None
     config.model.vocab_size = tokenizer.padded_vocab_size
     config_lib.validate(config)
     args = ModelArgs.from_config(config)
@@ -126,9 +125,21 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *, devices=None) ->
         params = jax.device_put(params, param_sh)
     with open(os.path.join(workdir, "tokenizer.json"), "w", encoding="utf-8") as f:
         f.write(tokenizer.to_json())
-    return Run(config, workdir, tokenizer, args, mesh, rules, lora_lib.LoraSpec.from_config(config),
+    if spec is not None:
+        lora_lib.targeted(params, spec)  # raises when the targets match no weight of this model
+    return Run(config, workdir, tokenizer, args, mesh, rules, spec,
                state_lib.make_optimizer(config), state_lib.lr_schedule(config), params, param_sh,
                mesh_lib.batch_sharding(mesh, rules), mesh_lib.replicated(mesh))
+
+
+def check_rows(run: Run, rows: int, what: str) -> None:
+    """Batches are split over the mesh's batch axes: `rows` must divide evenly (else one error naming `what`)."""
+    spec = run.batch_sharding.spec[0]
+    axes = [a for a in (spec if isinstance(spec, tuple) else (spec,)) if a]
+    shards = math.prod(run.mesh.shape[a] for a in axes)
+    if rows % shards:
+        raise config_lib.ConfigError(f"{what} ({rows} rows) must be divisible by the {shards} batch shards of the "
+                                     f"mesh {dict(run.mesh.shape)}; change it or --config.mesh.data")
 
 
 def _init_boxed(args: ModelArgs, rng):

@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse  # noqa: PLC0415
 
     p = argparse.ArgumentParser(prog="python -m mantis_jax.post.data",
-                                description="Write factworld post-training examples (sft | preference | grpo) as JSONL.")
+                                description="Write factworld post-training examples as JSONL.")
     p.add_argument("--kind", required=True, choices=KINDS)
     p.add_argument("--out", required=True, help="output .jsonl path")
     p.add_argument("--split", default="train", choices=factworld.SPLITS)

@@ -91,13 +91,15 @@ def preference_accuracy(r: common.Run, params, examples, ref: tuple[np.ndarray, 
     """Held-out: share of pairs whose implicit reward margin is > 0, and whose log π(chosen) > log π(rejected)."""
     chosen, rejected = reference_logprobs(r, params, examples)
     margin = (chosen - ref[0]) - (rejected - ref[1])
-    return {"preference_accuracy": float(np.mean(margin > 0)), "policy_prefers_chosen": float(np.mean(chosen > rejected))}
+    return {"preference_accuracy": float(np.mean(margin > 0)),
+            "policy_prefers_chosen": float(np.mean(chosen > rejected))}
 
 
 def run(config, workdir: str, *, devices=None) -> dict:
     r = common.prepare(config, workdir, devices=devices)
     c = r.config
     beta, mode = float(c.post.dpo_beta), c.post.dpo_reference
+    common.check_rows(r, c.data.batch_size, "config.data.batch_size")
     train_ex = data.load_examples(c, "preference", "train", c.post.examples)
     eval_ex = data.load_examples(c, "preference", "test", c.post.eval_examples)
     start_params = jax.device_put(r.base, jax.devices()[0])

@@ -50,6 +50,7 @@ def run(config, workdir: str, *, devices=None) -> dict:
     if room < 8:
         raise common.PostError(f"data.seq_len ({T}) leaves {room} prompt tokens after post.grpo_max_new_tokens "
                                f"({po.grpo_max_new_tokens}); raise --config.data.seq_len")
+    common.check_rows(r, P * G, "config.post.grpo_prompts × config.post.grpo_group")
     prompts = data.load_examples(c, "grpo", "train", po.examples)
     prompt_ids = [data.encode_chat(r.tokenizer, p["messages"])[0][-room:] for p in prompts]
     iterator = iter(grain.MapDataset.range(len(prompts)).shuffle(seed=c.data.shuffle_seed).repeat(None)

@@ -3,7 +3,7 @@
     token_logprobs   log p(target_t | inputs_<=t) [B, T] from one forward pass (packed rows: segment ids and
                      per-example positions), plus the model's aux dict
     sft_loss         mean negative log-likelihood over response tokens (loss_mask), + the MoE aux loss
-    dpo_loss         -log σ(β·[(log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l))]), mean over pairs
+    dpo_loss         -log σ(β·[(log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l))]), pair mean
     group_advantages (r − mean_group(r)) / (std_group(r) + eps): GRPO's baseline, per group of G samples
     grpo_loss        per token −min(ρ·A, clip(ρ, 1−ε, 1+ε)·A) + kl·k3(π_ref ‖ π), ρ = π / π_old,
                      k3 = exp(q) − q − 1 with q = log π_ref − log π; mean over a sample's completion tokens,

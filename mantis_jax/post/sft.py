@@ -6,8 +6,8 @@ the chat template, packed first-fit into rows of `data.seq_len` with segment ids
 model attends within an example only; RoPE positions restart at each example) and trained with the loss on
 assistant tokens only. Full fine-tuning, or LoRA with `post.lora_rank` > 0. At the end: the held-out (test-split
 entities) response loss, the packing efficiency of the training rows (real tokens / window tokens), factworld QA
-exact match on test questions (answerable, and "unknown" on unanswerable ones) and, for LoRA, the trainable
-fraction and optimizer memory against full fine-tuning. They go to `<workdir>/results.json` under "sft".
+exact match on test questions (answerable, and "unknown" on unanswerable ones; also before: `before_*`) and the
+trainable fraction and optimizer memory against full fine-tuning. They go to `<workdir>/results.json` under "sft".
 """
 
 from __future__ import annotations
@@ -36,10 +36,12 @@ def evaluate_loss(run: common.Run, params, examples) -> float:
 def run(config, workdir: str, *, devices=None) -> dict:
     r = common.prepare(config, workdir, devices=devices)
     c = r.config
+    common.check_rows(r, c.data.batch_size, "config.data.batch_size")
     train_ex = data.load_examples(c, "sft", "train", c.post.examples)
     eval_ex = data.load_examples(c, "sft", "test", c.post.eval_examples)
     iterator = iter(data.sft_dataset(train_ex, r.tokenizer, seq_len=c.data.seq_len, batch_size=c.data.batch_size,
                                      seed=c.data.shuffle_seed))
+    before = common.qa_metrics(r, jax.device_put(r.base, jax.devices()[0]), c.post.eval_examples, prefix="before_")
     ckpt = Checkpointer(workdir, max_to_keep=c.checkpoint.max_to_keep, keep_best=False,
                         async_save=c.checkpoint.async_save)
     writer = common.writer_for(r)
@@ -57,8 +59,10 @@ def run(config, workdir: str, *, devices=None) -> dict:
         state, last = common.train_loop(r, ckpt, writer, step_fn, state, frozen, lambda _: next(iterator), start,
                                         total, iterator, jax.random.key(c.seed), on_batch=on_batch)
         params = common.policy_params(r, state, frozen)
-        results = {"steps": int(state.step), "train_loss": last.get("ce"), "val_loss": evaluate_loss(r, params, eval_ex),
+        results = {"steps": int(state.step), "train_loss": last.get("ce"),
+                   "val_loss": evaluate_loss(r, params, eval_ex),
                    "packing_efficiency": counts[0] / max(counts[1], 1), "examples": len(train_ex)}
+        results.update(before)
         results.update(common.qa_metrics(r, params, c.post.eval_examples))
         results.update(common.trainable_report(r, state))
         writer.write(int(state.step), results, prefix="sft")

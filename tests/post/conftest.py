@@ -2,11 +2,13 @@
 
 import os
 
+import jax
 import pytest
 
 from mantis_jax.data import factworld
 from mantis_jax.data.tokenizer import Tokenizer
 from mantis_jax.model.args import ModelArgs
+from mantis_jax.model.transformer import init_params
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +26,13 @@ def tiny_args(**changes) -> ModelArgs:
                 scan_layers=False, attn_block_q=0)
     base.update(changes)
     return ModelArgs(**base)
+
+
+# One tiny model for every model-level test: the layer scan, blocked attention, the key/value convolution and an
+# MoE feed-forward (the paths that segment ids and adapters touch); initialised once per session.
+ARGS = tiny_args(scan_layers=True, attn_block_q=4, kv_conv=3, n_experts=2, top_k=1, moe_impl="dense")
+
+
+@pytest.fixture(scope="session")
+def params():
+    return init_params(ARGS, jax.random.key(0))

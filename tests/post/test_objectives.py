@@ -7,9 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mantis_jax.model.transformer import init_params
 from mantis_jax.post import dpo, grpo, losses
-from tests.post.conftest import tiny_args
 
 
 def test_dpo_loss_matches_a_hand_computation():
@@ -23,41 +21,36 @@ def test_dpo_loss_matches_a_hand_computation():
 
 
 def test_dpo_gradient_when_the_policy_equals_the_reference():
-    """At policy == reference: loss log 2 on any pairs; no gradient reaches the reference; the policy's gradient
-    is the closed form -beta/2 · mean(∇log π(chosen) - ∇log π(rejected)), hence zero when the two responses are
-    the same tokens."""
-    args = tiny_args(n_layers=1)
-    params = init_params(args, jax.random.key(0))
-    rng = np.random.default_rng(0)
-    T = 10
-    batch = {}
-    for side in dpo.SIDES:
-        row = rng.integers(1, args.vocab_size, (2, T + 1)).astype(np.int32)
-        batch[f"{side}_inputs"], batch[f"{side}_targets"] = row[:, :-1], row[:, 1:]
-        batch[f"{side}_mask"] = (np.arange(T) >= 6).astype(np.float32)[None].repeat(2, 0)
-    beta = 0.1
+    """At policy == reference every margin is 0: the loss is log 2, the reference gets no gradient (it is frozen),
+    and d loss / d log π = ∓beta·σ(0)/B = ∓beta/(2B): equal and opposite on chosen and rejected, so the
+    gradient through the model is zero when the two responses are the same tokens."""
+    logp_c, logp_r = jnp.array([-3.0, -7.0, -1.5]), jnp.array([-2.0, -9.0, -4.0])
+    beta, B = 0.1, 3
 
-    def loss(policy, reference, b):
-        pc, pr, _ = dpo.pair_logprobs(args, policy, b)
-        rc, rr, _ = dpo.pair_logprobs(args, reference, b)
+    def loss(pc, pr, rc, rr):
         return losses.dpo_loss(pc, pr, rc, rr, beta)[0]
 
-    grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-    value, (g_policy, g_ref) = grads(params, params, batch)
+    value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(logp_c, logp_r, logp_c, logp_r)
     assert float(value) == pytest.approx(math.log(2.0), rel=1e-6)
-    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(g_ref))
+    np.testing.assert_allclose(grads[0], -beta / (2 * B), rtol=1e-6)
+    np.testing.assert_allclose(grads[1], beta / (2 * B), rtol=1e-6)
+    np.testing.assert_array_equal(grads[2], 0.0)
+    np.testing.assert_array_equal(grads[3], 0.0)
+    # the same response on both sides: the two log-probabilities are one function of the policy, so
+    # d loss / d policy = (d/d pc + d/d pr) · d log π / d policy = 0
+    same = jax.grad(lambda x: loss(x, x, logp_c, logp_c))(logp_c)
+    np.testing.assert_allclose(same, 0.0, atol=1e-9)
 
-    def side_logp(p, b):
-        pc, pr, _ = dpo.pair_logprobs(args, p, b)
-        return jnp.mean(pc - pr)
 
-    closed = jax.tree.map(lambda g: -beta / 2 * g, jax.jit(jax.grad(side_logp))(params, batch))
-    for a, b in zip(jax.tree.leaves(g_policy), jax.tree.leaves(closed)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7)
-    same = dict(batch, **{f"rejected_{k}": batch[f"chosen_{k}"] for k in ("inputs", "targets", "mask")})
-    _, (g_same, _) = grads(params, params, same)
-    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_same)) < 1e-7  # zero up to summation order
-    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_policy)) > 1e-4
+def test_dpo_rows_score_the_response_only(tokenizer):
+    """Pair rows: the masked targets are exactly the response tokens."""
+    example = {"messages": [{"role": "system", "content": "Tavo lives in Brisk."},
+                            {"role": "user", "content": "Where does Tavo live?"}],
+               "chosen": "Brisk", "rejected": "Corvel"}
+    rows = dpo.PairToRows(tokenizer, 48)(0, example)
+    for side in dpo.SIDES:
+        assert tokenizer.decode(rows[f"{side}_targets"][rows[f"{side}_mask"] > 0]) == f" {example[side]}\n"
+    np.testing.assert_array_equal(rows["chosen_inputs"][1:], rows["chosen_targets"][:-1])
 
 
 def test_group_advantages_sum_to_zero_within_each_group():

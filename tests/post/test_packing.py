@@ -7,51 +7,49 @@ import pytest
 from flax import traverse_util
 
 from mantis_jax.data import factworld
-from mantis_jax.model.transformer import forward, init_params
+from mantis_jax.model.transformer import forward
 from mantis_jax.post import data, losses
-from tests.post.conftest import tiny_args
+from tests.post.conftest import ARGS
 
 
-def _randomise_conv(params, rng):
+def _randomise_conv(params, seed):
     """kv_conv weights start at 0; random ones make the convolution's segment handling matter."""
+    rng = np.random.default_rng(seed)
     flat = traverse_util.flatten_dict(params)
-    for i, path in enumerate(sorted(flat)):
+    for path in sorted(flat):
         if path[-1] in ("k_conv", "v_conv"):
-            flat[path] = 0.3 * jax.random.normal(jax.random.fold_in(rng, i), flat[path].shape)
+            flat[path] = (0.3 * rng.normal(size=flat[path].shape)).astype(np.float32)
     return traverse_util.unflatten_dict(flat)
 
 
-# Blocked attention, the convolution on keys and values, an MoE layer and the layer scan: the paths segment ids touch.
-@pytest.mark.parametrize("variant", [dict(attn_block_q=4, kv_conv=3, n_experts=2, top_k=1, moe_impl="dense"),
-                                     dict(scan_layers=True)])
-def test_packed_attention_equals_per_example_attention(variant):
-    args = tiny_args(**variant)
-    params = _randomise_conv(init_params(args, jax.random.key(0)), jax.random.key(1))
+def test_packed_attention_equals_per_example_attention(params):
+    args = ARGS  # layer scan, blocked attention, the key/value convolution, MoE: every path segment ids touch
+    params = _randomise_conv(params, 1)
     rng = np.random.default_rng(0)
     lengths, T = (5, 7, 3), 16
     examples = [rng.integers(1, args.vocab_size, n).astype(np.int32) for n in lengths]
-    tokens = np.zeros((1, T), np.int32)
-    seg = np.zeros((1, T), np.int32)
-    pos = np.zeros((1, T), np.int32)
+    # row 0: the three examples packed; rows 1-3: each example alone (the zeros after it cannot reach it through
+    # causal attention). One call, one compilation.
+    tokens, seg, pos = (np.zeros((1 + len(examples), T), np.int32) for _ in range(3))
     at = 0
     for k, ex in enumerate(examples, 1):
-        tokens[0, at:at + len(ex)], seg[0, at:at + len(ex)], pos[0, at:at + len(ex)] = ex, k, np.arange(len(ex))
-        at += len(ex)
+        n = len(ex)
+        tokens[0, at:at + n], seg[0, at:at + n], pos[0, at:at + n] = ex, k, np.arange(n)
+        tokens[k, :n], seg[k, :], pos[k, :] = ex, 1, np.arange(T)
+        at += n
     run = jax.jit(lambda p, t, s, q: forward(args, p, t, segment_ids_bt=s, positions_bt=q)[0])
-    packed = np.asarray(run(params, tokens, seg, pos))[0]
-    unsegmented = np.asarray(run(params, tokens, (seg > 0).astype(np.int32), np.arange(T)[None]))[0]
-    # each example alone in its own row (the zeros after it cannot reach it through causal attention)
-    alone_rows = np.zeros((len(examples), T), np.int32)
-    for b, ex in enumerate(examples):
-        alone_rows[b, :len(ex)] = ex
-    alone = np.asarray(jax.jit(lambda p, t: forward(args, p, t)[0])(params, alone_rows))
+    out = np.asarray(run(params, tokens, seg, pos))
     at = 0
-    for b, ex in enumerate(examples):
-        np.testing.assert_allclose(packed[at:at + len(ex)], alone[b, :len(ex)], atol=2e-5, rtol=1e-5)
+    for k, ex in enumerate(examples, 1):
+        np.testing.assert_allclose(out[0, at:at + len(ex)], out[k, :len(ex)], atol=2e-5, rtol=1e-5)
         at += len(ex)
-    # the reference can fail: without segment ids the second example sees the first
+    # the reference can fail: without segment ids (one segment, positions 0..T-1) the second example sees the first
+    unsegmented = np.asarray(run(params, tokens, np.ones_like(seg), np.broadcast_to(np.arange(T), seg.shape)))
     second = slice(lengths[0], sum(lengths[:2]))
-    assert np.abs(unsegmented[second] - packed[second]).max() > 1e-3
+    assert np.abs(unsegmented[0, second] - out[0, second]).max() > 1e-3
+    # and the alone rows equal the model without segment ids at all (the plain forward path)
+    plain = np.asarray(jax.jit(lambda p, t: forward(args, p, t)[0])(params, tokens[1:]))
+    np.testing.assert_allclose(out[1:], plain, atol=2e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +71,9 @@ def test_packed_rows_hold_whole_examples_with_restarting_positions(tokenizer, ch
     assert 0.3 < data.packing_efficiency([rows]) <= 1.0
 
 
-def test_sft_loss_covers_response_tokens_only(tokenizer, chats):
-    args = tiny_args(vocab_size=tokenizer.padded_vocab_size)
-    params = init_params(args, jax.random.key(2))
+def test_sft_loss_covers_response_tokens_only(tokenizer, chats, params):
+    args = ARGS
+    assert args.vocab_size == tokenizer.padded_vocab_size
     batch = next(iter(data.sft_dataset(chats, tokenizer, seq_len=192, batch_size=4, seed=0, repeat=False)))
     loss_fn = jax.jit(lambda p, b: losses.sft_loss(args, p, b)[1]["ce"])
     loss = float(loss_fn(params, batch))
