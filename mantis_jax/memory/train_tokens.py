@@ -184,19 +184,29 @@ def compiled(args: ModelArgs, config_json: str, pad_id: int) -> dict:
             state, tokens, start = None, batch["inputs"], batch["answer_start"]
         return mt.greedy_answer(args, params, state, tokens, start, c.max_answer_tokens, pad_id)
 
-    return {"init": jax.jit(init), "train_step": jax.jit(train_step, donate_argnums=0), "answer": jax.jit(answer)}
+    # One device, explicitly: a fresh state and a restored (committed) one then hit the same compiled step.
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return {"init": jax.jit(init, out_shardings=dev),
+            "train_step": jax.jit(train_step, in_shardings=(dev, dev), out_shardings=(dev, dev), donate_argnums=0),
+            "answer": jax.jit(answer, in_shardings=(dev, dev), out_shardings=dev)}
+
+
+def _get(config: ml_collections.ConfigDict | None, key: str) -> Any:
+    for part in key.split("."):
+        config = config.get(part) if config is not None else None
+    return config
 
 
 def _resume_differences(saved: ml_collections.ConfigDict, current: ml_collections.ConfigDict) -> list[str]:
-    def get(c, key):
-        node = c
-        for part in key.split("."):
-            node = node.get(part) if node is not None else None
-        return node
-
-    diffs = config_differences(saved, current)
-    return diffs + [f"config.{k}: checkpoint {get(saved, k)!r}, this run {get(current, k)!r}" for k in RESUME_KEYS
-                    if get(saved, k) != get(current, k)]
+    """The state- and data-shaping fields that differ, as "config.k: checkpoint a, this run b"."""
+    defaults, out = config_lib.default_config(), []
+    for diff in config_differences(saved, current):
+        key = diff.split(":", 1)[0].removeprefix("config.")
+        if _get(saved, key) is None and _get(current, key) == _get(defaults, key):
+            continue  # a key added after the checkpoint was saved, at its default value
+        out.append(diff)
+    return out + [f"config.{k}: checkpoint {_get(saved, k)!r}, this run {_get(current, k)!r}" for k in RESUME_KEYS
+                  if _get(saved, k) != _get(current, k)]
 
 
 def evaluate(fns: dict, params: Any, data: FarQuestions, n: int, batch_size: int, tokenizer: Tokenizer) -> dict:

@@ -166,6 +166,7 @@ def _trainer_config(tokenizer_path):
     c = load_preset(os.path.join(ROOT, "configs", "memory_tokens.py"))
     c.data.tokenizer = tokenizer_path
     set_shape(c, d_model=D, n_layers=1, n_experts=1, top_k=1)
+    c.model.kv_conv, c.model.attn_block_q = 0, 0  # fewer ops to compile
     c.model.n_heads, c.model.n_kv_heads, c.model.d_ff = 2, 1, 64
     c.data.batch_size = 2
     mtc = c.memory.tokens
