@@ -60,8 +60,15 @@ def _flatten(node: Any, prefix: str) -> dict[str, Any]:
 
 
 def config_differences(saved: ml_collections.ConfigDict, current: ml_collections.ConfigDict) -> list[str]:
-    """The state-shaping fields (STATE_KEYS) whose values differ, as "config.k: checkpoint a, this run b"."""
+    """The state-shaping fields (STATE_KEYS) whose values differ, as "config.k: checkpoint a, this run b".
+
+    A key the saved config lacks (it was added to the project after the checkpoint was made) counts as its
+    default, so checkpoints made before a new option existed resume while the option stays at its default."""
     a, b = _flatten(saved.to_dict(), ""), _flatten(current.to_dict(), "")
+    defaults = _flatten(config_lib.default_config().to_dict(), "")
+    for k in set(b) - set(a):
+        if k in defaults:
+            a[k] = defaults[k]
     keys = sorted(k for k in set(a) | set(b) if any(k == s or k.startswith(s + ".") for s in STATE_KEYS))
     return [f"config.{k}: checkpoint {a.get(k)!r}, this run {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 

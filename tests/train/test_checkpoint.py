@@ -114,6 +114,13 @@ def test_config_differences():
     b.model.d_model, b.train.optimizer = 32, "adafactor"
     assert ck.config_differences(a, b) == ["config.model.d_model: checkpoint 16, this run 32",
                                            "config.train.optimizer: checkpoint 'adamw', this run 'adafactor'"]
+    # A checkpoint made before a model key existed resumes while the key keeps its default, not once it is set.
+    old = _config()
+    del old.model["exit_loss_weight"]
+    assert ck.config_differences(old, _config()) == []
+    c = _config()
+    c.model.exit_loss_weight = 0.5
+    assert ck.config_differences(old, c) == ["config.model.exit_loss_weight: checkpoint 0.0, this run 0.5"]
 
 
 def test_abstract_train_state_matches_a_real_init():
