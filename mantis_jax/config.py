@@ -177,7 +177,7 @@ def default_config() -> ml_collections.ConfigDict:
     # The critic: a head on the frozen LM's hidden states over "evidence, Q: question, A: answer" (control/critic.py).
     cr = c.critic = ml_collections.ConfigDict()
     cr.d_hidden = 64
-    cr.window = 256  # tokens the critic reads (at most model.max_seq_len); longer inputs keep their last tokens
+    cr.window = 256  # tokens the critic reads (at most data.seq_len); longer inputs keep their last tokens
     cr.lr = 3e-3
     cr.weight_decay = 0.05
     cr.steps = 200
