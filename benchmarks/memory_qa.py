@@ -39,8 +39,9 @@ def records_for(config, kind: str, n: int, distance: int) -> list[dict]:
     return factworld.eval_questions("test", kind, n, config=config, distance=distance)
 
 
-def engine_answers(engine: Engine, records: list[dict]) -> tuple[list[str], list[dict]]:
-    preds, traces = [], []
+def engine_answers(engine: Engine, records: list[dict], policies: dict) -> dict[str, tuple[list, list]]:
+    """{policy name: (predictions, traces)}: each record read once into a fresh memory, asked once per policy."""
+    out = {name: ([], []) for name in policies}
     for r in records:
         engine.forget()
         if r["sessions"]:
@@ -48,10 +49,12 @@ def engine_answers(engine: Engine, records: list[dict]) -> tuple[list[str], list
                 engine.read(s, session=f"s{i}")
         else:
             engine.read(r["context"])
-        ans = engine.answer(r["question"])
-        preds.append(ans.text)
-        traces.append(ans.trace.to_dict())
-    return preds, traces
+        for name, policy in policies.items():
+            engine.policy = policy
+            ans = engine.answer(r["question"])
+            out[name][0].append(ans.text)
+            out[name][1].append(ans.trace.to_dict())
+    return out
 
 
 def score(records, preds, traces=None) -> dict:
@@ -106,15 +109,13 @@ def main() -> None:
         t0 = time.perf_counter()
         preds, _ = answer_questions(config, tok, params, recs, batch_size=8)
         row = {"attention": score(recs, preds), "attention_s": time.perf_counter() - t0}
-        base = engines["untrained"]
-        policy, base.policy = base.policy, FixedPolicy(retrieve="never")
-        p, traces = engine_answers(base, recs)
-        base.policy = policy
-        row["window"] = score(recs, p, traces)
         for name, engine in engines.items():
             t0 = time.perf_counter()
-            p, traces = engine_answers(engine, recs)
-            row[name] = score(recs, p, traces)
+            policies = {name: FixedPolicy(retrieve="always")}
+            if name == "untrained":
+                policies["window"] = FixedPolicy(retrieve="never")
+            for pname, (p, traces) in engine_answers(engine, recs, policies).items():
+                row[pname] = score(recs, p, traces)
             row[f"{name}_s"] = time.perf_counter() - t0
         label = f"{kind}@{d}" if d else kind
         results[label] = row
