@@ -59,6 +59,9 @@ class Engine:
         self.config = config = complete_config(config)
         self.args = ModelArgs.from_config(config)
         self.ssm_args = SSMArgs.from_config(config)
+        device = jax.devices()[0]  # batch-1 serving on one device: a replicated training state is copied there
+        params = jax.device_put(params, device)
+        encoder_params = None if encoder_params is None else jax.device_put(encoder_params, device)
         self.params, self.tokenizer = params, tokenizer
         self.policy = policy if policy is not None else FixedPolicy.from_config(config)
         self.critic = critic
@@ -208,6 +211,9 @@ class Engine:
         trace.add_flops("retrieval_encoder", qflops)
         times["encode"] = time.perf_counter() - t0
 
+        t = time.perf_counter()
+        self.memory.settle()  # spans evicted while reading reach semantic memory before it is searched
+        times["consolidate"] = time.perf_counter() - t
         t = time.perf_counter()
         counts = self.memory.counts()
         trace.memory = counts
