@@ -73,6 +73,11 @@ def default_config() -> ml_collections.ConfigDict:
     # tokens just before it, which makes copy (induction) circuits quick to learn (model/layers.py, docs/perf/demo.md).
     m.kv_conv = 0
     m.init_std = 0.02
+    # Early exit (infer/early_exit.py, model/early_exit.py): with exit_loss_weight > 0 the layers from
+    # min_exit_layer to L-1 also predict the next token through the shared final norm and LM head, and that mean
+    # cross-entropy times the weight is added to the loss, so decoding can stop at a confident layer.
+    m.exit_loss_weight = 0.0
+    m.min_exit_layer = 1
 
     moe = c.moe = ml_collections.ConfigDict()
     moe.n_experts = 1  # 1 = dense SwiGLU feed-forward
@@ -189,6 +194,7 @@ def default_config() -> ml_collections.ConfigDict:
     eng = c.engine = ml_collections.ConfigDict()  # the per-query pipeline (mantis_jax/engine, docs/engine.md)
     eng.retrieve = "always"  # always | never: the fixed policy's memory gates (a learned controller replaces it)
     eng.exit_threshold = 1.0  # per-token confidence at which decoding stops running layers; 1.0 = full depth
+    eng.exit_confidence = "softmax"  # softmax (top-1 probability) | margin (top-1 minus top-2): infer/early_exit.py
     eng.verify = False  # run the critic on each answer (needs a critic: python -m mantis_jax.control.train_critic)
     eng.span = "sentence"  # sentence | tokens: what one memory entry holds when reading a context
     eng.span_tokens = 32  # span = tokens: tokens per span
@@ -361,6 +367,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              f"config.model.attn_block_q ({m.get('attn_block_q')}) must be >= 0 (0 = unblocked attention)")
     _require(m.get("kv_conv", 0) >= 0,
              f"config.model.kv_conv ({m.get('kv_conv')}) must be >= 0 (0 = no convolution on keys and values)")
+    _require(m.get("exit_loss_weight", 0.0) >= 0,
+             f"config.model.exit_loss_weight ({m.get('exit_loss_weight')}) must be >= 0 (0 = no early-exit loss)")
+    _require(1 <= m.get("min_exit_layer", 1) <= m.n_layers,
+             f"config.model.min_exit_layer ({m.get('min_exit_layer')}) must be in [1, config.model.n_layers "
+             f"({m.n_layers})]")
     _one_of(config, "moe.impl", ("dense", "ragged", "capacity"))
     _one_of(config, "moe.router_impl", ("reference", "pallas", "pallas_interpret"))
     _one_of(config, "moe.gmm_impl", ("auto", "ragged_dot", "megablox", "padded", "block_loop"))
@@ -411,6 +422,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     eng = config.engine
     _one_of(config, "engine.retrieve", ("always", "never"))
     _one_of(config, "engine.span", ("sentence", "tokens"))
+    _one_of(config, "engine.exit_confidence", ("softmax", "margin"))
     _require(0.0 < eng.exit_threshold <= 1.0,
              f"config.engine.exit_threshold ({eng.exit_threshold}) must be in (0, 1] (1.0 = full depth)")
     _positive(config, ("engine.span_tokens", "engine.top_k", "engine.max_new_tokens", "engine.semantic_capacity"))

@@ -4,7 +4,8 @@ A checkpoint (a training workdir, read by `train.checkpoint.load_for_inference`)
 modes: `--prompt` (one completion to stdout), `--prompts_file` (one prompt per line with `\\n` escapes, or JSONL
 with a "prompt" field) to `--output` (JSONL: prompt, completion) or stdout, and `--interactive`
 (prompts on stdin; `set <param> <value>`, `stats`, `help`, `quit`). Every run reports tokens/s, latency and time
-to first token. `--quantize int8` stores the weights as int8 and reports the memory and factworld-val
+to first token. `--exit_threshold` < 1 decodes with early exit (infer/early_exit.py; the stats then give the mean
+layers run per token). `--quantize int8` stores the weights as int8 and reports the memory and factworld-val
 perplexity change. Bad input (missing checkpoint, empty prompts file, bad flag values) exits with one line.
 The flags live in their own FlagValues, so importing this module never clashes with other entry points' flags.
 """
@@ -35,8 +36,15 @@ flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate per prompt", flag
 flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", 8, "prompts per decode batch", flag_values=FLAGS)
 flags.DEFINE_enum("quantize", "none", ["none", "int8"], "weight-only quantization", flag_values=FLAGS)
+flags.DEFINE_float("exit_threshold", 1.0, "early exit: a token stops running layers once its confidence reaches "
+                   "this (1 = off: full depth)", flag_values=FLAGS)
+flags.DEFINE_enum("exit_confidence", "softmax", ["softmax", "margin"], "early-exit confidence: top-1 probability "
+                  "or top-1 minus top-2", flag_values=FLAGS)
+flags.DEFINE_integer("min_exit_layer", None, "first layer a token may exit after (default: the checkpoint's "
+                     "model.min_exit_layer)", flag_values=FLAGS)
 
-SETTABLE = {"temperature": float, "top_k": int, "top_p": float, "max_new_tokens": int, "seed": int}
+SETTABLE = {"temperature": float, "top_k": int, "top_p": float, "max_new_tokens": int, "seed": int,
+            "exit_threshold": float}
 HELP = ("commands: set <param> <value> (params: " + ", ".join(SETTABLE) + "), stats, help, quit; "
         "any other line is a prompt (\\n escapes allowed)")
 
@@ -67,6 +75,8 @@ def sampling_kwargs(settings: dict) -> dict:
     check_params(settings["temperature"], settings["top_k"], settings["top_p"])
     if settings["max_new_tokens"] < 1:
         raise ValueError(f"--max_new_tokens ({settings['max_new_tokens']}) must be >= 1")
+    if not 0.0 <= settings["exit_threshold"] <= 1.0:
+        raise ValueError(f"--exit_threshold ({settings['exit_threshold']}) must be in [0, 1] (1 = no early exit)")
     return dict(settings)
 
 
@@ -90,6 +100,7 @@ def check_flags() -> dict:
 def load(path: str, step: int | None, quantize_mode: str, batch_size: int, out: TextIO):
     """(Generator, config) from a checkpoint, with the quantization report printed when asked for."""
     from mantis_jax.infer import quantize  # noqa: PLC0415
+    from mantis_jax.infer.early_exit import EarlyExit  # noqa: PLC0415
     from mantis_jax.infer.runner import Generator  # noqa: PLC0415
     from mantis_jax.model.args import ModelArgs  # noqa: PLC0415
     from mantis_jax.train.checkpoint import load_for_inference  # noqa: PLC0415
@@ -104,7 +115,9 @@ def load(path: str, step: int | None, quantize_mode: str, batch_size: int, out: 
               f"({r['memory_ratio']:.2f}x); factworld val perplexity {r['ppl_float']:.3f} -> "
               f"{r['ppl_quantized']:.3f} ({100 * r['ppl_change']:+.2f}%)", file=out, flush=True)
         params = qparams
-    return Generator(args, params, tokenizer, batch_size=batch_size), config
+    min_layer = args.min_exit_layer if FLAGS.min_exit_layer is None else FLAGS.min_exit_layer
+    exit = EarlyExit(min_layer, FLAGS.exit_confidence).check(args.n_layers)
+    return Generator(args, params, tokenizer, batch_size=batch_size, exit=exit), config
 
 
 def interactive(gen, settings: dict, inp: TextIO, out: TextIO) -> None:

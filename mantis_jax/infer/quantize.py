@@ -6,10 +6,11 @@ channels of the tied LM head) and an untied lm_head. Norm scales and the MoE rou
 is sensitive). For each weight the scale is max|w| / 127 over the *input* (contracted) axes, so every output
 channel keeps its own range and |w - dequant(q)| <= scale / 2 elementwise.
 
-The quantized tree is what stays resident (int8 + scales: ~1/4 of float32). Inside the jitted forward,
-`for_apply` dequantizes the embedding and head and leaves each layer's weights int8: the model's own
-`w.astype(dtype)` cast (QTensor.astype) dequantizes them inside that layer, so float weights exist one layer at a
-time as XLA temporaries. `dequantize_params` gives the whole float tree (reference and tests).
+The quantized tree is what stays resident (int8 + scales: ~1/4 of float32). The decode loop (infer/decode.py)
+dequantizes the whole tree once per call with `dequantize_params`, before its loop: per step it would redo the
+same work (a step does only what changes per step). A single forward (perplexity) uses `for_apply`, which
+dequantizes the embedding and head and leaves each layer's weights int8: the model's own `w.astype(dtype)` cast
+(QTensor.astype) dequantizes them inside that layer, so float weights exist one layer at a time.
 `param_bytes` measures a tree; `perplexity` / `val_windows` give the factworld-val perplexity change.
 """
 

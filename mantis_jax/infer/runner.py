@@ -10,6 +10,7 @@ compilation (prefill + first sample); latency is the full call. Stop tokens are 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Sequence
 
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mantis_jax.infer import decode, quantize
+from mantis_jax.infer.early_exit import EarlyExit
 from mantis_jax.infer.sampling import check_params
 from mantis_jax.model.args import ModelArgs
 
@@ -32,6 +34,10 @@ class Stats:
     latency_s: float = 0.0  # full prefill + decode calls
     ttft_s: float = 0.0  # time to first token of the first batch
     compile_s: float = 0.0  # warm-up calls of new shapes
+    layers: int = 0  # layers run over the new tokens (< new_tokens · L when tokens exit early)
+
+    def mean_layers(self) -> float:
+        return self.layers / self.new_tokens if self.new_tokens else 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -45,7 +51,8 @@ class Stats:
 
     def line(self) -> str:
         return (f"{self.prompts} prompts, {self.new_tokens} new tokens in {self.latency_s:.3f} s: "
-                f"{self.tokens_per_s:.1f} tokens/s, time to first token {self.ttft_s * 1e3:.1f} ms"
+                f"{self.tokens_per_s:.1f} tokens/s, time to first token {self.ttft_s * 1e3:.1f} ms, "
+                f"{self.mean_layers():.2f} layers/token"
                 + (f" (compile {self.compile_s:.1f} s)" if self.compile_s else ""))
 
 
@@ -56,11 +63,13 @@ def newline_ids(tokenizer) -> list[int]:
 
 class Generator:
     def __init__(self, args: ModelArgs, params, tokenizer, *, batch_size: int = 8, bucket: int = 32,
-                 extra_stop_ids: Sequence[int] = ()):
+                 extra_stop_ids: Sequence[int] = (), exit: EarlyExit | None = None):
+        """`exit`: the early-exit settings used whenever a call's `exit_threshold` is below 1."""
         if batch_size < 1:
             raise ValueError(f"batch_size ({batch_size}) must be >= 1")
         self.args, self.params, self.tokenizer = args, params, tokenizer
         self.batch_size, self.bucket = batch_size, bucket
+        self.exit = exit
         self.stop_v = jnp.asarray(decode.stop_mask(args.vocab_size, [tokenizer.eos_id, *extra_stop_ids]))
         self._caches: dict[tuple[int, int], dict] = {}
         self._warm: set[tuple[int, int]] = set()
@@ -69,25 +78,30 @@ class Generator:
     def quantized(self) -> bool:
         return quantize.is_quantized(self.params)
 
-    def _call(self, tokens, mask, key, knobs, limit, max_new_tokens):
+    def _call(self, tokens, mask, key, knobs, limit, max_new_tokens, exit, exit_threshold):
         shape = tokens.shape
         cache = self._caches.pop(shape + (max_new_tokens,), None)
         if cache is None:
             cache = decode.new_cache(self.args, shape[0], shape[1], max_new_tokens)
         out = decode.generate(self.args, self.params, cache, tokens, mask, key, self.stop_v, *knobs,
-                              self.tokenizer.pad_id, limit, max_new_tokens=max_new_tokens)
+                              self.tokenizer.pad_id, limit, jnp.float32(exit_threshold),
+                              max_new_tokens=max_new_tokens, exit=exit)
         jax.block_until_ready(out.tokens_bn)
         self._caches[shape + (max_new_tokens,)] = out.cache
         return out
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64, temperature: float = 0.0,
                      top_k: int = 0, top_p: float = 1.0, seed: int = 0, truncate: bool = False,
-                     measure_ttft: bool = True) -> tuple[list[list[int]], Stats]:
+                     measure_ttft: bool = True, exit: EarlyExit | None = None,
+                     exit_threshold: float = 1.0) -> tuple[list[list[int]], Stats]:
         """New token ids per prompt (up to and including a stop token) and the stats of the call.
 
+        `exit` (e.g. `EarlyExit(min_layer=2)`) decodes with early exit at confidence `exit_threshold`
+        (infer/early_exit.py); `Stats.layers` counts the layers run.
         Prompts longer than max_seq_len - max_new_tokens are an error, or keep their last tokens with truncate.
         """
         check_params(temperature, top_k, top_p)
+        exit = exit or (self.exit if exit_threshold < 1.0 else None)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens ({max_new_tokens}) must be >= 1")
         room = self.args.max_seq_len - max_new_tokens
@@ -113,18 +127,19 @@ class Generator:
             tokens, mask = decode.left_pad(chunk, self.tokenizer.pad_id, length, self.batch_size)
             tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
             batch_key = jax.random.fold_in(key, b)
-            shape = (self.batch_size, length, max_new_tokens)
+            shape = (self.batch_size, length, max_new_tokens, exit)
+            run = functools.partial(self._call, exit=exit, exit_threshold=exit_threshold)
             if shape not in self._warm:
                 t0 = time.perf_counter()
-                self._call(tokens, mask, batch_key, knobs, 1, max_new_tokens)
+                run(tokens, mask, batch_key, knobs, 1, max_new_tokens)
                 stats.compile_s += time.perf_counter() - t0
                 self._warm.add(shape)
             if measure_ttft and b == 0:
                 t0 = time.perf_counter()
-                self._call(tokens, mask, batch_key, knobs, 1, max_new_tokens)
+                run(tokens, mask, batch_key, knobs, 1, max_new_tokens)
                 stats.ttft_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            out = self._call(tokens, mask, batch_key, knobs, max_new_tokens, max_new_tokens)
+            out = run(tokens, mask, batch_key, knobs, max_new_tokens, max_new_tokens)
             stats.latency_s += time.perf_counter() - t0
             toks, lens = np.asarray(out.tokens_bn), np.asarray(out.lengths_b)
             for r in range(len(chunk)):
@@ -132,6 +147,7 @@ class Generator:
             stats.prompts += len(chunk)
             stats.prompt_tokens += sum(len(p) for p in chunk)
             stats.new_tokens += int(lens[:len(chunk)].sum())
+            stats.layers += int(np.asarray(out.layers_bn)[:len(chunk)].sum())
         return results, stats
 
     def generate(self, texts: Sequence[str], **kwargs) -> tuple[list[str], Stats]:

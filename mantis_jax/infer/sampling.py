@@ -7,6 +7,10 @@ decode loop that calls `sample`:
   top_k        keep the k highest logits (0 = off); ties are broken by index so exactly k tokens survive
   top_p        keep the smallest set of highest-probability tokens whose mass reaches p (1.0 = off)
 The filters compose in the usual order (temperature → top-k → top-p on the renormalised survivors).
+
+Cost: greedy decoding is one argmax (the sampling branch is a `lax.cond` that does not run); a filter that is off
+is skipped the same way. A filter that is on sorts the row's values once (`lax.top_k` over V) and keeps the
+first n tokens of that order (`_top_n_mask`): no argsort, no rank scatter.
 """
 
 from __future__ import annotations
@@ -17,51 +21,65 @@ import jax.numpy as jnp
 NEG_INF = -1e30
 
 
-def _ranks(logits_bv: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Order (indices by descending logit, stable) and each token's rank in it: both [B, V] int32."""
-    order_bv = jnp.argsort(-logits_bv, axis=-1, stable=True).astype(jnp.int32)
-    B, V = logits_bv.shape
-    rows = jnp.arange(B)[:, None]
-    ranks_bv = jnp.zeros((B, V), jnp.int32).at[rows, order_bv].set(jnp.arange(V, dtype=jnp.int32)[None, :])
-    return order_bv, ranks_bv
+def _sorted_desc(logits_bv: jax.Array) -> jax.Array:
+    """Each row's values in descending order [B, V]."""
+    return jax.lax.top_k(logits_bv, logits_bv.shape[-1])[0]
+
+
+def _top_n_mask(logits_bv: jax.Array, sorted_bv: jax.Array, n_b: jax.Array) -> jax.Array:
+    """True on the n highest logits of each row, ties broken by index (so exactly n survive); n_b >= 1 [B]."""
+    n_b = jnp.clip(n_b, 1, logits_bv.shape[-1])
+    cut_b1 = jnp.take_along_axis(sorted_bv, (n_b - 1)[:, None], axis=-1)  # the n-th value
+    above_bv = logits_bv > cut_b1
+    tied_bv = logits_bv == cut_b1
+    room_b1 = n_b[:, None] - jnp.sum(above_bv, axis=-1, keepdims=True)  # tied tokens that still fit
+    return above_bv | (tied_bv & (jnp.cumsum(tied_bv, axis=-1) <= room_b1))
 
 
 def top_k_mask(logits_bv: jax.Array, k) -> jax.Array:
     """True on the k highest logits of each row (k <= 0 keeps all). k may be traced."""
-    _, ranks_bv = _ranks(logits_bv)
     k = jnp.asarray(k, jnp.int32)
-    return (ranks_bv < k) | (k <= 0)
+    n_b = jnp.broadcast_to(k, logits_bv.shape[:1])
+    return _top_n_mask(logits_bv, _sorted_desc(logits_bv), n_b) | (k <= 0)
 
 
 def top_p_mask(logits_bv: jax.Array, p) -> jax.Array:
     """True on the smallest nucleus: tokens taken by descending probability until their mass reaches p.
 
-    A token is kept when the probability mass strictly before it (in descending order) is < p, so the top token
-    is always kept and p >= 1 keeps every token. p may be traced.
+    A token is kept when the probability mass strictly before it (in descending order, ties by index) is < p, so
+    the top token is always kept and p >= 1 keeps every token. p may be traced.
     """
-    order_bv, ranks_bv = _ranks(logits_bv)
-    probs_bv = jax.nn.softmax(logits_bv.astype(jnp.float32), axis=-1)
-    sorted_bv = jnp.take_along_axis(probs_bv, order_bv, axis=-1)
-    mass_before_bv = jnp.cumsum(sorted_bv, axis=-1) - sorted_bv  # exclusive cumsum, in sorted order
-    keep_sorted_bv = mass_before_bv < jnp.asarray(p, jnp.float32)
-    keep_bv = jnp.take_along_axis(keep_sorted_bv, ranks_bv, axis=-1)  # back to vocabulary order
-    return keep_bv | (jnp.asarray(p, jnp.float32) >= 1.0)
+    p = jnp.asarray(p, jnp.float32)
+    sorted_bv = _sorted_desc(logits_bv)
+    probs_bv = jax.nn.softmax(sorted_bv.astype(jnp.float32), axis=-1)  # softmax is order-free: sorted probs
+    mass_before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
+    n_b = jnp.sum(mass_before_bv < p, axis=-1).astype(jnp.int32)  # a prefix: mass_before only grows
+    return _top_n_mask(logits_bv, sorted_bv, n_b) | (p >= 1.0)
 
 
 def filter_logits(logits_bv: jax.Array, temperature, top_k, top_p) -> jax.Array:
-    """Temperature-scaled logits with everything outside top-k, then outside the top-p nucleus, set to -inf."""
+    """Temperature-scaled logits with everything outside top-k, then outside the top-p nucleus, set to -inf.
+    A filter that is off (top_k 0, top_p 1) is skipped at run time (`lax.cond`), not computed and discarded."""
     t = jnp.maximum(jnp.asarray(temperature, jnp.float32), 1e-6)
     scaled_bv = logits_bv.astype(jnp.float32) / t
-    scaled_bv = jnp.where(top_k_mask(scaled_bv, top_k), scaled_bv, NEG_INF)
-    return jnp.where(top_p_mask(scaled_bv, top_p), scaled_bv, NEG_INF)
+    top_k, top_p = jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p, jnp.float32)
+    scaled_bv = jax.lax.cond(top_k > 0, lambda x: jnp.where(top_k_mask(x, top_k), x, NEG_INF), lambda x: x,
+                             scaled_bv)
+    return jax.lax.cond(top_p < 1.0, lambda x: jnp.where(top_p_mask(x, top_p), x, NEG_INF), lambda x: x,
+                        scaled_bv)
 
 
 def sample(logits_bv: jax.Array, key: jax.Array, temperature=1.0, top_k=0, top_p=1.0) -> jax.Array:
-    """Next tokens [B] int32. temperature == 0 gives the argmax (the key is then unused)."""
-    greedy_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-    filtered_bv = filter_logits(logits_bv, temperature, top_k, top_p)
-    sampled_b = jax.random.categorical(key, filtered_bv, axis=-1).astype(jnp.int32)
-    return jnp.where(jnp.asarray(temperature) <= 0, greedy_b, sampled_b)
+    """Next tokens [B] int32. temperature == 0 gives the argmax (the key is then unused, nothing is sorted)."""
+
+    def sampled(logits_bv):
+        filtered_bv = filter_logits(logits_bv, temperature, top_k, top_p)
+        return jax.random.categorical(key, filtered_bv, axis=-1).astype(jnp.int32)
+
+    def greedy(logits_bv):
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(jnp.asarray(temperature) <= 0, greedy, sampled, logits_bv)
 
 
 def check_params(temperature: float, top_k: int, top_p: float) -> None:

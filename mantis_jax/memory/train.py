@@ -21,6 +21,7 @@ LM's mean-pooled hidden states), overall and per wording of the evidence sentenc
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -119,6 +120,10 @@ def make_optimizer(rt: ml_collections.ConfigDict) -> optax.GradientTransformatio
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
 
 
+def _optimizer_key(rt: ml_collections.ConfigDict) -> tuple:
+    return tuple((k, rt[k]) for k in ("lr", "warmup_steps", "steps"))
+
+
 def infonce(q_bd: jax.Array, k_kd: jax.Array, temperature: float) -> tuple[jax.Array, jax.Array]:
     """(loss, accuracy): query i's positive is key i; every other key is a negative."""
     logits_bk = q_bd @ k_kd.T / temperature
@@ -127,7 +132,12 @@ def infonce(q_bd: jax.Array, k_kd: jax.Array, temperature: float) -> tuple[jax.A
     return loss, jnp.mean(jnp.argmax(logits_bk, axis=-1) == labels)
 
 
-def make_train_step(model_args: ModelArgs, ssm_args: SSMArgs, tx, temperature: float):
+@functools.lru_cache(maxsize=4)
+def make_train_step(model_args: ModelArgs, ssm_args: SSMArgs, rt_key: tuple, temperature: float):
+    """The jitted step, built once per (model, encoder, optimizer settings): a resumed run in the same process
+    reuses its compilation."""
+    tx = make_optimizer(ml_collections.ConfigDict(dict(rt_key)))
+
     @jax.jit
     def train_step(state: TrainState, lm_params, q_tok, q_mask, k_tok, k_mask):
         def loss_fn(p):
@@ -162,9 +172,10 @@ def recall(config, tokenizer, lm_params, enc_params, n_questions: int) -> dict[s
 
         def embed(texts):
             vecs = []
-            for i in range(0, len(texts), 64):
-                tok, mask = tokenize(tokenizer, texts[i:i + 64], config.retrieval.max_len)
-                vecs.append(np.asarray(fn(params, lm_params, tok, mask)))
+            for i in range(0, len(texts), 64):  # every call [64, max_len]: one compilation
+                chunk = texts[i:i + 64]
+                tok, mask = tokenize(tokenizer, chunk + [""] * (64 - len(chunk)), config.retrieval.max_len)
+                vecs.append(np.asarray(fn(params, lm_params, tok, mask))[:len(chunk)])
             return np.concatenate(vecs)
 
         scores = embed([r["question"] for r in records]) @ embed(gallery).T
@@ -188,8 +199,10 @@ def _load_stage1(checkpoint: str):
     return saved, tokenizer, params
 
 
-def train(checkpoint: str, workdir: str, overrides: dict | None = None, *, out=tqdm.tqdm.write) -> dict:
-    """Trains (or resumes) the encoder in `workdir` on the frozen LM of `checkpoint`; returns a summary."""
+def train(checkpoint: str, workdir: str, overrides: dict | None = None, *, out=tqdm.tqdm.write,
+          stop_at: int | None = None) -> dict:
+    """Trains (or resumes) the encoder in `workdir` on the frozen LM of `checkpoint`; returns a summary.
+    `stop_at` saves and stops before `retrieval.steps` (the schedule is unchanged: a later run resumes it)."""
     saved, tokenizer, lm_params = _load_stage1(checkpoint)
     config = complete_config(saved)
     for key, value in (overrides or {}).items():
@@ -219,7 +232,7 @@ def train(checkpoint: str, workdir: str, overrides: dict | None = None, *, out=t
     if restored is not None:
         start, state, _, _ = restored
         out(f"resumed Stage 2 from step {start} in {checkpoint_dir(workdir)}")
-    step_fn = make_train_step(model_args, ssm_args, tx, rt.temperature)
+    step_fn = make_train_step(model_args, ssm_args, _optimizer_key(rt), rt.temperature)
     batches = Batches(config)
     writer = MetricsWriter(workdir, jsonl=config.logging.jsonl, tensorboard=config.logging.tensorboard)
     t0, last, history = time.monotonic(), {}, []
@@ -231,6 +244,9 @@ def train(checkpoint: str, workdir: str, overrides: dict | None = None, *, out=t
         while step < rt.steps:
             if rt.max_minutes and (time.monotonic() - t0) / 60 > rt.max_minutes:
                 stopped = "time"
+                break
+            if stop_at is not None and step >= stop_at:
+                stopped = "stop_at"
                 break
             questions, keys = batches.batch(step)
             q_tok, q_mask = tokenize(tokenizer, questions, rt.max_len)
@@ -255,7 +271,7 @@ def train(checkpoint: str, workdir: str, overrides: dict | None = None, *, out=t
     except KeyboardInterrupt:
         stopped = "interrupted"
     bar.close()
-    if step > start or not ckpt.steps():
+    if step not in ckpt.steps():
         ckpt.save(step, state, data_states=[json.dumps({"step": step})], config=config, tokenizer=tokenizer,
                   metrics=last)
     ckpt.close()

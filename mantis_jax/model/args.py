@@ -41,6 +41,8 @@ class ModelArgs:
     lb_loss_weight: float = 0.01
     z_loss_weight: float = 1e-3
     expert_parallel: bool = False
+    exit_loss_weight: float = 0.0  # > 0: intermediate layers also predict (model/early_exit.py)
+    min_exit_layer: int = 1
 
     @property
     def head_dim(self) -> int:
@@ -73,4 +75,5 @@ class ModelArgs:
             init_std=m.init_std, n_experts=moe.n_experts, top_k=moe.top_k, moe_impl=moe.impl,
             capacity_factor=moe.capacity_factor, router_impl=moe.router_impl, gmm_impl=moe.gmm_impl,
             lb_loss_weight=moe.lb_loss_weight, z_loss_weight=moe.z_loss_weight,
-            expert_parallel=bool(moe.get("expert_parallel", False)))
+            expert_parallel=bool(moe.get("expert_parallel", False)),
+            exit_loss_weight=float(m.get("exit_loss_weight", 0.0)), min_exit_layer=int(m.get("min_exit_layer", 1)))

@@ -135,7 +135,8 @@ class Attention(nn.Module):
     kv_conv: int = 0  # width of the causal convolution on keys and values (0 or 1 = none)
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, cache=None, cache_index=None, kv_mask_bs=None):
+    def __call__(self, x_btd, positions_bt, cache=None, cache_index=None, kv_mask_bs=None, kv_only=False):
+        """(output [B, T, D], new cache or None); `kv_only` (with a cache): write the keys/values, output None."""
         B, T, D = x_btd.shape
         H, G, Dh = self.n_heads, self.n_kv_heads, self.head_dim
         init = nn.initializers.normal(self.init_std)
@@ -176,6 +177,8 @@ class Attention(nn.Module):
             values = jax.lax.dynamic_update_slice(cache["v"], v_btgk.astype(cache["v"].dtype), start)
             new_cache = {"k": keys, "v": values}
             new_cache.update({n: t.astype(cache[n].dtype) for n, t in new_tails.items()})
+            if kv_only:
+                return None, new_cache
             keys, values = keys.astype(self.dtype), values.astype(self.dtype)
             q_slots = cache_index + jnp.arange(T)
         S = keys.shape[1]

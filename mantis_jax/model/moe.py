@@ -103,6 +103,21 @@ def expert_compute_dense(x_td, w_gate_edf, w_up_edf, w_down_efd, combine_te):
     return jnp.einsum("ted,te->td", y_ted, combine_te.astype(y_ted.dtype))
 
 
+def expert_compute_switch(x_td, w_gate_edf, w_up_edf, w_down_efd, ids_tk, weights_tk):
+    """Each (token, slot) through its one expert, chosen by `lax.switch`: only the T·K chosen experts' weights are
+    read. For decoding (T·K < E, e.g. one token, top-2 of 4); a loop of T·K switches, so never for training."""
+    T, K = ids_tk.shape
+    branches = [lambda x_d, e=e: (jax.nn.silu(x_d @ w_gate_edf[e]) * (x_d @ w_up_edf[e])) @ w_down_efd[e]
+                for e in range(w_gate_edf.shape[0])]
+    rows = []
+    for t in range(T):
+        y_d = jnp.zeros((w_down_efd.shape[-1],), x_td.dtype)
+        for k in range(K):
+            y_d = y_d + weights_tk[t, k].astype(x_td.dtype) * jax.lax.switch(ids_tk[t, k], branches, x_td[t])
+        rows.append(y_d)
+    return jnp.stack(rows)
+
+
 def capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
     return max(1, math.ceil(capacity_factor * n_tokens * top_k / n_experts))
 
@@ -189,6 +204,8 @@ class MoEFeedForward(nn.Module):
             cf = self.capacity_factor if self.impl == "capacity" else None
             y_td, dropped = expert_lib.ep_moe_ffn(x_td, r.ids_tk, r.weights_tk, w_gate, w_up, w_down, ep_mesh,
                                                   capacity_factor=cf)
+        elif B * T * K < E:  # a decode step: computing only the chosen experts beats any dispatch
+            y_td = expert_compute_switch(x_td, w_gate, w_up, w_down, r.ids_tk, r.weights_tk)
         elif self.impl == "dense":
             combine_te = jnp.sum(jax.nn.one_hot(r.ids_tk, E, dtype=jnp.float32) * r.weights_tk[..., None], axis=1)
             y_td = expert_compute_dense(x_td, w_gate, w_up, w_down, combine_te)

@@ -38,13 +38,17 @@ class Block(nn.Module):
     args: ModelArgs
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, cache_index, kv_mask_bs, layer_cache, expert_bias_e):
+    def __call__(self, x_btd, positions_bt, cache_index, kv_mask_bs, layer_cache, expert_bias_e, kv_only=False):
+        """`kv_only`: write this layer's keys/values for x into the cache and return x unchanged (no attention, no
+        feed-forward): how early-exit decoding fills the layers a token skipped."""
         a = self.args
         dt, pdt = a.compute_dtype, a.weight_dtype
         h = RMSNorm(a.norm_eps, dt, pdt, name="attn_norm")(x_btd)
         attn = Attention(a.n_heads, a.n_kv_heads, a.head_dim, a.rope_theta, a.init_std, dt, pdt, a.attn_block_q,
                          a.kv_conv, name="attn")
-        attn_out, new_cache = attn(h, positions_bt, layer_cache, cache_index, kv_mask_bs)
+        attn_out, new_cache = attn(h, positions_bt, layer_cache, cache_index, kv_mask_bs, kv_only=kv_only)
+        if kv_only:
+            return x_btd, (new_cache, None)
         x_btd = x_btd + attn_out
         h = RMSNorm(a.norm_eps, dt, pdt, name="ffn_norm")(x_btd)
         if a.is_moe:
@@ -56,6 +60,8 @@ class Block(nn.Module):
             aux = {"lb_loss": jnp.zeros((), jnp.float32), "z_loss": jnp.zeros((), jnp.float32),
                    "expert_load": jnp.ones((1,), jnp.float32), "dropped_frac": jnp.zeros((), jnp.float32)}
         x_btd = constrain(x_btd + ffn_out, ("batch", "length", "embed"))
+        if a.exit_loss_weight > 0:  # every layer's output, for the early-exit loss (model/early_exit.py)
+            aux = dict(aux, layer_hidden=x_btd)
         return x_btd, (new_cache, aux)
 
 
@@ -104,13 +110,11 @@ class MantisLM(nn.Module):
 
         hidden_btd = x_btd
         x_btd = RMSNorm(a.norm_eps, a.compute_dtype, a.weight_dtype, name="final_norm")(x_btd)
-        if a.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x_btd, embedding.astype(a.compute_dtype))
-        else:
+        head = embedding
+        if not a.tie_embeddings:
             head = logical_param(self, "lm_head", nn.initializers.normal(a.init_std), (a.d_model, a.vocab_size),
                                  ("embed", "vocab"), a.weight_dtype)
-            logits = jnp.einsum("btd,dv->btv", x_btd, head.astype(a.compute_dtype))
-        logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        logits = _head_logits(a, x_btd, head)
 
         lb_loss, z_loss = jnp.mean(aux["lb_loss"]), jnp.mean(aux["z_loss"])
         out_aux: dict[str, Any] = {
@@ -118,9 +122,20 @@ class MantisLM(nn.Module):
             "moe_loss": a.lb_loss_weight * lb_loss + a.z_loss_weight * z_loss,
             "expert_load": aux["expert_load"], "dropped_frac": aux["dropped_frac"], "hidden": hidden_btd,
         }
+        if "layer_hidden" in aux:
+            out_aux["layer_hidden"] = aux["layer_hidden"]  # [L, B, T, D]
         if cache is not None:
             out_aux["cache"] = dict(new_caches, index=cache_index + T)
         return logits, out_aux
+
+
+def _head_logits(a: ModelArgs, normed_btd, head) -> jax.Array:
+    """The LM head on final-normed states: float32 logits [B, T, V] (`head` is the embedding [V, D] when tied)."""
+    if a.tie_embeddings:
+        logits = jnp.einsum("btd,vd->btv", normed_btd, head.astype(a.compute_dtype))
+    else:
+        logits = jnp.einsum("btd,dv->btv", normed_btd, head.astype(a.compute_dtype))
+    return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
 
 def init_cache(args: ModelArgs, batch: int, max_len: int | None = None, dtype=None) -> dict:
@@ -178,3 +193,35 @@ def abstract_params(args: ModelArgs) -> Any:
     """Parameter shapes and dtypes (boxed with logical names) without allocating: `jax.eval_shape(init)`."""
     tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
     return jax.eval_shape(lambda t: MantisLM(args).init(jax.random.key(0), t), tokens)["params"]
+
+
+# Layer-by-layer application, for loops that decide per layer (early-exit decoding, infer/early_exit.py). Each
+# runs exactly the module code MantisLM runs, so a loop over them equals `forward` op for op.
+
+def layer_params(args: ModelArgs, params: dict, i: int) -> dict:
+    """Layer i's parameters (a static slice of the stacked scan parameters, or the unrolled layer's own)."""
+    if args.scan_layers:
+        return jax.tree.map(lambda p: p[i], params["layers"])
+    return params[f"layer_{i}"]
+
+
+def apply_block(args: ModelArgs, block_params: dict, x_btd, positions_bt, layer_cache: dict, cache_index,
+                kv_mask_bs=None, expert_bias_e=None, *, kv_only: bool = False) -> tuple[jax.Array, dict]:
+    """One layer on x [B, T, D] with its cache slice ({"k", "v"[, tails]}: [B, S, G, Dh]): (x out, new slice).
+    kv_only: only write the layer's keys/values for x (x comes back unchanged)."""
+    x_btd, (new_cache, _) = Block(args).apply({"params": block_params}, x_btd, positions_bt, cache_index,
+                                              kv_mask_bs, layer_cache, expert_bias_e, kv_only=kv_only)
+    return x_btd, new_cache
+
+
+def embed(args: ModelArgs, params: dict, tokens_bt) -> jax.Array:
+    """The input embedding [B, T, D] in the compute dtype (as MantisLM computes it)."""
+    x_btd = jnp.take(params["embedding"], tokens_bt, axis=0).astype(args.compute_dtype)
+    return constrain(x_btd, ("batch", "length", "embed"))
+
+
+def logits_from_hidden(args: ModelArgs, params: dict, hidden_btd) -> jax.Array:
+    """Final norm + LM head on any layer's output [B, T, D] -> float32 logits [B, T, V]: the shared exit head."""
+    normed = RMSNorm(args.norm_eps, args.compute_dtype, args.weight_dtype).apply(
+        {"params": params["final_norm"]}, hidden_btd)
+    return _head_logits(args, normed, params["embedding"] if args.tie_embeddings else params["lm_head"])

@@ -4,7 +4,8 @@
 donation. Batches are dicts of arrays: inputs/targets int32 [B, T] and loss_mask float32 [B, T] (0 on padding,
 weights > 1 allowed, e.g. on answer tokens). With `grad_accum = A` > 1 the batch holds A·B rows that are split into
 A micro-batches whose gradients are averaged inside the step (one optimizer update per call).
-Loss = weighted token cross-entropy + moe_loss (lb_loss_weight·lb_loss + z_loss_weight·z_loss).
+Loss = weighted token cross-entropy + moe_loss (lb_loss_weight·lb_loss + z_loss_weight·z_loss) [+ the early-exit
+loss of model/early_exit.py when model.exit_loss_weight > 0].
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from mantis_jax.model.args import ModelArgs
+from mantis_jax.model.early_exit import exit_loss
 from mantis_jax.model.transformer import forward
 from mantis_jax.train.state import TrainState
 
@@ -48,6 +50,8 @@ def loss_fn(params: Any, batch: dict, args: ModelArgs) -> tuple[jax.Array, dict]
     ce = jnp.sum(ce_bt * valid) / n_valid
     correct = jnp.sum(hit_bt * valid)
     loss = weighted_ce + aux["moe_loss"]
+    if args.exit_loss_weight > 0:  # intermediate layers also predict (model.exit_loss_weight)
+        loss = loss + exit_loss(args, params, aux["layer_hidden"], batch["targets"], weights)
     metrics = {"loss": loss, "ce": ce, "accuracy": correct / n_valid, "tokens": jnp.sum(valid),
                "lb_loss": aux["lb_loss"], "z_loss": aux["z_loss"], "expert_load": aux["expert_load"],
                "dropped_frac": jnp.mean(aux["dropped_frac"])}

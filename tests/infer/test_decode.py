@@ -190,3 +190,18 @@ def test_answer_questions_scores_with_exact_match(model, tokenizer):
         ids = tokenizer.encode(fw.prompt(r), add_bos=True)[-(args.max_seq_len - 4):]
         ref = tokenizer.decode(reference_greedy(args, params, ids, 4)).split("\n", 1)[0].strip()
         assert p == ref or ref.startswith(p)
+
+
+def test_moe_decode_step_computes_only_the_chosen_experts_and_matches_dispatch():
+    """One token, top-2 of 4 experts: the lax.switch path (decode) equals the grouped dispatch of a longer input."""
+    from mantis_jax.model.moe import MoEFeedForward  # noqa: PLC0415
+
+    layer = MoEFeedForward(n_experts=4, top_k=2, d_ff=16, init_std=0.3)
+    x = jnp.asarray(np.random.default_rng(0).normal(0, 1, (1, 3, 8)), jnp.float32)  # T·K = 6 >= E: dispatch
+    variables = layer.init(jax.random.key(0), x)
+    apply = jax.jit(lambda v, x: layer.apply(v, x)[0])
+    text = str(jax.make_jaxpr(lambda v, x: layer.apply(v, x)[0])(variables, x[:, :1]))
+    assert "cond[" in text or "switch" in text  # one token: the switch path
+    full = apply(variables, x)
+    for t in range(3):
+        np.testing.assert_allclose(apply(variables, x[:, t:t + 1])[0, 0], full[0, t], atol=1e-5)

@@ -17,6 +17,7 @@ from mantis_jax.config import default_config, set_shape, validate
 from mantis_jax.data import factworld as fw
 from mantis_jax.data import tokenizer as tk
 from mantis_jax.infer import generate_cli, runner
+from mantis_jax.infer.early_exit import EarlyExit
 from mantis_jax.model.args import ModelArgs
 from mantis_jax.train import checkpoint as ckpt_lib
 from mantis_jax.train import state as state_lib
@@ -77,6 +78,17 @@ def test_single_prompt(workdir, reference):
     assert "tokens/s" in out[-1] and "time to first token" in out[-1] and out[-1].startswith("1 prompts")
 
 
+def test_early_exit_flags(workdir, reference):
+    """--exit_threshold=0 exits every token after --min_exit_layer: the 1-layer model's tokens (the early-exit
+    tests check that equality against the truncated model), and the stats line counts the layers run."""
+    out = cli([f"--checkpoint={workdir}", "--prompt=The cat", f"--max_new_tokens={N}", "--batch_size=2",
+               "--exit_threshold=0", "--min_exit_layer=1"]).splitlines()
+    expect, stats = reference.generate(["The cat"], max_new_tokens=N, exit=EarlyExit(1), exit_threshold=0.0)
+    assert "\n".join(out[:-1]) == expect[0]
+    n = stats.new_tokens
+    assert stats.layers == 2 + (n - 1) and f"{stats.mean_layers():.2f} layers/token" in out[-1]
+
+
 def test_prompts_file_to_jsonl(workdir, reference, tmp_path):
     prompts = ["The cat", "A: Brisk\\nQ: Who", "Hello there"]
     (tmp_path / "p.txt").write_text("\n".join(prompts[:2]) + "\n\n" + prompts[2] + "\n")
@@ -133,6 +145,7 @@ def test_help_lists_the_flags(flag, capsys):
     (["--checkpoint={tmp}", "--prompt=x", "--max_new_tokens=0"], "max_new_tokens"),
     (["--checkpoint={tmp}", "--prompts_file={tmp}/empty.txt"], "holds no prompts"),
     (["--checkpoint={tmp}", "--prompt=x", "--quantize=int4"], "quantize"),
+    (["--checkpoint={tmp}", "--prompt=x", "--exit_threshold=1.5"], "--exit_threshold (1.5) must be in [0, 1]"),
     (["--checkpoint={tmp}", "--prompt=x"], "has no checkpoints"),
 ])
 def test_bad_input_is_one_line(argv, message, tmp_path, capsys):
