@@ -90,7 +90,7 @@ def plot(results: dict, path: str, command: str) -> None:
     ax.set_xlabel("compute (FLOPs / full path)")
     ax.set_ylabel("accuracy (exact match)")
     ax.set_title(f"accuracy vs compute, factworld test, {DATE}", fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
     fig.text(0.01, 0.01, command, fontsize=6, color="gray")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=120)

@@ -26,6 +26,9 @@ What differs from configs/micro.py, and why (measurements in docs/perf/demo.md):
   CLIs' huge-page malloc and micro's unrolled layers); `train.max_minutes` (14) caps a slower machine, which then
   stops before the cosine anneal and scores lower (lower `train.total_steps` there: the log prints steps/s);
 - at most 3 facts per document (they fit the 128-token window) and 5% "unknown" questions;
+- half the fact sentences in factworld's alternative wording (`factworld_paraphrase` 0.5: "X has a house in Y"
+  beside "X lives in Y"): users state a fact in more than one way, and the demo reports near-range EM per wording
+  of the evidence sentence (a model that recalls only the wording it trained on would show it there);
 - half the documents ask all their questions after the whole narrative (as the test does) and half state one
   attribute for several entities: without them the model learns to copy *a* value of the asked type from the
   context, which is wrong whenever the context holds several, and plateaus at 50-59% (with them: up to 76%);

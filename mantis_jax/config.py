@@ -205,7 +205,7 @@ def default_config() -> ml_collections.ConfigDict:
     # The critic: a head on the frozen LM's hidden states over "evidence, Q: question, A: answer" (control/critic.py).
     cr = c.critic = ml_collections.ConfigDict()
     cr.d_hidden = 64
-    cr.window = 256  # tokens the critic reads (at most model.max_seq_len); longer inputs keep their last tokens
+    cr.window = 256  # tokens the critic reads (at most data.seq_len); longer inputs keep their last tokens
     cr.lr = 3e-3
     cr.weight_decay = 0.05
     cr.steps = 200
@@ -217,6 +217,7 @@ def default_config() -> ml_collections.ConfigDict:
     eng = c.engine = ml_collections.ConfigDict()  # the per-query pipeline (mantis_jax/engine, docs/engine.md)
     eng.retrieve = "always"  # always | never: the fixed policy's memory gates (a learned controller replaces it)
     eng.exit_threshold = 1.0  # per-token confidence at which decoding stops running layers; 1.0 = full depth
+    eng.exit_confidence = "softmax"  # softmax (top-1 probability) | margin (top-1 minus top-2): infer/early_exit.py
     eng.verify = False  # run the critic on each answer (needs a critic: python -m mantis_jax.control.train_critic)
     eng.span = "sentence"  # sentence | tokens: what one memory entry holds when reading a context
     eng.span_tokens = 32  # span = tokens: tokens per span
@@ -529,6 +530,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     eng = config.engine
     _one_of(config, "engine.retrieve", ("always", "never"))
     _one_of(config, "engine.span", ("sentence", "tokens"))
+    _one_of(config, "engine.exit_confidence", ("softmax", "margin"))
     _require(0.0 < eng.exit_threshold <= 1.0,
              f"config.engine.exit_threshold ({eng.exit_threshold}) must be in (0, 1] (1.0 = full depth)")
     _positive(config, ("engine.span_tokens", "engine.top_k", "engine.max_new_tokens", "engine.semantic_capacity"))

@@ -1,6 +1,7 @@
 """`make demo`: train the micro model on factworld under a wall-clock budget, then generate and answer questions.
 
     python -m mantis_jax.demo [--minutes=14] [--workdir=runs/demo] [--questions=50] [--config=configs/demo.py]
+                              [--stage2_minutes=3] [--far_questions=20]
 
 What goes in: the `configs/demo.py` preset (the micro shape, a 1024-token BPE, QA-dense documents, answer tokens
 weighted in the loss; see docs/perf/demo.md for why). What happens: `train.trainer.train` runs with its progress
@@ -8,8 +9,13 @@ bar until `--minutes` of training are spent (or the schedule ends) and saves an 
 `<workdir>/checkpoints`; the trained model then continues the opening of a test-split factworld document, and
 answers `--questions` near-range questions about test-split entities whose fact sentences are in the context
 (never seen in training), plus as many unanswerable ones (attributes never stated: the answer is "unknown").
-What comes out: the continuation, a few sample answers, and exact-match accuracy for answerable and unanswerable
-questions; `run()` returns those figures as a dict.
+What comes out: the continuation, a few sample answers, and exact-match accuracy for answerable (overall and per
+wording of the evidence sentence: canonical / alternative) and unanswerable questions. Then the memory path:
+Stage 2 trains the retrieval encoder for `--stage2_minutes` in `<workdir>_stage2` (recall@1/@5 against the
+untrained encoder), the engine reads a long test document (a far question's context: the evidence is
+FAR_DISTANCE tokens before the question, far outside the window), answers from memory and prints its trace,
+beside the attention-only answer; then EM over `--far_questions` such questions, attention-only vs engine.
+`run()` returns every figure as a dict.
 
 `--workdir` is started afresh (a previous demo run there is removed) unless `--resume` is given.
 """
@@ -37,6 +43,7 @@ from mantis_jax.data import factworld  # noqa: E402
 from mantis_jax.data.tokenizer import FILENAME as TOKENIZER_FILENAME, Tokenizer  # noqa: E402
 from mantis_jax.eval.qa import answer_questions  # noqa: E402
 from mantis_jax.infer.runner import Generator  # noqa: E402
+from mantis_jax.memory import train as stage2  # noqa: E402
 from mantis_jax.model.args import ModelArgs  # noqa: E402
 from mantis_jax.model.summary import param_counts  # noqa: E402
 from mantis_jax.train.checkpoint import checkpoint_dir  # noqa: E402
@@ -44,6 +51,7 @@ from mantis_jax.train.trainer import train  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "demo.py")
 CONTINUATION_TOKENS = 48
+FAR_DISTANCE = 2048
 Printer = Callable[[str], None]
 say: Printer = tqdm.tqdm.write  # print() that keeps the trainer's progress bar intact
 
@@ -114,14 +122,68 @@ def evaluate(config, tokenizer: Tokenizer, params: Any, n_questions: int, out: P
         out(f"  [{ok}] Q: {r['question']}  model: {predictions[i]!r}  answer: {r['answer']!r}")
     out(f"near-range answerable exact match:   {metrics['answerable_accuracy']:.1%} "
         f"({round(metrics['answerable_accuracy'] * metrics['n_answerable'])}/{metrics['n_answerable']})")
+    for w in ("canonical", "alternative"):
+        hits = [factworld.exact_match(p, r["answer"]) for p, r in zip(predictions, records)
+                if r["answerable"] and stage2.wording(r) == w]
+        metrics[f"accuracy_{w}"] = sum(hits) / len(hits) if hits else float("nan")
+        metrics[f"n_{w}"] = len(hits)
+        out(f"  evidence in the {w} wording:  {metrics[f'accuracy_{w}']:.1%} ({sum(hits)}/{len(hits)})")
     out(f"unanswerable exact match ('unknown'): {metrics['unanswerable_accuracy']:.1%} "
         f"({round(metrics['unanswerable_accuracy'] * metrics['n_unanswerable'])}/{metrics['n_unanswerable']})")
     out(f"(answered in {time.monotonic() - t0:.1f} s)")
     return {"continuation": cont, "prompt": prompt, **metrics}
 
 
+def memory_demo(config, workdir: str, tokenizer: Tokenizer, params: Any, *, stage2_minutes: float,
+                far_questions: int, out: Printer = say) -> dict[str, Any]:
+    """Stage 2 within its budget, then the engine on far questions beside attention-only answers."""
+    from mantis_jax.engine.core import Engine  # noqa: PLC0415
+    from mantis_jax.engine.policy import FixedPolicy  # noqa: PLC0415
+
+    result: dict[str, Any] = {}
+    encoder_params = None
+    if stage2_minutes > 0:
+        s2_dir = workdir.rstrip("/") + "_stage2"
+        out(f"\n== Stage 2: the retrieval encoder on the frozen LM, up to {stage2_minutes:g} min in {s2_dir} ==")
+        summary = stage2.train(workdir, s2_dir, {"retrieval.max_minutes": str(stage2_minutes)}, out=out)
+        rec = summary["recall"]
+        out(f"trained {summary['step']} steps ({summary['stopped']}) in {summary['minutes']:.1f} min; evidence "
+            f"recall@1 / @5 over {rec['gallery']} test sentences: trained {rec['trained_recall@1']:.3f} / "
+            f"{rec['trained_recall@5']:.3f}, untrained mean-pooled {rec['baseline_recall@1']:.3f} / "
+            f"{rec['baseline_recall@5']:.3f}")
+        result["recall"] = rec
+        encoder_params = summary["params"]
+    engine = Engine(config, params, tokenizer, encoder_params=encoder_params)
+    records = factworld.eval_questions("test", "far", max(far_questions, 1), config=config, distance=FAR_DISTANCE)
+    answers, attention = [], []
+    policy, window_only = engine.policy, FixedPolicy(retrieve="never")
+    for r in records:
+        engine.forget()
+        engine.read(r["context"])
+        answers.append(engine.answer(r["question"]))
+        engine.policy = window_only  # attention only: the same engine and window, memory gates off
+        attention.append(engine.answer(r["question"]).text)
+        engine.policy = policy
+    engine.close()
+    r, ans = records[0], answers[0]
+    out(f"\n== a far question: the evidence is {r['distance_tokens']} tokens before it; the window is "
+        f"{engine.window} ==")
+    out(f"evidence: {r['context'][r['evidence_span'][0]:r['evidence_span'][1]]!r}")
+    out(f"Q: {r['question']}   answer: {r['answer']!r}")
+    out(f"attention only (the last window):  {attention[0]!r}")
+    out(f"engine with memory:                {ans.text!r}")
+    out("trace:\n" + "\n".join("  " + line for line in ans.trace.format().split("\n")))
+    att_em = sum(factworld.exact_match(p, r["answer"]) for p, r in zip(attention, records)) / len(records)
+    eng_em = sum(factworld.exact_match(a.text, r["answer"]) for a, r in zip(answers, records)) / len(records)
+    out(f"\nfar questions ({len(records)}, evidence {FAR_DISTANCE}+ tokens back): attention-only EM {att_em:.1%}, "
+        f"engine EM {eng_em:.1%}")
+    result.update(far_attention_em=att_em, far_engine_em=eng_em, far_n=len(records),
+                  far_trace=ans.trace.to_dict(), far_answer=ans.text)
+    return result
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, n_questions: int = 50, resume: bool = False,
-        out: Printer = say) -> dict[str, Any]:
+        out: Printer = say, stage2_minutes: float = 3.0, far_questions: int = 20) -> dict[str, Any]:
     """Trains `config` in `workdir`, then evaluates; returns the training summary's figures and the QA metrics."""
     if n_questions < 3:
         raise ValueError(f"--questions ({n_questions}) must be >= 3")
@@ -143,6 +205,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, n_questions: int = 5
         f"parameters (vocab {tokenizer.padded_vocab_size}), {tps:,.0f} tokens/s; final train loss "
         f"{summary['train'].get('loss', float('nan')):.3f}; checkpoint in {checkpoint_dir(workdir)}")
     result = evaluate(config, tokenizer, params, n_questions, out)
+    result.update(memory_demo(config, workdir, tokenizer, params, stage2_minutes=stage2_minutes,
+                              far_questions=far_questions, out=out))
     result.update(step=summary["step"], stopped=summary["stopped"], train_minutes=train_min,
                   tokens_per_s=tps, total_minutes=(time.monotonic() - t0) / 60)
     out(f"demo finished in {result['total_minutes']:.1f} min")
@@ -157,13 +221,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--questions", type=int, default=50, help="near-range questions (and as many unanswerable)")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="preset file with get_config()")
     p.add_argument("--resume", action="store_true", help="continue the run in --workdir instead of restarting")
+    p.add_argument("--stage2_minutes", type=float, default=3.0,
+                   help="Stage-2 (retrieval encoder) budget in minutes; 0 = the untrained mean-pooled encoder")
+    p.add_argument("--far_questions", type=int, default=20, help="far questions answered by the engine")
     a = p.parse_args(argv)
     try:
         config = load_config(a.config, minutes=a.minutes)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    run(config, a.workdir, n_questions=a.questions, resume=a.resume)
+    run(config, a.workdir, n_questions=a.questions, resume=a.resume, stage2_minutes=a.stage2_minutes,
+        far_questions=a.far_questions)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from mantis_jax.data.tokenizer import Tokenizer
 from mantis_jax.model.args import ModelArgs
 from mantis_jax.model.transformer import forward
 from mantis_jax.train.checkpoint import list_steps, load_for_inference
+from mantis_jax.train.metrics import read_jsonl
 
 N_QUESTIONS = 3
 
@@ -27,6 +28,7 @@ def _tiny_config(tokenizer_path: str):
     c.train.total_steps, c.train.warmup_steps = 4, 1
     c.train.eval_every, c.train.eval_steps, c.train.save_every, c.train.log_every = 2, 1, 4, 2
     c.train.peak_flops = 1e9  # skip the matmul probe
+    c.retrieval.steps, c.retrieval.batch_size, c.retrieval.eval_questions, c.retrieval.max_len = 2, 4, 8, 24
     c.checkpoint.async_save = False
     c.logging.tensorboard = False
     return c
@@ -43,7 +45,8 @@ def demo_run(tmp_path_factory):
     os.makedirs(workdir)
     with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:  # a stale earlier run: must be cleared
         f.write("{}\n")
-    result = demo.run(config, workdir, n_questions=N_QUESTIONS, out=lines.append)
+    result = demo.run(config, workdir, n_questions=N_QUESTIONS, out=lines.append, stage2_minutes=5.0,
+                      far_questions=2)
     return config, workdir, result, lines
 
 
@@ -57,6 +60,17 @@ def test_demo_prints_accuracies_and_checkpoints(demo_run):
     assert result["step"] == 4 and result["stopped"] == "done"
     assert list_steps(workdir) == [4]
     assert (result["n_answerable"], result["n_unanswerable"]) == (N_QUESTIONS, N_QUESTIONS)
+    assert "evidence in the canonical wording:" in text or "evidence in the alternative wording:" in text
+    assert result["n_canonical"] + result["n_alternative"] == N_QUESTIONS
+    # the memory path: Stage 2 in <workdir>_stage2, the far question answered by the engine beside attention only
+    assert os.path.isdir(workdir + "_stage2") and "recall@1 / @5" in text
+    assert "attention only (the last window):" in text and "engine with memory:" in text
+    trace = result["far_trace"]
+    assert trace["retrieved"] and all(h["text"] in trace["prompt"] for h in trace["retrieved"])
+    assert result["far_n"] == 2 and 0.0 <= result["far_engine_em"] <= 1.0
+    # a short run learns: the validation loss falls well below chance (a uniform guess over the vocabulary)
+    val = [m["val_loss"] for m in read_jsonl(workdir, "val")]
+    assert val and val[-1] < 0.8 * np.log(Tokenizer.load(os.path.join(workdir, "tokenizer.json")).vocab_size)
     for key in ("answerable_accuracy", "unanswerable_accuracy"):
         assert 0.0 <= result[key] <= 1.0
         count = round(result[key] * N_QUESTIONS)

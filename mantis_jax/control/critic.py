@@ -31,8 +31,9 @@ N_LM_FEATURES = 4
 
 
 def window(config) -> int:
-    """Tokens the critic reads: config.critic.window, at most the LM's max_seq_len."""
-    return int(min(config.critic.window, config.model.max_seq_len))
+    """Tokens the critic reads: config.critic.window, at most the window the LM trained on (data.seq_len; its
+    hidden states past that length are out of distribution)."""
+    return int(min(config.critic.window, config.data.seq_len, config.model.max_seq_len))
 
 
 def prompt_text(question: str, evidence: list[str]) -> str:

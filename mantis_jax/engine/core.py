@@ -30,6 +30,7 @@ from mantis_jax.engine.memory import Memory, Span
 from mantis_jax.engine.policy import Decisions, FixedPolicy, StateSummary
 from mantis_jax.engine.trace import Answer, Trace
 from mantis_jax.infer.decode import left_pad, stop_mask
+from mantis_jax.infer.early_exit import EarlyExit
 from mantis_jax.infer.runner import newline_ids
 from mantis_jax.memory import encoder as enc
 from mantis_jax.memory.train import complete_config, load_encoder_params, set_key
@@ -58,6 +59,9 @@ class Engine:
         self.config = config = complete_config(config)
         self.args = ModelArgs.from_config(config)
         self.ssm_args = SSMArgs.from_config(config)
+        device = jax.devices()[0]  # batch-1 serving on one device: a replicated training state is copied there
+        params = jax.device_put(params, device)
+        encoder_params = None if encoder_params is None else jax.device_put(encoder_params, device)
         self.params, self.tokenizer = params, tokenizer
         self.policy = policy if policy is not None else FixedPolicy.from_config(config)
         self.critic = critic
@@ -76,6 +80,7 @@ class Engine:
             raise ValueError(f"config.engine.max_new_tokens ({e.max_new_tokens}) leaves {self.budget} prompt tokens "
                              f"in the window ({self.window}); lower it or raise config.engine.window_tokens")
         self.exit_layer = max(1, min(config.model.get("min_exit_layer", 1), self.args.n_layers))
+        self.early_exit = EarlyExit(min_layer=self.exit_layer, confidence=e.exit_confidence).check(self.args.n_layers)
         self._vectors: dict[str, np.ndarray] = {}
         self.sessions: dict[str, list[tuple[str, int]]] = {}  # recent spans per session: (text, tokens)
         self._offsets: dict[str, int] = {}
@@ -207,6 +212,9 @@ class Engine:
         times["encode"] = time.perf_counter() - t0
 
         t = time.perf_counter()
+        self.memory.settle()  # spans evicted while reading reach semantic memory before it is searched
+        times["consolidate"] = time.perf_counter() - t
+        t = time.perf_counter()
         counts = self.memory.counts()
         trace.memory = counts
         hits = self.memory.search(qvec[0], e.top_k) if sum(counts.values()) else []
@@ -258,12 +266,13 @@ class Engine:
         t = time.perf_counter()
         dec = runtime.decode(self.args, self.params, pre.cache, pre.first_logits_v, pre.kv_mask_bs,
                              jnp.int32(len(ids)), self.stop_v, self.tokenizer.pad_id,
-                             max_new_tokens=e.max_new_tokens)
+                             jnp.float32(decisions.exit_threshold), max_new_tokens=e.max_new_tokens,
+                             exit=self.early_exit)
         n = int(dec.length)
         toks, layers = np.asarray(dec.tokens_n)[:n].tolist(), np.asarray(dec.layers_n)[:n].tolist()
         trace.layers_per_token = layers
         for i in range(1, n):  # step i fed token i-1 through layers[i] layers against the whole cache
-            trace.add_flops("decode", enc.forward_flops(self.args, 1, layers[i], slots))
+            trace.add_flops("decode", self._step_flops(layers[i], slots))
         candidate = self.tokenizer.decode(toks).split("\n", 1)[0].strip()
         trace.candidate = candidate
         times["decode"] = time.perf_counter() - t
@@ -297,8 +306,18 @@ class Engine:
             length = min(-(-len(retrieval_ids) // 16) * 16, self.budget)
             slots = length + self.config.engine.max_new_tokens
             total += enc.forward_flops(a, length, a.n_layers, length * slots)
-        total += (n_tokens - 1) * enc.forward_flops(a, 1, a.n_layers, slots)
+        total += (n_tokens - 1) * self._step_flops(a.n_layers, slots)
         return float(total + critic_flops)
+
+    def _step_flops(self, layers: int, slots: int) -> float:
+        """One early-exit decode step that ran `layers` full layers: their FLOPs and the head that gave the logits;
+        the skipped layers' key/value projections (they fill the cache); and the exit heads read before the last
+        one (after layers min_exit_layer .. min(layers, L-1): the step reads them even at threshold 1.0)."""
+        a = self.args
+        kv = 2 * 2 * a.d_model * a.n_kv_heads * a.head_dim
+        extra_heads = (a.n_layers - self.exit_layer) if layers >= a.n_layers else (layers - self.exit_layer)
+        return (enc.forward_flops(a, 1, layers, slots) + (a.n_layers - layers) * kv
+                + max(extra_heads, 0) * 2 * a.d_model * a.vocab_size)
 
     def forget(self, memory: Memory | None = None) -> None:
         """Starts afresh: new (or the given) memory, no sessions; the compiled functions and encodings stay."""

@@ -4,8 +4,11 @@
 cache and returns what the policy's state summary needs (pooled last-layer hidden state over the real tokens,
 the next-token distribution's normalised entropy, the top-1 probability at the first exit layer) and the first
 token's logits. `decode(args, params, cache, ...)` continues from exactly that cache: one token per step in a
-`lax.while_loop` until a stop token or `max_new_tokens`, and reports how many layers each token ran. Both are
-jitted once per (shape, max_new_tokens); the host side (retrieval, the trace) runs between them.
+`lax.while_loop` until a stop token or `max_new_tokens`. Each step is `infer.early_exit.step`: a token whose
+confidence at a layer >= `model.min_exit_layer` reaches the (traced) exit threshold stops running layers, the
+skipped layers' cache entries filled from its exited state; threshold 1.0 is full depth. `decode` reports how many
+layers each token ran. Both are jitted once per (shape, max_new_tokens); the host side (retrieval, the trace) runs
+between them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from mantis_jax.infer.decode import prompt_positions
+from mantis_jax.infer.early_exit import EarlyExit, step
 from mantis_jax.model.args import ModelArgs
 from mantis_jax.model.transformer import forward
 
@@ -63,10 +67,11 @@ def prefill(args: ModelArgs, params, cache: dict, tokens_bt, mask_bt, *, exit_la
     return Prefill(aux["cache"], first, pooled[0], normalised_entropy(first), conf, kv_mask_bs)
 
 
-@functools.partial(jax.jit, static_argnames=("args", "max_new_tokens"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("args", "max_new_tokens", "exit"), donate_argnames=("cache",))
 def decode(args: ModelArgs, params, cache: dict, first_logits_v, kv_mask_bs, prompt_len, stop_v, pad_id,
-           *, max_new_tokens: int) -> Decoded:
-    """Greedy tokens from the prefilled `cache`: token 0 from `first_logits_v`, then one forward per token."""
+           threshold, *, max_new_tokens: int, exit: EarlyExit) -> Decoded:
+    """Greedy tokens from the prefilled `cache`: token 0 from `first_logits_v`, then one early-exit step per
+    token at confidence `threshold` (1.0 = every layer)."""
     tok = jnp.argmax(first_logits_v).astype(jnp.int32)
     out_n = jnp.full((max_new_tokens,), pad_id, jnp.int32).at[0].set(tok)
     layers_n = jnp.zeros((max_new_tokens,), jnp.int32).at[0].set(args.n_layers)  # token 0 came from the prefill
@@ -78,12 +83,11 @@ def decode(args: ModelArgs, params, cache: dict, first_logits_v, kv_mask_bs, pro
     def body(state):
         i, tok, done, out_n, layers_n, cache = state
         positions = jnp.reshape(prompt_len + i - 1, (1, 1))
-        logits, aux = forward(args, params, tok[None, None], cache=cache, positions_bt=positions,
-                              kv_mask_bs=kv_mask_bs)
-        new = jnp.argmax(logits[0, 0]).astype(jnp.int32)
+        logits_bv, layers_b, cache = step(args, params, tok[None], positions, cache, kv_mask_bs, threshold, exit)
+        new = jnp.argmax(logits_bv[0]).astype(jnp.int32)
         out_n = out_n.at[i].set(new)
-        layers_n = layers_n.at[i].set(args.n_layers)
-        return i + 1, new, stop_v[new], out_n, layers_n, aux["cache"]
+        layers_n = layers_n.at[i].set(layers_b[0])
+        return i + 1, new, stop_v[new], out_n, layers_n, cache
 
     state = (jnp.ones((), jnp.int32), tok, stop_v[tok], out_n, layers_n, cache)
     n, _, _, out_n, layers_n, cache = jax.lax.while_loop(cond, body, state)

@@ -123,7 +123,8 @@ def test_trace_flops_are_the_sum_over_what_ran(loaded, answered):
         length = -(-tr.prompt_tokens // 16) * 16
         slots = length + config.engine.max_new_tokens
         assert tr.flops["prefill"] == pytest.approx(forward_flops(args, length, args.n_layers, length * slots))
-        decode = sum(forward_flops(args, 1, n, slots) for n in tr.layers_per_token[1:])
+        head = 2 * args.d_model * args.vocab_size  # every step also read the exit head after layer 1 (of 2)
+        decode = sum(forward_flops(args, 1, n, slots) + head for n in tr.layers_per_token[1:])
         assert tr.flops["decode"] == pytest.approx(decode)
         q_len = -(-len(tok.encode(tr.question, add_bos=True)) // 16) * 16
         assert tr.flops["retrieval_encoder"] == pytest.approx(forward_flops(args, q_len, args.n_layers, q_len ** 2))
@@ -300,3 +301,24 @@ def test_cli_refuses_unknown_keys_and_a_missing_question(stage1, capsys):
         with pytest.raises(SystemExit):
             _cli(["--checkpoint", workdir] + argv)
         assert message in capsys.readouterr().err
+
+
+def test_exit_threshold_skips_layers_and_the_trace_counts_them(loaded, far_record):
+    """A threshold every token passes at the first exit layer: each decode step runs 1 of the 2 layers (the
+    skipped layer only fills its cache entry), and the trace's FLOPs and compute say so."""
+    _, config, tok, params = loaded
+    cfg = config.copy_and_resolve_references()
+    cfg.engine.exit_threshold = 1e-6
+    engine = Engine(cfg, params, tok)
+    engine.read(far_record["context"])
+    tr = engine.answer(far_record["question"]).trace
+    engine.close()
+    assert tr.decisions["exit_threshold"] == pytest.approx(1e-6)
+    assert tr.layers_per_token[0] == 2 and set(tr.layers_per_token[1:]) <= {1}
+    args = engine.args
+    length = -(-tr.prompt_tokens // 16) * 16
+    slots = length + cfg.engine.max_new_tokens
+    kv = 2 * 2 * args.d_model * args.n_kv_heads * args.head_dim
+    assert tr.flops["decode"] == pytest.approx((len(tr.layers_per_token) - 1) * (forward_flops(args, 1, 1, slots)
+                                                                                  + kv))
+    assert len(tr.layers_per_token) == 1 or tr.compute < 1.0
