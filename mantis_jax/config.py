@@ -222,6 +222,7 @@ def default_config() -> ml_collections.ConfigDict:
     dec.chunk = 8  # tokens between two actions (C)
     dec.chunks = 6  # actions per episode: an episode generates chunk * chunks tokens
     dec.prompt_len = 32  # tokens of factworld text each episode continues
+    dec.corpus_docs = 400  # factworld documents (per split) tokenized for prompts and the corpus bigram table
     dec.window = 32  # recent tokens the observation's n-gram statistics and the repetition terms look at
     dec.temperature_low, dec.temperature_high = 0.6, 1.4
     dec.top_k_low, dec.top_k_high = 8, 0  # geometric in m; 0 = the whole vocabulary (top-k off)
@@ -679,6 +680,7 @@ def _validate_decoding(config: ml_collections.ConfigDict) -> None:
         return
     d = config.decoding
     _positive(config, ("decoding.chunk", "decoding.chunks", "decoding.prompt_len", "decoding.window",
+                       "decoding.corpus_docs",
                        "decoding.d_hidden", "decoding.ppo_epochs", "decoding.minibatches", "decoding.lr",
                        "decoding.episodes", "decoding.updates", "decoding.save_every"))
     for lo, hi, ok in (("temperature_low", "temperature_high", d.temperature_low > 0),
@@ -695,6 +697,9 @@ def _validate_decoding(config: ml_collections.ConfigDict) -> None:
     _require(0 < d.ppo_clip < 1, f"config.decoding.ppo_clip ({d.ppo_clip}) must be in (0, 1)")
     _require(min(d.entropy_coef, d.value_coef, d.w_nll, d.w_band, d.w_repeat, d.w_coherence) >= 0,
              "config.decoding.entropy_coef, value_coef and the reward weights w_* must be >= 0")
+    _require(d.prompt_len >= max(d.window, d.chunk),
+             f"config.decoding.prompt_len ({d.prompt_len}) must be >= config.decoding.window ({d.window}) and "
+             f"config.decoding.chunk ({d.chunk})")
     _require((d.episodes * d.chunks) % d.minibatches == 0,
              f"config.decoding.minibatches ({d.minibatches}) must divide config.decoding.episodes * "
              f"config.decoding.chunks ({d.episodes * d.chunks})")

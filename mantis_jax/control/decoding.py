@@ -219,35 +219,51 @@ class Rollout(NamedTuple):
     nll: jax.Array  # [B, N] their NLL under the base model (unmodulated logits)
 
 
-@functools.partial(jax.jit, static_argnames=("args", "spec", "mode"))
+MODES = ("sample", "mean", "fixed")
+
+
 def rollout(args: ModelArgs, spec: DecodingSpec, lm_params, head_params, prompt_bt, key, bigrams_n,
             fixed: Knobs | None = None, forced_bn=None, *, mode: str = "sample") -> Rollout:
     """Continues each prompt [B, T] (real tokens, T >= window) by N = chunk·chunks tokens.
 
     mode "sample" draws m from the head (training), "mean" acts with the Beta mean (evaluation), "fixed" uses
     `fixed` knobs for every chunk (baselines; m is then the head's mean, unused). `forced_bn` [B, N], when given,
-    is fed instead of the sampled tokens (the reward must not depend on the knobs then: tests check it).
+    is fed instead of the sampled tokens (the reward must not depend on the knobs then: tests check it). The mode
+    and the forcing are traced flags: every call with the same shapes runs the same compiled program.
     """
+    if mode not in MODES or (mode == "fixed") != (fixed is not None):
+        raise ValueError(f"mode {mode!r} must be one of {MODES}, with `fixed` knobs given exactly for 'fixed'")
+    B, T = prompt_bt.shape
+    if T < max(spec.window, spec.chunk):
+        raise ValueError(f"prompts have {T} tokens but config.decoding.window ({spec.window}) and "
+                         f"config.decoding.chunk ({spec.chunk}) need >= {max(spec.window, spec.chunk)}; raise "
+                         "config.decoding.prompt_len")
+    fixed = fixed_knobs(B, 1.0) if fixed is None else fixed
+    forced = jnp.zeros((B, spec.new_tokens), jnp.int32) if forced_bn is None else forced_bn
+    return _rollout(args, spec, lm_params, head_params, jnp.asarray(prompt_bt, jnp.int32), key, bigrams_n, fixed,
+                    jnp.asarray(forced, jnp.int32), jnp.asarray(mode == "sample"), jnp.asarray(mode == "fixed"),
+                    jnp.asarray(forced_bn is not None))
+
+
+@functools.partial(jax.jit, static_argnames=("args", "spec"))
+def _rollout(args: ModelArgs, spec: DecodingSpec, lm_params, head_params, prompt_bt, key, bigrams_n, fixed: Knobs,
+             forced_bn, sample_m, use_fixed, use_forced) -> Rollout:
     B, T = prompt_bt.shape
     C, K, W, N, V = spec.chunk, spec.chunks, spec.window, spec.new_tokens, args.vocab_size
-    if T < W:
-        raise ValueError(f"prompts have {T} tokens but config.decoding.window is {W}; use prompts of >= {W}")
     cache = init_cache(args, B, T + N)
     logits_btv, aux = forward(args, lm_params, prompt_bt, cache=cache,
                               positions_bt=jnp.broadcast_to(jnp.arange(T), (B, T)))
-    hist_bs = jnp.concatenate([prompt_bt.astype(jnp.int32), jnp.zeros((B, N), jnp.int32)], axis=1)
-    use_forced = forced_bn is not None
-    forced_bn = jnp.zeros((B, N), jnp.int32) if forced_bn is None else jnp.asarray(forced_bn, jnp.int32)
-    hidden_bcd = aux["hidden"][:, -C:] if T >= C else aux["hidden"]
+    hist_bs = jnp.concatenate([prompt_bt, jnp.zeros((B, N), jnp.int32)], axis=1)
+    hidden_bcd = aux["hidden"][:, -C:]
 
-    def token_step(carry, i_and_key):
+    def token_step(carry, step):
         cache, logits_bv, hist_bs, kn = carry
-        pos, k_tok = i_and_key
+        pos, k_tok = step
         window_bw = jax.lax.dynamic_slice_in_dim(hist_bs, pos - W, W, axis=1)
         mod_bv = filter_logits_rows(repetition_penalty(logits_bv, seen_mask(window_bw, V), kn.penalty),
                                     kn.temperature, kn.top_k, kn.top_p)
         sampled_b = jax.random.categorical(k_tok, mod_bv, axis=-1).astype(jnp.int32)
-        tok_b = jax.lax.dynamic_index_in_dim(forced_bn, pos - T, 1, False) if use_forced else sampled_b
+        tok_b = jnp.where(use_forced, jax.lax.dynamic_index_in_dim(forced_bn, pos - T, 1, False), sampled_b)
         hist_bs = jax.lax.dynamic_update_slice_in_dim(hist_bs, tok_b[:, None], pos, axis=1)
         nxt_b1v, aux = forward(args, lm_params, tok_b[:, None], cache=cache,
                                positions_bt=jnp.full((B, 1), pos, jnp.int32))
@@ -260,24 +276,19 @@ def rollout(args: ModelArgs, spec: DecodingSpec, lm_params, head_params, prompt_
         x_bf = features(logits_bv, before_bw, hidden_bcd, k / K)
         out = apply(spec, head_params, x_bf)
         k_act, k_tok = jax.random.split(jax.random.fold_in(key, k))
-        if mode == "sample":
-            m_b = jnp.clip(jax.random.beta(k_act, out["alpha"], out["beta"]), M_EPS, 1.0 - M_EPS)
-        else:
-            m_b = beta_mean(out["alpha"], out["beta"])
-        kn = fixed if mode == "fixed" else knobs(spec, m_b)
+        drawn_b = jnp.clip(jax.random.beta(k_act, out["alpha"], out["beta"]), M_EPS, 1.0 - M_EPS)
+        m_b = jnp.where(sample_m, drawn_b, beta_mean(out["alpha"], out["beta"]))
+        kn = jax.tree.map(lambda f, p: jnp.where(use_fixed, f, p), fixed, knobs(spec, m_b))
         steps = (start + jnp.arange(C), jax.random.split(k_tok, C))
         (cache, logits_bv, hist_bs, _), (raw_cbv, tok_cb, hid_cbd) = jax.lax.scan(
             token_step, (cache, logits_bv, hist_bs, kn), steps)
-        tokens_bc = tok_cb.T
-        reward_b, terms = chunk_reward(spec, jnp.swapaxes(raw_cbv, 0, 1), tokens_bc, before_bw, bigrams_n)
-        nll_bc = -jnp.take_along_axis(jax.nn.log_softmax(jnp.swapaxes(raw_cbv, 0, 1), axis=-1),
-                                      tokens_bc[..., None], axis=-1)[..., 0]
+        raw_bcv, tokens_bc = jnp.swapaxes(raw_cbv, 0, 1), tok_cb.T
+        reward_b, terms = chunk_reward(spec, raw_bcv, tokens_bc, before_bw, bigrams_n)
+        nll_bc = -jnp.take_along_axis(jax.nn.log_softmax(raw_bcv, axis=-1), tokens_bc[..., None], axis=-1)[..., 0]
         ys = (x_bf, m_b, beta_log_prob(out["alpha"], out["beta"], m_b), out["value"], reward_b, terms, kn,
               tokens_bc, nll_bc)
         return (cache, logits_bv, hist_bs, jnp.swapaxes(hid_cbd, 0, 1)), ys
 
-    if mode not in ("sample", "mean", "fixed") or (mode == "fixed") != (fixed is not None):
-        raise ValueError(f"mode {mode!r} must be sample | mean | fixed, with `fixed` knobs exactly for 'fixed'")
     _, ys = jax.lax.scan(chunk_step, (aux["cache"], logits_btv[:, -1], hist_bs, hidden_bcd), jnp.arange(K))
     x, m, lp, v, r, terms, kn, tok_kbc, nll_kbc = ys
     bk = lambda a: jnp.swapaxes(a, 0, 1)  # noqa: E731  [K, B, ...] -> [B, K, ...]

@@ -36,7 +36,6 @@ from mantis_jax.train.checkpoint import CheckpointError, load_for_inference
 from mantis_jax.train.metrics import MetricsWriter
 
 COMMAND = "python -m mantis_jax.control.train_decoding --checkpoint=<stage-1 workdir> --workdir={}"
-CORPUS_DOCS = 400  # factworld documents per split tokenized for prompts (and, train split, the bigram table)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +56,16 @@ class PPOArgs:
                    int(d.minibatches), float(d.gamma), float(d.lam), float(d.lr))
 
 
-def init_state(spec: dec.DecodingSpec, key: jax.Array, lr: float) -> ppo.RLState:
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init_state(spec: dec.DecodingSpec, key: jax.Array, lr: float) -> ppo.RLState:
     params = dec.init(spec, key)
     return ppo.RLState(step=jnp.zeros((), jnp.int32), params=params, opt_state=ppo.optimizer(lr).init(params))
+
+
+def init_state(spec: dec.DecodingSpec, key: jax.Array, lr: float) -> ppo.RLState:
+    """A fresh state, committed to the device like `update`'s outputs (an uncommitted first state would make the
+    second update compile again)."""
+    return jax.device_put(_init_state(spec, key, lr), jax.local_devices()[0])
 
 
 def loss(spec: dec.DecodingSpec, args: PPOArgs, params: dict, mb: tuple) -> tuple[jax.Array, dict]:
@@ -86,9 +92,9 @@ def update(spec: dec.DecodingSpec, args: PPOArgs, state: ppo.RLState, roll: dec.
 class Corpus:
     """Tokenized factworld text of one split, prompts cut from it, and (train split) the sorted bigram ids."""
 
-    def __init__(self, config: ml_collections.ConfigDict, tokenizer, split: str, n_docs: int = CORPUS_DOCS):
+    def __init__(self, config: ml_collections.ConfigDict, tokenizer, split: str):
         world = factworld.world_from_config(config)
-        ids = [tokenizer.encode(t) for t in world.iter_documents(split, 0, n_docs)]
+        ids = tokenizer.encode_batch(list(world.iter_documents(split, 0, config.decoding.corpus_docs)))
         self.tokens = np.concatenate([np.asarray(i, np.int32) for i in ids if i])
         V = config.model.vocab_size
         if V * V >= 2 ** 31:
@@ -132,7 +138,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, lm_params, tokenizer,
     state = init_state(spec, init_key, pargs.lr)
     saved = store.steps(workdir)
     if saved:
-        state = store.restore_state(workdir, store.abstract(state), saved[-1])
+        state = jax.device_put(store.restore_state(workdir, store.abstract(state), saved[-1]),
+                               jax.local_devices()[0])
     start = int(state.step)
     os.makedirs(workdir, exist_ok=True)
     writer = MetricsWriter(workdir, jsonl=config.logging.jsonl, tensorboard=config.logging.tensorboard)
@@ -165,7 +172,7 @@ def load_policy(workdir: str) -> tuple[dec.DecodingSpec, dict, ml_collections.Co
     """(spec, head params, config) of a trained decoding-policy workdir's newest step."""
     step, config, _ = store.read_json(workdir, COMMAND)
     spec = dec.DecodingSpec.from_config(config)
-    shapes = jax.eval_shape(lambda k: init_state(spec, k, float(config.decoding.lr)), jax.random.key(0))
+    shapes = jax.eval_shape(lambda k: _init_state(spec, k, float(config.decoding.lr)), jax.random.key(0))
     return spec, store.restore_state(workdir, shapes, step).params, config
 
 

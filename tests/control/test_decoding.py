@@ -12,21 +12,15 @@ import pytest
 from mantis_jax.config import ConfigError, default_config, validate
 from mantis_jax.control import decoding as dec
 from mantis_jax.control import ppo, store, train_decoding
-from mantis_jax.infer import decode as decode_lib
 from mantis_jax.infer.sampling import filter_logits, filter_logits_rows, repetition_penalty
 from mantis_jax.model.args import ModelArgs
 from mantis_jax.model.transformer import forward
 from mantis_jax.train.checkpoint import params_equal
 
 FLAGS = ["--config.decoding.chunk=4", "--config.decoding.chunks=2", "--config.decoding.window=8",
-         "--config.decoding.prompt_len=8", "--config.decoding.episodes=4", "--config.decoding.minibatches=2",
-         "--config.decoding.d_hidden=16", "--config.decoding.save_every=1", "--config.decoding.ppo_epochs=2"]
-
-
-def small_spec(config) -> dec.DecodingSpec:
-    config = config.copy_and_resolve_references()
-    config.decoding.update(chunk=4, chunks=2, window=8, d_hidden=16)
-    return dec.DecodingSpec.from_config(config)
+         "--config.decoding.prompt_len=8", "--config.decoding.episodes=2", "--config.decoding.minibatches=2",
+         "--config.decoding.d_hidden=16", "--config.decoding.save_every=1", "--config.decoding.ppo_epochs=2",
+         "--config.decoding.corpus_docs=20"]  # episodes 2, prompts 8: the shapes of `tiny` (one rollout compile)
 
 
 def test_knob_map_end_points_and_monotone():
@@ -84,19 +78,19 @@ def test_beta_log_prob_and_entropy_against_direct_computation():
     a, b = jnp.array([1.3, 2.0, 5.0]), jnp.array([1.1, 4.0, 1.5])
     m = jnp.array([0.2, 0.5, 0.9])
     np.testing.assert_allclose(dec.beta_log_prob(a, b, m), jax.scipy.stats.beta.logpdf(m, a, b), rtol=1e-5)
-    x = jnp.linspace(1e-5, 1 - 1e-5, 200001)  # entropy = −∫ p log p, by the trapezoid rule
-    for ai, bi in zip(a, b):
-        logp = jax.scipy.stats.beta.logpdf(x, ai, bi)
-        direct = -jnp.trapezoid(jnp.exp(logp) * logp, x)
-        assert float(dec.beta_entropy(ai, bi)) == pytest.approx(float(direct), abs=2e-3)
+    x = jnp.linspace(1e-5, 1 - 1e-5, 20001)  # entropy = −∫ p log p, by the trapezoid rule
+    logp = jax.jit(jax.scipy.stats.beta.logpdf)(x[None, :], a[:, None], b[:, None])
+    direct = -jnp.trapezoid(jnp.exp(logp) * logp, x, axis=-1)
+    np.testing.assert_allclose(dec.beta_entropy(a, b), direct, atol=2e-3)
 
 
 def test_row_filters_match_the_scalar_filters():
     logits = jax.random.normal(jax.random.key(0), (4, 50)) * 3
     t, k, p = jnp.array([0.5, 1.0, 1.3, 0.8]), jnp.array([0, 5, 12, 50]), jnp.array([0.9, 1.0, 0.7, 0.5])
-    rows = filter_logits_rows(logits, t, k, p)
+    rows = jax.jit(filter_logits_rows)(logits, t, k, p)
+    scalar = jax.jit(filter_logits)
     for r in range(4):
-        np.testing.assert_allclose(rows[r], filter_logits(logits[r:r + 1], t[r], k[r], p[r])[0], rtol=1e-6)
+        np.testing.assert_allclose(rows[r], scalar(logits[r:r + 1], t[r], k[r], p[r])[0], rtol=1e-6)
     seen = jnp.zeros((4, 50), bool).at[:, :3].set(True)
     pen = repetition_penalty(jnp.array([[2.0, -2.0, 0.0, 1.0] + [0.0] * 46] * 4), seen, jnp.array([2.0] * 4))
     np.testing.assert_allclose(pen[0, :4], [1.0, -4.0, 0.0, 1.0])
@@ -112,53 +106,47 @@ def test_distinct_and_text_metrics():
 
 @pytest.fixture(scope="module")
 def tiny(lm):
-    config, _, params = lm
-    args, spec = ModelArgs.from_config(config), small_spec(config)
-    head = dec.init(spec, jax.random.key(1))
-    prompt = jax.random.randint(jax.random.key(2), (2, 8), 3, config.model.vocab_size)
-    forced = jax.random.randint(jax.random.key(3), (2, spec.new_tokens), 3, config.model.vocab_size)
-    bigrams = jnp.sort(jnp.unique(prompt[:, :-1] * config.model.vocab_size + prompt[:, 1:]).astype(jnp.int32))
-    return args, spec, params, head, prompt, forced, bigrams
+    """The trainer's shapes (config, prompts, bigram table, head state): its rollout compile serves these tests."""
+    config, tokenizer, params = lm
+    config = train_decoding.decoding_config(config, FLAGS)
+    args, spec = ModelArgs.from_config(config), dec.DecodingSpec.from_config(config)
+    head = train_decoding.init_state(spec, jax.random.key(1), 1e-3).params
+    corpus = train_decoding.Corpus(config, tokenizer, "train")
+    prompt = jnp.asarray(corpus.prompts(0, 99, 2, 8))
+    return args, spec, params, head, prompt, jnp.asarray(corpus.bigrams)
 
 
-def test_reward_reads_the_unmodulated_logits(tiny):
-    args, spec, params, head, prompt, forced, bigrams = tiny
+def test_rollout_against_a_plain_forward_pass(tiny):
+    """Near-greedy fixed knobs give the argmax tokens of a cache-free forward pass over prompt + tokens; fed those
+    tokens (forced), two very different knobs give the same rewards, equal to the reward of that pass's logits:
+    the reward reads the unmodulated logits (scoring the modulated ones would depend on the knobs)."""
+    args, spec, params, head, prompt, bigrams = tiny
+    greedy = dec.rollout(args, spec, params, head, prompt, jax.random.key(5), bigrams, dec.fixed_knobs(2, 1e-6),
+                         mode="fixed")
+    tokens = greedy.tokens
+    full = jnp.concatenate([prompt, tokens], axis=1)
+    logits, _ = forward(args, params, full)
+    raw = logits[:, 7:-1]  # [B, N, V]: the logits that predicted each new token
+    np.testing.assert_array_equal(tokens, jnp.argmax(raw, axis=-1))
     narrow = dec.fixed_knobs(2, 0.3, top_k=2, top_p=0.5, penalty=2.0)
     wide = dec.fixed_knobs(2, 1.7)
-    a = dec.rollout(args, spec, params, head, prompt, jax.random.key(0), bigrams, narrow, forced, mode="fixed")
-    b = dec.rollout(args, spec, params, head, prompt, jax.random.key(0), bigrams, wide, forced, mode="fixed")
-    np.testing.assert_array_equal(a.tokens, forced)
+    a = dec.rollout(args, spec, params, head, prompt, jax.random.key(0), bigrams, narrow, tokens, mode="fixed")
+    b = dec.rollout(args, spec, params, head, prompt, jax.random.key(0), bigrams, wide, tokens, mode="fixed")
+    np.testing.assert_array_equal(a.tokens, tokens)
     np.testing.assert_allclose(a.reward, b.reward, rtol=1e-6)  # same tokens: the knobs change nothing
-    # reference: one forward pass over prompt + tokens without a cache; its logits predict every new token
-    full = jnp.concatenate([prompt, forced], axis=1)
-    logits, _ = forward(args, params, full)
-    raw = logits[:, 7:-1]  # [B, N, V]
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(raw), forced[..., None], axis=-1)[..., 0]
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(raw), tokens[..., None], axis=-1)[..., 0]
     np.testing.assert_allclose(a.nll, nll, rtol=1e-4, atol=1e-4)
     C, W = spec.chunk, spec.window
+    reward = jax.jit(dec.chunk_reward, static_argnums=0)
     for k in range(spec.chunks):
-        before = full[:, 8 + k * C - W:8 + k * C]
-        ref, terms = dec.chunk_reward(spec, raw[:, k * C:(k + 1) * C], forced[:, k * C:(k + 1) * C], before, bigrams)
+        before, chunk = full[:, 8 + k * C - W:8 + k * C], tokens[:, k * C:(k + 1) * C]
+        ref, _ = reward(spec, raw[:, k * C:(k + 1) * C], chunk, before, bigrams)
         np.testing.assert_allclose(a.reward[:, k], ref, rtol=1e-4, atol=1e-5)
-        # the earlier form scored the modulated logits: that reward would depend on the knobs
-        mod = [filter_logits_rows(raw[:, k * C:(k + 1) * C].reshape(-1, raw.shape[-1]), kn.temperature[0],
-                                  kn.top_k[0], kn.top_p[0]).reshape(2, C, -1) for kn in (narrow, wide)]
-        ra, rb = (dec.chunk_reward(spec, jnp.maximum(x, -1e4), forced[:, k * C:(k + 1) * C], before, bigrams)[0]
-                  for x in mod)
+        modulated = [filter_logits_rows(raw[:, k * C:(k + 1) * C].reshape(2 * C, -1), kn.temperature[0],
+                                        kn.top_k[0], kn.top_p[0]).reshape(2, C, -1) for kn in (narrow, wide)]
+        ra, rb = (reward(spec, jnp.maximum(x, -1e4), chunk, before, bigrams)[0] for x in modulated)
         assert not np.allclose(ra, rb)
-
-
-def test_near_greedy_rollout_matches_greedy_decoding(tiny, lm):
-    config = lm[0]
-    args, spec, params, head, prompt, _, bigrams = tiny
-    roll = dec.rollout(args, spec, params, head, prompt, jax.random.key(5), bigrams, dec.fixed_knobs(2, 1e-6),
-                       mode="fixed")
-    N = spec.new_tokens
-    gen = decode_lib.generate(args, params, decode_lib.new_cache(args, 2, 8, N), prompt, jnp.ones_like(prompt, bool),
-                              jax.random.key(0), jnp.zeros((config.model.vocab_size,), bool), 0.0, 0, 1.0, 0, N,
-                              max_new_tokens=N)
-    np.testing.assert_array_equal(roll.tokens, gen.tokens_bn)
-    assert roll.log_prob.shape == (2, spec.chunks) and bool(jnp.all(jnp.isfinite(roll.log_prob)))
+    assert bool(jnp.all(jnp.isfinite(greedy.log_prob))) and greedy.features.shape == (2, 2, spec.n_features)
 
 
 @pytest.fixture(scope="module")
