@@ -138,6 +138,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, lm_params, tokenizer,
     state = init_state(spec, init_key, pargs.lr)
     saved = store.steps(workdir)
     if saved:
+        _, before, _ = store.read_json(workdir, COMMAND, saved[-1])
+        was = dec.DecodingSpec.from_config(before)
+        changed = [f for f in ("d_model", "vocab_size", "d_hidden") if getattr(was, f) != getattr(spec, f)]
+        if changed:
+            diff = ", ".join(f"{f} {getattr(was, f)} -> {getattr(spec, f)}" for f in changed)
+            raise store.ControlCheckpointError(
+                f"{workdir!r} holds a decoding policy with other shapes ({diff}); use a new --workdir, or the same "
+                "base model and config.decoding.d_hidden")
         state = jax.device_put(store.restore_state(workdir, store.abstract(state), saved[-1]),
                                jax.local_devices()[0])
     start = int(state.step)

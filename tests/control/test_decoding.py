@@ -176,6 +176,13 @@ def test_trainer_resumes_exactly(runs):
         set(__import__("json").loads(lines[0]))
 
 
+def test_resume_with_other_shapes_is_one_error(runs, lm_workdir, capsys):
+    with pytest.raises(SystemExit):
+        train_decoding.main([f"--checkpoint={lm_workdir}", f"--workdir={runs[0]}", "--config.decoding.updates=3",
+                             *FLAGS, "--config.decoding.d_hidden=8"])
+    assert "d_hidden 16 -> 8" in capsys.readouterr().err
+
+
 def test_cli_rejects_other_flags(lm_workdir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_decoding.main([f"--checkpoint={lm_workdir}", f"--workdir={tmp_path}", "--config.model.d_model=8"])
