@@ -214,6 +214,41 @@ def default_config() -> ml_collections.ConfigDict:
     cr.save_every = 100
     cr.abstain_threshold = 0.5
 
+    # The decoding policy (TIDAL; control/decoding.py, docs/tidal.md): every `chunk` tokens a Beta-distributed
+    # modulation m in [0, 1] sets temperature, top-k, top-p and repetition penalty, each moving monotonically from
+    # its *_low end (m = 0) to its *_high end (m = 1); trained with PPO + GAE on a reward computed from the base
+    # model's unmodulated logits. `python -m mantis_jax.control.train_decoding --checkpoint=DIR --workdir=W`.
+    dec = c.decoding = ml_collections.ConfigDict()
+    dec.chunk = 8  # tokens between two actions (C)
+    dec.chunks = 6  # actions per episode: an episode generates chunk * chunks tokens
+    dec.prompt_len = 32  # tokens of factworld text each episode continues
+    dec.corpus_docs = 400  # factworld documents (per split) tokenized for prompts and the corpus bigram table
+    dec.window = 32  # recent tokens the observation's n-gram statistics and the repetition terms look at
+    dec.temperature_low, dec.temperature_high = 0.6, 1.4
+    dec.top_k_low, dec.top_k_high = 8, 0  # geometric in m; 0 = the whole vocabulary (top-k off)
+    dec.top_p_low, dec.top_p_high = 0.8, 1.0  # 1.0 = top-p off
+    dec.penalty_low, dec.penalty_high = 1.0, 1.3  # repetition penalty (1.0 = off)
+    dec.d_hidden = 64
+    dec.gamma = 0.95  # GAE discount over chunks
+    dec.lam = 0.9  # GAE lambda
+    dec.entropy_coef = 0.01  # bonus on the Beta policy's entropy (keeps m from collapsing early)
+    dec.ppo_clip = 0.2
+    dec.value_coef = 0.5
+    dec.ppo_epochs = 4
+    dec.minibatches = 2
+    dec.lr = 1e-3
+    dec.episodes = 16  # episodes (prompts) per update, rolled out as one batch
+    dec.updates = 30
+    dec.save_every = 10
+    # Chunk reward, all from the base model's unmodulated logits and the sampled tokens:
+    #   − w_nll·mean NLL − w_band·(distance of the mean normalised entropy outside [band_low, band_high])
+    #   − w_repeat·(share of tokens already in the window) + w_coherence·(share of bigrams seen in the corpus)
+    dec.w_nll = 0.2
+    dec.w_band = 1.0
+    dec.band_low, dec.band_high = 0.1, 0.5
+    dec.w_repeat = 1.0
+    dec.w_coherence = 0.5
+
     eng = c.engine = ml_collections.ConfigDict()  # the per-query pipeline (mantis_jax/engine, docs/engine.md)
     eng.retrieve = "always"  # always | never: the fixed policy's memory gates (a learned controller replaces it)
     eng.exit_threshold = 1.0  # per-token confidence at which decoding stops running layers; 1.0 = full depth
@@ -620,6 +655,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             _require(t is None or t in MESH_AXES,
                      f"config.mesh.rules maps {name!r} to unknown mesh axis {t!r}; use one of {MESH_AXES}")
     _validate_eval(config)
+    _validate_decoding(config)
     return config
 
 
@@ -639,6 +675,36 @@ def _validate_eval(config: ml_collections.ConfigDict) -> None:
     kinds = ("near", "far", "cross_session", "unanswerable")
     bad = [k for k in str(ev.factworld_kinds).split(",") if k.strip() not in kinds]
     _require(not bad, f"config.eval.factworld_kinds names {bad}; use a comma-separated subset of {', '.join(kinds)}")
+
+
+def _validate_decoding(config: ml_collections.ConfigDict) -> None:
+    if "decoding" not in config:  # a config stored before the decoding policy existed
+        return
+    d = config.decoding
+    _positive(config, ("decoding.chunk", "decoding.chunks", "decoding.prompt_len", "decoding.window",
+                       "decoding.corpus_docs",
+                       "decoding.d_hidden", "decoding.ppo_epochs", "decoding.minibatches", "decoding.lr",
+                       "decoding.episodes", "decoding.updates", "decoding.save_every"))
+    for lo, hi, ok in (("temperature_low", "temperature_high", d.temperature_low > 0),
+                       ("top_p_low", "top_p_high", 0 < d.top_p_low <= 1 and d.top_p_high <= 1),
+                       ("penalty_low", "penalty_high", d.penalty_low >= 1),
+                       ("band_low", "band_high", 0 <= d.band_low)):
+        _require(ok and d[lo] <= d[hi], f"config.decoding.{lo} ({d[lo]}) must be <= config.decoding.{hi} "
+                 f"({d[hi]}) and in range (temperature > 0, top_p in (0, 1], penalty >= 1, band >= 0)")
+    _require(d.top_k_low >= 1 and (d.top_k_high == 0 or d.top_k_high >= d.top_k_low),
+             f"config.decoding.top_k_low ({d.top_k_low}) must be >= 1 and config.decoding.top_k_high "
+             f"({d.top_k_high}) >= it (0 = the whole vocabulary)")
+    _require(0 <= d.gamma <= 1 and 0 <= d.lam <= 1,
+             f"config.decoding.gamma ({d.gamma}) and config.decoding.lam ({d.lam}) must be in [0, 1]")
+    _require(0 < d.ppo_clip < 1, f"config.decoding.ppo_clip ({d.ppo_clip}) must be in (0, 1)")
+    _require(min(d.entropy_coef, d.value_coef, d.w_nll, d.w_band, d.w_repeat, d.w_coherence) >= 0,
+             "config.decoding.entropy_coef, value_coef and the reward weights w_* must be >= 0")
+    _require(d.prompt_len >= max(d.window, d.chunk),
+             f"config.decoding.prompt_len ({d.prompt_len}) must be >= config.decoding.window ({d.window}) and "
+             f"config.decoding.chunk ({d.chunk})")
+    _require((d.episodes * d.chunks) % d.minibatches == 0,
+             f"config.decoding.minibatches ({d.minibatches}) must divide config.decoding.episodes * "
+             f"config.decoding.chunks ({d.episodes * d.chunks})")
 
 
 def _validate_control(config: ml_collections.ConfigDict) -> None:

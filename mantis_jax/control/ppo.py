@@ -1,7 +1,8 @@
 """PPO for the meta-controller, in pure JAX: the clipped loss and one jitted update over a batch of episodes.
 
 An episode is one question: the controller acts once (at prefill) and the engine's outcome gives one reward, so
-the return is the reward and the advantage is reward − value (a contextual bandit; no discounting). A batch holds
+the return is the reward and the advantage is reward − value (a contextual bandit; no discounting). The decoding
+policy (control/decoding.py) acts every chunk of an episode and takes its advantages from `gae`. A batch holds
 what the acting policy computed (features, actions, log-probabilities, values) and the rewards; `update` runs
 `ppo_epochs` passes of `minibatches` gradient steps over it, with advantages normalised over the whole batch.
 """
@@ -64,6 +65,22 @@ def normalize(adv_n: jax.Array) -> jax.Array:
     return (adv_n - adv_n.mean()) / (adv_n.std() + 1e-8)
 
 
+def gae(reward_bk: jax.Array, value_bk: jax.Array, last_value_b: jax.Array, *, gamma: float,
+        lam: float) -> tuple[jax.Array, jax.Array]:
+    """Generalised advantage estimation over K steps of each row (a decoding episode's chunks, control/decoding.py):
+    delta_k = r_k + gamma·V_{k+1} − V_k (V_K = last_value, 0 for an episode that ended), A_k = delta_k +
+    gamma·lam·A_{k+1}. Returns (advantages [B, K], returns = advantages + values [B, K])."""
+    next_value_bk = jnp.concatenate([value_bk[:, 1:], last_value_b[:, None]], axis=1)
+    delta_bk = reward_bk + gamma * next_value_bk - value_bk
+
+    def back(carry_b, delta_b):
+        adv_b = delta_b + gamma * lam * carry_b
+        return adv_b, adv_b
+
+    _, adv_kb = jax.lax.scan(back, jnp.zeros_like(last_value_b), delta_bk.T, reverse=True)
+    return adv_kb.T, adv_kb.T + value_bk
+
+
 def clipped_loss(new_log_prob, old_log_prob, advantage, value, returns, entropy, *, clip: float,
                  value_coef: float, entropy_coef: float) -> tuple[jax.Array, dict]:
     """The PPO objective from its parts (all [N]); advantages already normalised. Returns (loss, metrics)."""
@@ -89,22 +106,29 @@ def ppo_loss(spec: ctl.ControllerSpec, args: PPOArgs, params: dict, batch: Batch
 def update(spec: ctl.ControllerSpec, args: PPOArgs, lr: float, state: RLState, batch: Batch,
            key: jax.Array) -> tuple[RLState, dict]:
     """`args.epochs` shuffled passes of `args.minibatches` Adam steps; returns the new state and mean metrics."""
-    tx = optimizer(lr)
-    n = batch.reward.shape[0]
     advantage = normalize(batch.reward - batch.value)
-    size = n // args.minibatches
-    grad_fn = jax.grad(functools.partial(ppo_loss, spec, args), has_aux=True)
+    loss_fn = lambda params, mb: ppo_loss(spec, args, params, mb[0], mb[1])  # noqa: E731
+    state, metrics = minibatch_passes(loss_fn, optimizer(lr), state, (batch, advantage), key, epochs=args.epochs,
+                                      minibatches=args.minibatches)
+    metrics["reward"] = batch.reward.mean()
+    return state, metrics
+
+
+def minibatch_passes(loss_fn, tx: optax.GradientTransformation, state: RLState, data, key: jax.Array, *,
+                     epochs: int, minibatches: int) -> tuple[RLState, dict]:
+    """`epochs` shuffled passes of `minibatches` steps of `tx` on `loss_fn(params, minibatch) -> (loss, metrics)`
+    over `data` (a pytree of arrays with a leading sample axis); returns the new state and the mean metrics."""
+    n = jax.tree.leaves(data)[0].shape[0]
+    size = n // minibatches
+    grad_fn = jax.grad(loss_fn, has_aux=True)
 
     def step(carry, idx):
         params, opt_state = carry
-        mb = jax.tree.map(lambda a: a[idx], batch)
-        grads, metrics = grad_fn(params, mb, advantage[idx])
+        grads, metrics = grad_fn(params, jax.tree.map(lambda a: a[idx], data))
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), metrics
 
-    perms = jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(key, args.epochs))  # [epochs, N]
-    idx = perms[:, :size * args.minibatches].reshape(args.epochs * args.minibatches, size)
+    perms = jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(key, epochs))  # [epochs, N]
+    idx = perms[:, :size * minibatches].reshape(epochs * minibatches, size)
     (params, opt_state), metrics = jax.lax.scan(step, (state.params, state.opt_state), idx)
-    metrics = jax.tree.map(jnp.mean, metrics)
-    metrics["reward"] = batch.reward.mean()
-    return RLState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return RLState(step=state.step + 1, params=params, opt_state=opt_state), jax.tree.map(jnp.mean, metrics)

@@ -90,3 +90,30 @@ def check_params(temperature: float, top_k: int, top_p: float) -> None:
         raise ValueError(f"top_k ({top_k}) must be an integer >= 0 (0 = off)")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p ({top_p}) must be in (0, 1] (1 = off)")
+
+
+def filter_logits_rows(logits_bv: jax.Array, temperature_b, top_k_b, top_p_b) -> jax.Array:
+    """`filter_logits` with per-row knobs [B] (a decoding policy sets each row's own): temperature-scaled logits
+    outside each row's top-k (k <= 0 keeps all) and top-p nucleus (p >= 1 keeps all) set to -inf. Both filters
+    always run (no `lax.cond` on a per-row predicate); one sort serves both."""
+    B, V = logits_bv.shape
+    t_b1 = jnp.maximum(jnp.broadcast_to(jnp.asarray(temperature_b, jnp.float32), (B,)), 1e-6)[:, None]
+    scaled_bv = logits_bv.astype(jnp.float32) / t_b1
+    k_b = jnp.broadcast_to(jnp.asarray(top_k_b, jnp.int32), (B,))
+    p_b = jnp.broadcast_to(jnp.asarray(top_p_b, jnp.float32), (B,))
+    sorted_bv = _sorted_desc(scaled_bv)
+    keep_k_bv = _top_n_mask(scaled_bv, sorted_bv, jnp.where(k_b > 0, k_b, V))
+    probs_bv = jax.nn.softmax(jnp.where(jnp.arange(V) < jnp.where(k_b > 0, k_b, V)[:, None], sorted_bv, NEG_INF),
+                              axis=-1)  # the nucleus is taken among the top-k survivors, renormalised
+    n_b = jnp.sum(jnp.cumsum(probs_bv, axis=-1) - probs_bv < p_b[:, None], axis=-1).astype(jnp.int32)
+    keep_p_bv = _top_n_mask(scaled_bv, sorted_bv, n_b) | (p_b >= 1.0)[:, None]
+    return jnp.where(keep_k_bv & keep_p_bv, scaled_bv, NEG_INF)
+
+
+def repetition_penalty(logits_bv: jax.Array, seen_bv: jax.Array, penalty_b) -> jax.Array:
+    """The CTRL repetition penalty with a per-row factor [B] (1 = off): a logit of a token already seen (seen_bv
+    [B, V] bool) is divided by the factor when positive and multiplied by it when negative."""
+    r_b1 = jnp.broadcast_to(jnp.asarray(penalty_b, jnp.float32), logits_bv.shape[:1])[:, None]
+    logits_bv = logits_bv.astype(jnp.float32)
+    penalised_bv = jnp.where(logits_bv > 0, logits_bv / r_b1, logits_bv * r_b1)
+    return jnp.where(seen_bv, penalised_bv, logits_bv)

@@ -1,0 +1,105 @@
+"""TIDAL benchmark: the trained decoding policy against fixed sampling settings at equal perplexity.
+
+    python benchmarks/tidal.py --checkpoint=/work/runs/demo --policy=runs/demo_tidal --n=64 --out=docs/perf/tidal
+
+Every setting continues the same `n` held-out prompts (factworld test-split text, `decoding.prompt_len` tokens)
+by chunk·chunks tokens. Per setting: repetition rate (share of new tokens already among the row's earlier new
+tokens), distinct-2/3 and the perplexity of the new tokens under the base model (its unmodulated logits).
+Settings: the policy acting with its Beta mean ("policy") and sampling m ("policy-sampled"); fixed temperatures
+(top-k, top-p and penalty off); fixed modulations m (the policy's own knob map with a constant m). The baselines'
+figures are interpolated (linearly in log-perplexity) at the policy's perplexity, so the policy is compared with
+the fixed temperature and the fixed m that reach the same perplexity. Writes `<out>.json` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mantis_jax.control import decoding as dec  # noqa: E402
+from mantis_jax.control import train_decoding  # noqa: E402
+from mantis_jax.model.args import ModelArgs  # noqa: E402
+from mantis_jax.train.checkpoint import load_for_inference  # noqa: E402
+
+DATE = "2026-12-01"
+FIGURES = ("repetition", "distinct_2", "distinct_3", "perplexity")
+
+
+def measure(args, spec, lm_params, head, prompts, bigrams, batch, *, mode, fixed=None, seed=0) -> dict:
+    """text_metrics over all prompts (batches of `batch`), plus the mean knobs used."""
+    toks, nlls, temps = [], [], []
+    for i in range(0, len(prompts), batch):
+        p = jnp.asarray(prompts[i:i + batch])
+        kn = None if fixed is None else dec.fixed_knobs(len(p), *fixed)
+        roll = dec.rollout(args, spec, lm_params, head, p, jax.random.key(seed + i), bigrams, kn, mode=mode)
+        toks.append(roll.tokens)
+        nlls.append(roll.nll)
+        temps.append(roll.knobs.temperature)
+    out = dec.text_metrics(jnp.concatenate(toks), jnp.concatenate(nlls))
+    out["mean_temperature"] = float(jnp.mean(jnp.concatenate(temps)))
+    return out
+
+
+def at_perplexity(rows: list[dict], ppl: float) -> dict:
+    """The baseline figures linearly interpolated in log-perplexity at `ppl` (clamped to the swept range)."""
+    rows = sorted(rows, key=lambda r: r["perplexity"])
+    x = np.log([r["perplexity"] for r in rows])
+    out = {k: float(np.interp(np.log(ppl), x, [r[k] for r in rows])) for k in FIGURES}
+    out["in_range"] = bool(x[0] <= np.log(ppl) <= x[-1])
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="Stage-1 workdir: the base model")
+    p.add_argument("--policy", required=True, help="trained decoding policy (python -m mantis_jax.control."
+                                                    "train_decoding)")
+    p.add_argument("--n", type=int, default=64, help="held-out prompts")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--temperatures", default="0.5,0.6,0.7,0.8,0.9,1.0,1.1,1.2,1.3,1.4")
+    p.add_argument("--ms", default="0,0.25,0.5,0.75,1")
+    p.add_argument("--out", default="")
+    a = p.parse_args(argv)
+    _, tokenizer, lm_params = load_for_inference(a.checkpoint)
+    spec, head, config = train_decoding.load_policy(a.policy)
+    args = ModelArgs.from_config(config)
+    prompts = train_decoding.Corpus(config, tokenizer, "test").prompts(config.seed, 0, a.n,
+                                                                       config.decoding.prompt_len)
+    bigrams = jnp.asarray(train_decoding.Corpus(config, tokenizer, "train").bigrams)
+    t0 = time.perf_counter()
+    run = lambda mode, fixed=None: measure(args, spec, lm_params, head, prompts, bigrams, a.batch,  # noqa: E731
+                                           mode=mode, fixed=fixed)
+    result = {"policy": run("mean"), "policy-sampled": run("sample")}
+    temps = [{"temperature": t, **run("fixed", (t, 0, 1.0, 1.0))} for t in map(float, a.temperatures.split(","))]
+    ms = [{"m": m, **run("fixed", tuple(v[0].item() for v in dec.knobs(spec, jnp.array([m]))))}
+          for m in map(float, a.ms.split(","))]
+    ppl = result["policy"]["perplexity"]
+    result.update(temperature_sweep=temps, m_sweep=ms, fixed_temperature_at_policy_ppl=at_perplexity(temps, ppl),
+                  fixed_m_at_policy_ppl=at_perplexity(ms, ppl), n=a.n, tokens=spec.new_tokens, date=DATE,
+                  wall_s=time.perf_counter() - t0,
+                  command="python benchmarks/tidal.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    print(f"{'setting':34s} " + " ".join(f"{k:>11s}" for k in FIGURES))
+    for name in ("policy", "policy-sampled", "fixed_temperature_at_policy_ppl", "fixed_m_at_policy_ppl"):
+        print(f"{name:34s} " + " ".join(f"{result[name][k]:11.3f}" for k in FIGURES))
+    for r in temps:
+        print(f"{'T=' + str(r['temperature']):34s} " + " ".join(f"{r[k]:11.3f}" for k in FIGURES))
+    for r in ms:
+        print(f"{'m=' + str(r['m']):34s} " + " ".join(f"{r[k]:11.3f}" for k in FIGURES))
+    if a.out:
+        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+        with open(a.out + ".json", "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
