@@ -1,6 +1,6 @@
 """TIDAL benchmark: the trained decoding policy against fixed sampling settings at equal perplexity.
 
-    python benchmarks/tidal.py --checkpoint=/work/runs/demo --policy=runs/demo_tidal --n=64 --out=docs/perf/tidal
+    python benchmarks/tidal.py --checkpoint=runs/demo --policy=runs/demo_tidal --n=64 --out=docs/perf/tidal
 
 Every setting continues the same `n` held-out prompts (factworld test-split text, `decoding.prompt_len` tokens)
 by chunk·chunks tokens. Per setting: repetition rate (share of new tokens already among the row's earlier new
