@@ -101,8 +101,8 @@ def main() -> None:
     for d in (int(x) for x in a.distances.split(",")):
         kinds += [("far", d), ("cross_session", d)]
     results = {}
-    print(f"{'kind':22s} {'n':>4s} {'attention EM':>13s} {'window EM':>10s} " + " ".join(f"{k + ' EM':>15s}" for k in engines)
-          + "  evidence in prompt / top-1  search ms  compute", flush=True)
+    print(f"{'kind':22s} {'n':>4s} {'attention EM':>13s} {'window EM':>10s} "
+          + " ".join(f"{k + ' EM':>15s}" for k in engines) + "  evidence in prompt / top-1  search ms  compute", flush=True)
     for kind, d in kinds:
         n = a.n_long if d > 4096 else a.n
         recs = records_for(config, kind, n, d or 2048)

@@ -342,8 +342,9 @@ def read_context_file(path: str) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"--context_file {path!r} is not UTF-8 text (byte {err.start}: {raw[err.start:err.start + 4]!r}"
-                         "); convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+        bad = raw[err.start:err.start + 4]
+        raise ValueError(f"--context_file {path!r} is not UTF-8 text (byte {err.start}: {bad!r}); convert it, "
+                         "e.g. `iconv -f latin1 -t utf-8`") from None
     if not text.strip():
         raise ValueError(f"--context_file {path!r} is empty; give the engine some text to read")
     return text

@@ -4,7 +4,6 @@ empty / non-UTF-8 context files)."""
 
 import io
 import json
-import os
 import socket
 import subprocess
 import sys
