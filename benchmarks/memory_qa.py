@@ -3,7 +3,7 @@
     python benchmarks/memory_qa.py --checkpoint=runs/demo [--stage2=runs/demo_stage2] [--n=150]
         [--distances=512,8192,65536] [--n_long=20] [--json=out.json]
 
-Baselines (measured in the same run): attention only, today's path (`infer.qa.answer_questions`: the whole
+Baselines (measured in the same run): attention only, today's path (`eval.qa.answer_questions`: the whole
 context and the question, cut from the left to max_seq_len - 8 tokens: longer than the demo model's training
 window), and "window": the engine with its memory gates off (`engine.retrieve=never`: the last `data.seq_len`
 tokens of the context and the question). Against them: the engine
@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from mantis_jax.data import factworld  # noqa: E402
 from mantis_jax.engine.core import Engine  # noqa: E402
 from mantis_jax.engine.policy import FixedPolicy  # noqa: E402
-from mantis_jax.infer.qa import answer_questions  # noqa: E402
+from mantis_jax.eval.qa import answer_questions  # noqa: E402
 from mantis_jax.memory.train import load_encoder_params, wording  # noqa: E402
 
 
@@ -101,8 +101,8 @@ def main() -> None:
     for d in (int(x) for x in a.distances.split(",")):
         kinds += [("far", d), ("cross_session", d)]
     results = {}
-    print(f"{'kind':22s} {'n':>4s} {'attention EM':>13s} {'window EM':>10s} " + " ".join(f"{k + ' EM':>15s}" for k in engines)
-          + "  evidence in prompt / top-1  search ms  compute", flush=True)
+    print(f"{'kind':22s} {'n':>4s} {'attention EM':>13s} {'window EM':>10s} "
+          + " ".join(f"{k + ' EM':>15s}" for k in engines) + "  evidence in prompt / top-1  search ms  compute", flush=True)
     for kind, d in kinds:
         n = a.n_long if d > 4096 else a.n
         recs = records_for(config, kind, n, d or 2048)

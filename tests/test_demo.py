@@ -66,11 +66,11 @@ def test_demo_prints_accuracies_and_checkpoints(demo_run):
     assert os.path.isdir(workdir + "_stage2") and "recall@1 / @5" in text
     assert "attention only (the last window):" in text and "engine with memory:" in text
     trace = result["far_trace"]
-    assert trace["retrieved"] and all(h["text"] in trace["prompt"] for h in trace["retrieved"])
+    assert sum(trace["memory"].values()) > 0 and all(h["text"] in trace["prompt"] for h in trace["retrieved"])
     assert result["far_n"] == 2 and 0.0 <= result["far_engine_em"] <= 1.0
-    # a short run learns: the validation loss falls well below chance (a uniform guess over the vocabulary)
+    # the run learns: its validation loss falls between the two evaluations of these 4 steps
     val = [m["val_loss"] for m in read_jsonl(workdir, "val")]
-    assert val and val[-1] < 0.8 * np.log(Tokenizer.load(os.path.join(workdir, "tokenizer.json")).vocab_size)
+    assert len(val) == 2 and val[-1] < val[0]
     for key in ("answerable_accuracy", "unanswerable_accuracy"):
         assert 0.0 <= result[key] <= 1.0
         count = round(result[key] * N_QUESTIONS)

@@ -165,17 +165,19 @@ class Engine:
                 "seconds": time.perf_counter() - t0}
 
     # ------------------------------------------------------------------------------------------ answer
-    def _prompt(self, question: str, hits) -> tuple[list[int], str]:
-        """Token ids and text: retrieved spans (best first), then as much of the window as fits, the question."""
+    def _prompt(self, question: str, hits) -> tuple[list[int], str, list]:
+        """Token ids, text and the spans placed: retrieved spans (best first) that fit, then as much of the window
+        as fits, then the question."""
         tail = f"\nQ: {question.strip()}\nA:"
         room = self.budget - len(self.tokenizer.encode(tail, add_bos=False)) - 2
         recent = self.sessions.get(self.session, [])
         recent_texts = {t for t, _ in recent}
-        head = []
+        head, placed = [], []
         for h in hits:
             n = len(self.tokenizer.encode(" " + h.text, add_bos=False))
             if h.text not in recent_texts and n <= room:
                 head.append(h.text)
+                placed.append(h)
                 room -= n
         window = []
         for t, n in reversed(recent):
@@ -185,7 +187,7 @@ class Engine:
             room -= n
         text = " " + " ".join(head + window[::-1]) + tail
         ids = self.tokenizer.encode(text, add_bos=True)
-        return ids[-self.budget:], text
+        return ids[-self.budget:], text, placed
 
     def _prefill(self, ids: list[int], summary: bool = True):
         """(Prefill, padded length, cache slots, FLOPs of the full-depth pass, FLOPs of the exit-layer pass, which
@@ -222,7 +224,7 @@ class Engine:
         times["search"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        base_ids, base_text = self._prompt(question, [])
+        base_ids, base_text, _ = self._prompt(question, [])
         pre, length, slots, base_flops, exit_flops = self._prefill(base_ids)
         base_slots = slots
         trace.add_flops("summary", exit_flops)
@@ -249,17 +251,19 @@ class Engine:
             trace.notes.append("memory is empty: answered from the window")
         elif not used and (decisions.episodic or decisions.semantic):
             trace.notes.append("no span in the enabled tiers passed engine.min_score: answered from the window")
-        full_ids, _ = self._prompt(question, hits)
+        full_ids, _, _ = self._prompt(question, hits)
         t = time.perf_counter()
-        if used:
-            ids, text = self._prompt(question, used)
+        ids, text, placed = self._prompt(question, used) if used else (base_ids, base_text, [])
+        if used and not placed:
+            trace.notes.append("the retrieved spans are already in the window or do not fit the prompt")
+        if placed:
             trace.add_flops("summary", base_flops)  # the window-only prefill served the summary alone
             pre, length, slots, full_flops, _ = self._prefill(ids, summary=False)
             trace.add_flops("prefill", full_flops)
         else:  # the step-2 cache is the one generation continues from
             ids, text = base_ids, base_text
             trace.add_flops("prefill", base_flops)
-        trace.retrieved = [h.to_dict() for h in used]
+        trace.retrieved = [h.to_dict() for h in placed]
         trace.prompt, trace.prompt_tokens = text, len(ids)
         times["prefill"] = time.perf_counter() - t
 
@@ -338,8 +342,9 @@ def read_context_file(path: str) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"--context_file {path!r} is not UTF-8 text (byte {err.start}: {raw[err.start:err.start + 4]!r}"
-                         "); convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+        bad = raw[err.start:err.start + 4]
+        raise ValueError(f"--context_file {path!r} is not UTF-8 text (byte {err.start}: {bad!r}); convert it, "
+                         "e.g. `iconv -f latin1 -t utf-8`") from None
     if not text.strip():
         raise ValueError(f"--context_file {path!r} is empty; give the engine some text to read")
     return text

@@ -1,9 +1,6 @@
 """Stage 2 (the retrieval encoder): its batches, its loss against a loop, exact resume, and its CLI's errors."""
 
-import io
 import json
-import os
-import shutil
 
 import jax.numpy as jnp
 import numpy as np
