@@ -23,7 +23,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import faiss
@@ -271,10 +270,13 @@ def main(argv: list[str] | None = None) -> None:
     tls = ", TLS" if args.tls_cert else ""
     print(f"listening on {args.host}:{port} ({spec.kind}{lists}, dim {spec.dim}, {store.stats()['count']} "
           f"entries{tls})", flush=True)
-    stop = threading.Event()
+    # The handler only appends to a list: taking a lock there (Event.set) can deadlock when the signal lands while
+    # the main thread itself holds that lock, and the server then never stops.
+    stop_requested: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+        signal.signal(sig, lambda signum, _frame: stop_requested.append(signum))
+    while not stop_requested:
+        time.sleep(0.1)
     server.stop(grace=5).wait()
     store.snapshot()
     store.close()
