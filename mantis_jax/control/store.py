@@ -120,3 +120,10 @@ def control_config(saved: ml_collections.ConfigDict, overrides: list[str]) -> ml
         if section in flagged:
             config[section] = ml_collections.ConfigDict(flagged[section].to_dict())
     return config_lib.validate(config)
+
+
+def print_summary(summary: dict) -> None:
+    """A trainer's summary as JSON on stdout: everything but the state and history, plus the last history row."""
+    printable = {k: v for k, v in summary.items() if k not in ("state", "history")}
+    printable["last"] = summary["history"][-1] if summary["history"] else {}
+    print(json.dumps(printable, indent=1, default=float))

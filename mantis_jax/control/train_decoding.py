@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import sys
 import time
@@ -201,9 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
                         meta={"checkpoint": os.path.abspath(known.checkpoint)})
     except (CheckpointError, store.ControlCheckpointError, ConfigError) as e:
         cli.fail(e)
-    printable = {k: v for k, v in summary.items() if k not in ("state", "history")}
-    printable["last"] = summary["history"][-1] if summary["history"] else {}
-    print(json.dumps(printable, indent=1, default=float))
+    store.print_summary(summary)
     return summary
 
 

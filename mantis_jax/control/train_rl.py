@@ -13,7 +13,6 @@ TensorBoard; a progress bar shows the reward.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -143,9 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary = train(config, args.workdir, env, meta=meta)
     except (CheckpointError, store.ControlCheckpointError, ConfigError, Stage2Error) as e:
         cli.fail(e)
-    printable = {k: v for k, v in summary.items() if k not in ("state", "history")}
-    printable["last"] = summary["history"][-1] if summary["history"] else {}
-    print(json.dumps(printable, indent=1, default=float))
+    store.print_summary(summary)
     return summary
 
 

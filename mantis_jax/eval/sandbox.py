@@ -11,6 +11,7 @@ stopped by that limit or the timeout, never buffered without bound). The parent 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import math
@@ -77,10 +78,8 @@ def run_program(source: str, limits: Limits = Limits()) -> Verdict:
             except subprocess.TimeoutExpired:
                 rc = None
             finally:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)  # the group: anything it managed to start goes too
-                except ProcessLookupError:
-                    pass
+                with contextlib.suppress(ProcessLookupError):  # the group: anything it managed to start goes too
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         seconds = time.monotonic() - t0
         layers = tuple(_tail(os.path.join(work, ".layers"), 200).split(",")) if os.path.exists(
@@ -99,10 +98,8 @@ def _unlock(root: str) -> None:
     """Make everything the program left removable (it may have dropped permissions on what it made)."""
     for dirpath, dirnames, _ in os.walk(root):
         for d in dirnames:
-            try:
+            with contextlib.suppress(OSError):  # best effort: what cannot be reopened is left to the temp dir's owner
                 os.chmod(os.path.join(dirpath, d), 0o700)
-            except OSError:
-                pass
 
 
 def run_many(sources: Sequence[str], limits: Limits = Limits(), workers: int = 2) -> list[Verdict]:
