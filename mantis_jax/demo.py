@@ -56,8 +56,11 @@ Printer = Callable[[str], None]
 say: Printer = tqdm.tqdm.write  # print() that keeps the trainer's progress bar intact
 
 
-def load_config(path: str = DEFAULT_CONFIG, *, minutes: float | None = None) -> ml_collections.ConfigDict:
-    """The preset at `path` (`get_config()`), with `train.max_minutes` set to `minutes` when given."""
+def load_config(path: str = DEFAULT_CONFIG, *, minutes: float | None = None,
+                seed: int | None = None) -> ml_collections.ConfigDict:
+    """The preset at `path` (`get_config()`), with `train.max_minutes` set to `minutes` when given and the
+    initialisation and data-order seeds (`seed`, `data.shuffle_seed`) set to `seed` when given (the factworld world
+    stays the same, so every seed answers the same test questions)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} does not exist; pass --config=configs/demo.py")
     config = cli.load_preset(path)
@@ -65,6 +68,9 @@ def load_config(path: str = DEFAULT_CONFIG, *, minutes: float | None = None) -> 
         if minutes <= 0:
             raise ValueError(f"--minutes ({minutes}) must be > 0: it is the training budget in minutes")
         config.train.max_minutes = float(minutes)
+    if seed is not None:
+        config.seed = int(seed)
+        config.data.shuffle_seed = int(seed)
     if config.data.source != "factworld":
         raise ValueError(f"the demo trains and asks questions on factworld; {path} sets config.data.source="
                          f"{config.data.source!r}: set it to 'factworld'")
@@ -224,9 +230,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stage2_minutes", type=float, default=3.0,
                    help="Stage-2 (retrieval encoder) budget in minutes; 0 = the untrained mean-pooled encoder")
     p.add_argument("--far_questions", type=int, default=20, help="far questions answered by the engine")
+    p.add_argument("--seed", type=int, default=None,
+                   help="initialisation and data-order seed (default: the preset's); the test questions stay the same")
     a = p.parse_args(argv)
     try:
-        config = load_config(a.config, minutes=a.minutes)
+        config = load_config(a.config, minutes=a.minutes, seed=a.seed)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -110,3 +110,13 @@ def test_bad_input_is_refused(tmp_path):
     with pytest.raises(FileExistsError, match="holds no training run"):
         demo.prepare_workdir(str(tmp_path), resume=False)
     assert (tmp_path / "notes.txt").exists()
+
+
+def test_seed_changes_init_and_order_not_the_world():
+    base = demo.load_config(demo.DEFAULT_CONFIG)
+    seeded = demo.load_config(demo.DEFAULT_CONFIG, seed=7)
+    assert (seeded.seed, seeded.data.shuffle_seed) == (7, 7)
+    assert (base.seed, base.data.shuffle_seed) != (7, 7)
+    # the same factworld world: the test questions every seed is scored on are identical
+    assert seeded.data.factworld_seed == base.data.factworld_seed
+    assert seeded.data.factworld_entities == base.data.factworld_entities
