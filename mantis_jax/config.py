@@ -229,6 +229,8 @@ def default_config() -> ml_collections.ConfigDict:
     dec.top_p_low, dec.top_p_high = 0.8, 1.0  # 1.0 = top-p off
     dec.penalty_low, dec.penalty_high = 1.0, 1.3  # repetition penalty (1.0 = off)
     dec.d_hidden = 64
+    dec.observe_pooled = True  # the observation holds the last chunk's mean hidden state [D] besides the scalars
+    dec.group = 1  # rollouts per prompt in an update; > 1 subtracts the prompt's mean advantage (a group baseline)
     dec.gamma = 0.95  # GAE discount over chunks
     dec.lam = 0.9  # GAE lambda
     dec.entropy_coef = 0.01  # bonus on the Beta policy's entropy (keeps m from collapsing early)
@@ -259,6 +261,10 @@ def default_config() -> ml_collections.ConfigDict:
     eng.top_k = 3  # retrieved spans placed in the prompt before the question
     eng.min_score = 0.0  # retrieved spans scoring below this cosine are not placed in the prompt
     eng.max_new_tokens = 16
+    # greedy | tidal: sample with the knobs a trained decoding head (TIDAL, docs/tidal.md) sets every chunk (Beta
+    # mean); tidal reads the head from decoding_policy (python -m mantis_jax.control.train_decoding --workdir=W)
+    eng.decoding = "greedy"
+    eng.decoding_policy = ""
     eng.window_tokens = 0  # tokens of recent context kept in the prompt (attention-only path); 0 = data.seq_len
     eng.encoder = ""  # directory of Stage-2 weights (python -m mantis_jax.memory.train); "" = mean-pooled hidden
     eng.semantic_capacity = 1000000  # semantic items at which the policy's semantic_fill reads 1
@@ -566,6 +572,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _one_of(config, "engine.retrieve", ("always", "never"))
     _one_of(config, "engine.span", ("sentence", "tokens"))
     _one_of(config, "engine.exit_confidence", ("softmax", "margin"))
+    _one_of(config, "engine.decoding", ("greedy", "tidal"))
     _require(0.0 < eng.exit_threshold <= 1.0,
              f"config.engine.exit_threshold ({eng.exit_threshold}) must be in (0, 1] (1.0 = full depth)")
     _positive(config, ("engine.span_tokens", "engine.top_k", "engine.max_new_tokens", "engine.semantic_capacity"))
@@ -684,7 +691,9 @@ def _validate_decoding(config: ml_collections.ConfigDict) -> None:
     _positive(config, ("decoding.chunk", "decoding.chunks", "decoding.prompt_len", "decoding.window",
                        "decoding.corpus_docs",
                        "decoding.d_hidden", "decoding.ppo_epochs", "decoding.minibatches", "decoding.lr",
-                       "decoding.episodes", "decoding.updates", "decoding.save_every"))
+                       "decoding.episodes", "decoding.updates", "decoding.save_every", "decoding.group"))
+    _require(d.episodes % d.group == 0,
+             f"config.decoding.group ({d.group}) must divide config.decoding.episodes ({d.episodes})")
     for lo, hi, ok in (("temperature_low", "temperature_high", d.temperature_low > 0),
                        ("top_p_low", "top_p_high", 0 < d.top_p_low <= 1 and d.top_p_high <= 1),
                        ("penalty_low", "penalty_high", d.penalty_low >= 1),

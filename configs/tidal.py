@@ -1,0 +1,34 @@
+"""tidal: the decoding policy (TIDAL) trained on the demo model, the settings behind docs/tidal.md's figures.
+
+    python -m mantis_jax.control.train_decoding --checkpoint=runs/demo_final --workdir=runs/demo_tidal \\
+        --config=configs/tidal.py
+    python benchmarks/tidal.py --checkpoint=runs/demo_final --policy=runs/demo_tidal --n=256 --out=docs/perf/tidal
+    python -m mantis_jax.engine --checkpoint=runs/demo_final --decoding_policy=runs/demo_tidal --question="..."
+
+Only the `decoding` section is read (the model and its tokenizer come from --checkpoint). What differs from the
+defaults, and why (docs/tidal.md):
+- chunk 4 × 12 chunks (48 tokens as before): the head acts twice as often, so a modulation can follow the state
+  within a continuation (a repetitive stretch, a confident position) instead of one setting per 8 tokens;
+- the observation is the 7 scalars only (`observe_pooled` False): the mean hidden state [D] let a 100-update head
+  recognise prompts rather than decoding states;
+- 8 prompts × 4 rollouts per update with the group baseline (`group` 4): a prompt's own difficulty no longer
+  drowns the effect of the action in the advantage;
+- the reward is the two terms the benchmark reads (NLL and repetition): the band and coherence terms are off.
+"""
+
+from mantis_jax.config import default_config
+
+
+def get_config():
+    c = default_config()
+    c.name = "tidal"
+    d = c.decoding
+    d.chunk, d.chunks = 4, 12
+    d.observe_pooled = False
+    d.episodes, d.group = 32, 4
+    d.minibatches = 4
+    d.updates, d.save_every = 400, 50
+    d.entropy_coef = 0.003
+    d.w_band, d.w_coherence = 0.0, 0.0
+    d.w_nll, d.w_repeat = 0.2, 1.0
+    return c
