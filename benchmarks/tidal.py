@@ -1,6 +1,6 @@
 """TIDAL benchmark: the trained decoding policy against fixed sampling settings at equal perplexity.
 
-    python benchmarks/tidal.py --checkpoint=runs/demo --policy=runs/demo_tidal --n=64 --out=docs/perf/tidal
+    python benchmarks/tidal.py --checkpoint=runs/demo_final --policy=runs/demo_tidal --n=256 --out=docs/perf/tidal
 
 Every setting continues the same `n` held-out prompts (factworld test-split text, `decoding.prompt_len` tokens)
 by chunk·chunks tokens. Per setting: repetition rate (share of new tokens already among the row's earlier new
@@ -8,7 +8,10 @@ tokens), distinct-2/3 and the perplexity of the new tokens under the base model 
 Settings: the policy acting with its Beta mean ("policy") and sampling m ("policy-sampled"); fixed temperatures
 (top-k, top-p and penalty off); fixed modulations m (the policy's own knob map with a constant m). The baselines'
 figures are interpolated (linearly in log-perplexity) at the policy's perplexity, so the policy is compared with
-the fixed temperature and the fixed m that reach the same perplexity. Writes `<out>.json` and prints a table.
+the fixed temperature and the fixed m that reach the same perplexity: the fixed m there is the best constant
+modulation, so the policy beats it only through what its state dependence adds. The policy rows also report
+the spread of m (std over all chunks, and the mean within-episode std): a head that acts alike everywhere is a
+constant m. Writes `<out>.json` and prints a table.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ FIGURES = ("repetition", "distinct_2", "distinct_3", "perplexity")
 
 def measure(args, spec, lm_params, head, prompts, bigrams, batch, *, mode, fixed=None, seed=0) -> dict:
     """text_metrics over all prompts (batches of `batch`), plus the mean knobs used."""
-    toks, nlls, temps = [], [], []
+    toks, nlls, temps, ms = [], [], [], []
     for i in range(0, len(prompts), batch):
         p = jnp.asarray(prompts[i:i + batch])
         kn = None if fixed is None else dec.fixed_knobs(len(p), *fixed)
@@ -44,8 +47,13 @@ def measure(args, spec, lm_params, head, prompts, bigrams, batch, *, mode, fixed
         toks.append(roll.tokens)
         nlls.append(roll.nll)
         temps.append(roll.knobs.temperature)
+        ms.append(roll.m)
     out = dec.text_metrics(jnp.concatenate(toks), jnp.concatenate(nlls))
     out["mean_temperature"] = float(jnp.mean(jnp.concatenate(temps)))
+    if mode != "fixed":
+        m_bk = jnp.concatenate(ms)
+        out.update(m_mean=float(jnp.mean(m_bk)), m_std=float(jnp.std(m_bk)),
+                   m_std_within=float(jnp.mean(jnp.std(m_bk, axis=1))))
     return out
 
 
@@ -66,7 +74,7 @@ def main(argv=None) -> dict:
     p.add_argument("--n", type=int, default=64, help="held-out prompts")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--temperatures", default="0.5,0.6,0.7,0.8,0.9,1.0,1.1,1.2,1.3,1.4")
-    p.add_argument("--ms", default="0,0.25,0.5,0.75,1")
+    p.add_argument("--ms", default="0,0.2,0.3,0.35,0.4,0.45,0.5,0.55,0.6,0.65,0.7,0.8,1")
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
     _, tokenizer, lm_params = load_for_inference(a.checkpoint)
@@ -94,6 +102,10 @@ def main(argv=None) -> dict:
         print(f"{'T=' + str(r['temperature']):34s} " + " ".join(f"{r[k]:11.3f}" for k in FIGURES))
     for r in ms:
         print(f"{'m=' + str(r['m']):34s} " + " ".join(f"{r[k]:11.3f}" for k in FIGURES))
+    for name in ("policy", "policy-sampled"):
+        r = result[name]
+        print(f"{name}: m mean {r['m_mean']:.3f}, std over chunks {r['m_std']:.3f}, "
+              f"mean within-episode std {r['m_std_within']:.3f}")
     if a.out:
         os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
         with open(a.out + ".json", "w") as f:

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from mantis_jax.engine.decoding import (SCALARS, DecodingNet, DecodingSpec, Knobs, apply, beta_mean,  # noqa: F401
-                                        distinct, features, fixed_knobs, init, knobs, modulate, normalized_entropy,
-                                        seen_mask, tail_repeat)
+                                        distinct, features, fixed_knobs, init, knobs, modulate,  # noqa: F401
+                                        normalized_entropy, seen_mask, tail_repeat)  # noqa: F401
 from mantis_jax.model.args import ModelArgs
 from mantis_jax.model.transformer import forward, init_cache
 

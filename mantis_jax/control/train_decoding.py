@@ -79,6 +79,14 @@ def loss(spec: dec.DecodingSpec, args: PPOArgs, params: dict, mb: tuple) -> tupl
                             value_coef=args.value_coef, entropy_coef=args.entropy_coef)
 
 
+def group_baseline(adv_bk: jax.Array, group: int) -> jax.Array:
+    """[B, K] advantages minus the mean of their group (G consecutive rows: rollouts of one prompt) per chunk."""
+    if group <= 1:
+        return adv_bk
+    adv_gpk = adv_bk.reshape(-1, group, adv_bk.shape[1])
+    return (adv_gpk - jnp.mean(adv_gpk, axis=1, keepdims=True)).reshape(adv_bk.shape)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2,))
 def update(spec: dec.DecodingSpec, args: PPOArgs, state: ppo.RLState, roll: dec.Rollout,
            key: jax.Array) -> tuple[ppo.RLState, dict]:
@@ -88,9 +96,7 @@ def update(spec: dec.DecodingSpec, args: PPOArgs, state: ppo.RLState, roll: dec.
     what a prompt makes easy or hard is not credited to the action."""
     adv_bk, ret_bk = ppo.gae(roll.reward, roll.value, jnp.zeros_like(roll.value[:, 0]), gamma=args.gamma,
                              lam=args.lam)
-    if args.group > 1:
-        adv_gpk = adv_bk.reshape(-1, args.group, adv_bk.shape[1])
-        adv_bk = (adv_gpk - jnp.mean(adv_gpk, axis=1, keepdims=True)).reshape(adv_bk.shape)
+    adv_bk = group_baseline(adv_bk, args.group)
     flat = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731
     data = (flat(roll.features), flat(roll.m), flat(roll.log_prob), ppo.normalize(flat(adv_bk)), flat(ret_bk))
     return ppo.minibatch_passes(functools.partial(loss, spec, args), ppo.optimizer(args.lr), state, data, key,
