@@ -239,9 +239,10 @@ def load(workdir: str) -> DecodingHead:
     spec = DecodingSpec.from_config(config)
     params = jax.tree.map(jnp.asarray, got.state["params"])
     expected = jax.eval_shape(lambda: init(spec, jax.random.key(0)))
-    if jax.tree.structure(expected) != jax.tree.structure(params):
-        raise DecodingPolicyError(f"{workdir!r} holds a decoding head of another layout; retrain it with: "
-                                  f"{TRAIN_COMMAND.format(workdir)}")
+    shapes = lambda t: jax.tree.map(lambda x: tuple(x.shape), t)  # noqa: E731
+    if jax.tree.structure(expected) != jax.tree.structure(params) or shapes(expected) != shapes(params):
+        raise DecodingPolicyError(f"{workdir!r} holds a decoding head of another layout (an older observation?); "
+                                  f"retrain it with: {TRAIN_COMMAND.format(workdir)}")
     return DecodingHead(spec, params, workdir)
 
 
