@@ -214,10 +214,11 @@ def default_config() -> ml_collections.ConfigDict:
     cr.save_every = 100
     cr.abstain_threshold = 0.5
 
-    # The decoding policy (TIDAL; control/decoding.py, docs/tidal.md): every `chunk` tokens a Beta-distributed
-    # modulation m in [0, 1] sets temperature, top-k, top-p and repetition penalty, each moving monotonically from
-    # its *_low end (m = 0) to its *_high end (m = 1); trained with PPO + GAE on a reward computed from the base
-    # model's unmodulated logits. `python -m mantis_jax.control.train_decoding --checkpoint=DIR --workdir=W`.
+    # The decoding policy (TIDAL; engine/decoding.py + control/decoding.py, docs/tidal.md, preset configs/tidal.py):
+    # every `chunk` tokens a Beta-distributed modulation m in [0, 1] sets temperature, top-k, top-p and repetition
+    # penalty, each moving monotonically from its *_low end (m = 0) to its *_high end (m = 1); trained with PPO +
+    # GAE on a reward computed from the base model's unmodulated logits.
+    # `python -m mantis_jax.control.train_decoding --checkpoint=DIR --workdir=W [--config=configs/tidal.py]`.
     dec = c.decoding = ml_collections.ConfigDict()
     dec.chunk = 8  # tokens between two actions (C)
     dec.chunks = 6  # actions per episode: an episode generates chunk * chunks tokens

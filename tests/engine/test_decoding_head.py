@@ -54,23 +54,31 @@ def _reference(config, params, tok, spec, head, ids, length, n_new):
     hist = [pad] * max(W - length, 0) + [pad] * (length - len(ids)) + list(ids)
     stop = {tok.eos_id, *newline_ids(tok)}
     L = len(ids) + n_new
-    run = jax.jit(lambda seq: forward(args, params, seq))  # right padding: causal, positions < len are exact
+
+    @jax.jit
+    def observe(seq, t, window, progress):  # right padding: causal, positions < t are exact
+        logits, aux = forward(args, params, seq)
+        last = jax.lax.dynamic_slice_in_dim(logits, t - 1, 1, axis=1)[:, 0]
+        hidden = jax.lax.dynamic_slice_in_dim(aux["hidden"], t - C, C, axis=1)
+        ent = decoding.normalized_entropy(jax.lax.dynamic_slice_in_dim(logits, t - C, C, axis=1))
+        out = decoding.apply(spec, head, decoding.features(spec, last, window, hidden, ent, progress))
+        return last, decoding.beta_mean(out["alpha"], out["beta"])
+
+    @jax.jit
+    def draw(last, window, m, i):
+        mod = decoding.modulate(last, window, decoding.knobs(spec, m))
+        return jax.random.categorical(jax.random.fold_in(jax.random.key(config.seed), i), mod[0])
+
     gen, ms = [], []
     for i in range(n_new):
         seq = np.full((1, L), pad, np.int32)
         seq[0, :len(ids) + i] = list(ids) + gen
-        logits, aux = run(jnp.asarray(seq))
-        t = len(ids) + i
         window = jnp.asarray([(hist + gen)[-W:]])
+        last, m_now = observe(jnp.asarray(seq), len(ids) + i, window, (i // C) / spec.chunks)
         if i % C == 0:
-            x = decoding.features(spec, logits[:, t - 1], window, aux["hidden"][:, t - C:t],
-                                  decoding.normalized_entropy(logits[:, t - C:t]), (i // C) / spec.chunks)
-            out = decoding.apply(spec, head, x)
-            m = decoding.beta_mean(out["alpha"], out["beta"])
+            m = m_now
             ms.append(float(m[0]))
-            kn = decoding.knobs(spec, m)
-        mod = decoding.modulate(logits[:, t - 1], window, kn)
-        gen.append(int(jax.random.categorical(jax.random.fold_in(jax.random.key(config.seed), i), mod[0])))
+        gen.append(int(draw(last, window, m, i)))
         if gen[-1] in stop:
             break
     return gen, ms
