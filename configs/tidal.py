@@ -12,10 +12,10 @@ defaults, and why (docs/tidal.md):
   gamma 0.9 (an action's effect is mostly on its own and the next chunks) and 8 minibatches (768 samples);
 - repetition penalty up to 1.6 at m = 1 (1.3 by default): a wider map; at equal perplexity it repeats less than
   the default map for any m, constant or learned;
-- the observation is the 7 scalars only (`observe_pooled` False): the mean hidden state [D] let a 100-update head
-  recognise prompts rather than decoding states;
-- 8 prompts × 4 rollouts per update with the group baseline (`group` 4): a prompt's own difficulty no longer
-  drowns the effect of the action in the advantage;
+- the observation is the 7 scalars only (`observe_pooled` False): the state a rule would read, and 7 inputs
+  instead of 199 for the samples a short run has (not compared with the pooled observation on this model);
+- 8 prompts × 4 rollouts per update with the group baseline (`group` 4), so that a prompt's own difficulty does
+  not enter the advantage;
 - the reward is the two terms the benchmark reads (NLL and repetition): the band and coherence terms are off.
 """
 
