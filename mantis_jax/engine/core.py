@@ -285,7 +285,8 @@ class Engine:
         toks, layers = np.asarray(dec.tokens_n)[:n].tolist(), np.asarray(dec.layers_n)[:n].tolist()
         trace.layers_per_token = layers
         for i in range(1, n):  # step i fed token i-1 through layers[i] layers against the whole cache
-            trace.add_flops("decode", self._step_flops(layers[i], slots))
+            trace.add_flops("decode", self._step_flops(layers[i], slots) if self.decoder is None
+                            else enc.forward_flops(self.args, 1, self.args.n_layers, slots))  # no exit heads read
         candidate = self.tokenizer.decode(toks).split("\n", 1)[0].strip()
         trace.candidate = candidate
         times["decode"] = time.perf_counter() - t

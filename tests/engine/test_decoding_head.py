@@ -17,6 +17,7 @@ from mantis_jax.engine import __main__ as engine_cli
 from mantis_jax.engine import decoding
 from mantis_jax.engine.core import Engine
 from mantis_jax.infer.runner import newline_ids
+from mantis_jax.memory.encoder import forward_flops
 from mantis_jax.model.args import ModelArgs
 from mantis_jax.model.transformer import forward
 from mantis_jax.train.checkpoint import load_for_inference
@@ -102,6 +103,9 @@ def test_forced_m_sets_the_documented_knobs_and_a_stateful_head_matches_the_refe
     length = min(-(-len(ids) // 16) * 16, engine.budget)
     ref, ms = _reference(config, params, tok, spec, head, ids, length, config.engine.max_new_tokens)
     assert len(ref) == len(got.trace.layers_per_token)
+    args, slots = ModelArgs.from_config(config), length + config.engine.max_new_tokens
+    assert got.trace.flops["decode"] == pytest.approx(  # every layer, no exit head read
+        (len(ref) - 1) * forward_flops(args, 1, args.n_layers, slots))
     assert tok.decode(ref).split("\n", 1)[0].strip() == got.text
     np.testing.assert_allclose([c["m"] for c in got.trace.modulation], ms, rtol=1e-4)
     assert len(ms) >= 2 and max(ms) - min(ms) > 1e-3  # the head's m follows the state
