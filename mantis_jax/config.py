@@ -214,10 +214,11 @@ def default_config() -> ml_collections.ConfigDict:
     cr.save_every = 100
     cr.abstain_threshold = 0.5
 
-    # The decoding policy (TIDAL; control/decoding.py, docs/tidal.md): every `chunk` tokens a Beta-distributed
-    # modulation m in [0, 1] sets temperature, top-k, top-p and repetition penalty, each moving monotonically from
-    # its *_low end (m = 0) to its *_high end (m = 1); trained with PPO + GAE on a reward computed from the base
-    # model's unmodulated logits. `python -m mantis_jax.control.train_decoding --checkpoint=DIR --workdir=W`.
+    # The decoding policy (TIDAL; engine/decoding.py + control/decoding.py, docs/tidal.md, preset configs/tidal.py):
+    # every `chunk` tokens a Beta-distributed modulation m in [0, 1] sets temperature, top-k, top-p and repetition
+    # penalty, each moving monotonically from its *_low end (m = 0) to its *_high end (m = 1); trained with PPO +
+    # GAE on a reward computed from the base model's unmodulated logits.
+    # `python -m mantis_jax.control.train_decoding --checkpoint=DIR --workdir=W [--config=configs/tidal.py]`.
     dec = c.decoding = ml_collections.ConfigDict()
     dec.chunk = 8  # tokens between two actions (C)
     dec.chunks = 6  # actions per episode: an episode generates chunk * chunks tokens
@@ -229,6 +230,8 @@ def default_config() -> ml_collections.ConfigDict:
     dec.top_p_low, dec.top_p_high = 0.8, 1.0  # 1.0 = top-p off
     dec.penalty_low, dec.penalty_high = 1.0, 1.3  # repetition penalty (1.0 = off)
     dec.d_hidden = 64
+    dec.observe_pooled = True  # the observation holds the last chunk's mean hidden state [D] besides the scalars
+    dec.group = 1  # rollouts per prompt in an update; > 1 subtracts the prompt's mean advantage (a group baseline)
     dec.gamma = 0.95  # GAE discount over chunks
     dec.lam = 0.9  # GAE lambda
     dec.entropy_coef = 0.01  # bonus on the Beta policy's entropy (keeps m from collapsing early)
@@ -259,6 +262,10 @@ def default_config() -> ml_collections.ConfigDict:
     eng.top_k = 3  # retrieved spans placed in the prompt before the question
     eng.min_score = 0.0  # retrieved spans scoring below this cosine are not placed in the prompt
     eng.max_new_tokens = 16
+    # greedy | tidal: sample with the knobs a trained decoding head (TIDAL, docs/tidal.md) sets every chunk (Beta
+    # mean); tidal reads the head from decoding_policy (python -m mantis_jax.control.train_decoding --workdir=W)
+    eng.decoding = "greedy"
+    eng.decoding_policy = ""
     eng.window_tokens = 0  # tokens of recent context kept in the prompt (attention-only path); 0 = data.seq_len
     eng.encoder = ""  # directory of Stage-2 weights (python -m mantis_jax.memory.train); "" = mean-pooled hidden
     eng.semantic_capacity = 1000000  # semantic items at which the policy's semantic_fill reads 1
@@ -566,6 +573,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _one_of(config, "engine.retrieve", ("always", "never"))
     _one_of(config, "engine.span", ("sentence", "tokens"))
     _one_of(config, "engine.exit_confidence", ("softmax", "margin"))
+    _one_of(config, "engine.decoding", ("greedy", "tidal"))
     _require(0.0 < eng.exit_threshold <= 1.0,
              f"config.engine.exit_threshold ({eng.exit_threshold}) must be in (0, 1] (1.0 = full depth)")
     _positive(config, ("engine.span_tokens", "engine.top_k", "engine.max_new_tokens", "engine.semantic_capacity"))
@@ -684,7 +692,9 @@ def _validate_decoding(config: ml_collections.ConfigDict) -> None:
     _positive(config, ("decoding.chunk", "decoding.chunks", "decoding.prompt_len", "decoding.window",
                        "decoding.corpus_docs",
                        "decoding.d_hidden", "decoding.ppo_epochs", "decoding.minibatches", "decoding.lr",
-                       "decoding.episodes", "decoding.updates", "decoding.save_every"))
+                       "decoding.episodes", "decoding.updates", "decoding.save_every", "decoding.group"))
+    _require(d.episodes % d.group == 0,
+             f"config.decoding.group ({d.group}) must divide config.decoding.episodes ({d.episodes})")
     for lo, hi, ok in (("temperature_low", "temperature_high", d.temperature_low > 0),
                        ("top_p_low", "top_p_high", 0 < d.top_p_low <= 1 and d.top_p_high <= 1),
                        ("penalty_low", "penalty_high", d.penalty_low >= 1),

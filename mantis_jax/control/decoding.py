@@ -1,15 +1,8 @@
-"""The decoding policy (TIDAL): the controller's decoding head, acting every chunk of C generated tokens.
+"""The decoding policy (TIDAL) in training: the reward, the jitted rollout and the Beta policy's log-density.
 
-Every chunk the head reads an observation of the decoding state and draws a modulation m ~ Beta(alpha, beta) in
-[0, 1]; `knobs(spec, m)` maps m to the sampling knobs of the next C tokens. The map is monotone, each knob moving
-from its config `*_low` end (m = 0: conservative) to its `*_high` end (m = 1: diverse):
-  temperature = t_low + m·(t_high − t_low)
-  top_k       = round(k_low · (k_high / k_low)^m)    geometric; k_high = 0 means V (the whole vocabulary: off)
-  top_p       = p_low + m·(p_high − p_low)           p = 1 keeps every token
-  penalty     = r_low + m·(r_high − r_low)           CTRL repetition penalty on tokens of the recent window
-Observation [B, F] (F = D + len(SCALARS)): the mean of the last chunk's final hidden states [D], then the
-normalised entropy of the next-token distribution (base model), distinct-1 and distinct-2 of the last `window`
-tokens, the mean per-dimension std of the last chunk's hidden states, and the episode's progress.
+The head, its observation and the knob map m -> (temperature, top-k, top-p, repetition penalty) are the engine's
+(engine/decoding.py, re-exported here): the engine decodes with the same functions the rollouts train. Training
+samples m ~ Beta(alpha, beta) every chunk of C tokens; evaluation and the engine act with the Beta mean.
 Reward of a chunk, computed from the base model's UNMODULATED logits and the sampled tokens only (the action
 changes which tokens are sampled, never the logits the reward reads):
   − w_nll·mean NLL − w_band·(mean normalised entropy outside [band_low, band_high])
@@ -21,114 +14,21 @@ action (and the fixed-knob baselines). PPO with GAE over chunks trains the head 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from mantis_jax.infer.sampling import filter_logits_rows, repetition_penalty
+from mantis_jax.engine.decoding import (SCALARS, DecodingNet, DecodingSpec, Knobs, apply, beta_mean,  # noqa: F401
+                                        distinct, features, fixed_knobs, init, knobs, modulate,  # noqa: F401
+                                        normalized_entropy, seen_mask, tail_repeat)  # noqa: F401
 from mantis_jax.model.args import ModelArgs
 from mantis_jax.model.transformer import forward, init_cache
 
-SCALARS = ("entropy", "distinct_1", "distinct_2", "hidden_std", "progress")
 TERMS = ("nll", "band", "repeat", "coherence", "entropy")
 M_EPS = 1e-4  # m is kept in [eps, 1 − eps] so the Beta log-density stays finite
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodingSpec:
-    """Shapes, the knob map and the reward weights (static: hashable, from the config and the base model)."""
-
-    d_model: int
-    vocab_size: int
-    chunk: int = 8
-    chunks: int = 6
-    window: int = 32
-    d_hidden: int = 64
-    temperature: tuple[float, float] = (0.6, 1.4)
-    top_k: tuple[int, int] = (8, 0)
-    top_p: tuple[float, float] = (0.8, 1.0)
-    penalty: tuple[float, float] = (1.0, 1.3)
-    w_nll: float = 0.2
-    w_band: float = 1.0
-    band: tuple[float, float] = (0.1, 0.5)
-    w_repeat: float = 1.0
-    w_coherence: float = 0.5
-
-    @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict) -> "DecodingSpec":
-        d = config.decoding
-        return cls(d_model=config.model.d_model, vocab_size=config.model.vocab_size, chunk=d.chunk, chunks=d.chunks,
-                   window=d.window, d_hidden=d.d_hidden,
-                   temperature=(float(d.temperature_low), float(d.temperature_high)),
-                   top_k=(int(d.top_k_low), int(d.top_k_high)), top_p=(float(d.top_p_low), float(d.top_p_high)),
-                   penalty=(float(d.penalty_low), float(d.penalty_high)), w_nll=float(d.w_nll),
-                   w_band=float(d.w_band), band=(float(d.band_low), float(d.band_high)),
-                   w_repeat=float(d.w_repeat), w_coherence=float(d.w_coherence))
-
-    @property
-    def n_features(self) -> int:
-        return self.d_model + len(SCALARS)
-
-    @property
-    def new_tokens(self) -> int:
-        return self.chunk * self.chunks
-
-
-class Knobs(NamedTuple):
-    temperature: jax.Array  # [B] float
-    top_k: jax.Array  # [B] int32 (>= V keeps every token)
-    top_p: jax.Array  # [B] float
-    penalty: jax.Array  # [B] float
-
-
-def knobs(spec: DecodingSpec, m_b: jax.Array) -> Knobs:
-    """The documented map m in [0, 1] -> sampling knobs (module docstring); monotone in m."""
-    m_b = jnp.clip(jnp.asarray(m_b, jnp.float32), 0.0, 1.0)
-    lerp = lambda lo_hi: lo_hi[0] + m_b * (lo_hi[1] - lo_hi[0])  # noqa: E731
-    k_lo, k_hi = spec.top_k[0], spec.top_k[1] or spec.vocab_size
-    top_k = jnp.round(k_lo * jnp.exp(m_b * math.log(k_hi / k_lo))).astype(jnp.int32)
-    return Knobs(lerp(spec.temperature), jnp.clip(top_k, 1, spec.vocab_size), lerp(spec.top_p), lerp(spec.penalty))
-
-
-def fixed_knobs(batch: int, temperature: float, top_k: int = 0, top_p: float = 1.0, penalty: float = 1.0) -> Knobs:
-    """The same knobs for every row (a fixed sampling baseline); top_k 0 = off."""
-    full = lambda v, dt: jnp.full((batch,), v, dt)  # noqa: E731
-    return Knobs(full(temperature, jnp.float32), full(top_k, jnp.int32), full(top_p, jnp.float32),
-                 full(penalty, jnp.float32))
-
-
-# ---- the head: features -> Beta(alpha, beta) and a value ----
-
-class DecodingNet(nn.Module):
-    """features [B, F] -> {"alpha" [B], "beta" [B] (both > 1: a unimodal Beta), "value" [B]}."""
-
-    spec: DecodingSpec
-
-    @nn.compact
-    def __call__(self, x_bf):
-        s = self.spec
-        x_bf = jnp.asarray(x_bf, jnp.float32)
-        h = jnp.concatenate([nn.LayerNorm(name="pooled_norm")(x_bf[:, :s.d_model]), x_bf[:, s.d_model:]], axis=-1)
-        for i in range(2):
-            h = nn.gelu(nn.Dense(s.d_hidden, name=f"hidden_{i}")(h))
-        ab = nn.Dense(2, kernel_init=nn.initializers.normal(0.01), name="beta_params")(h)  # start near Beta(1.7, 1.7)
-        ab = 1.0 + jax.nn.softplus(ab)
-        return {"alpha": ab[:, 0], "beta": ab[:, 1], "value": nn.Dense(1, name="value")(h)[:, 0]}
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def init(spec: DecodingSpec, key: jax.Array) -> dict:
-    return DecodingNet(spec).init(key, jnp.zeros((1, spec.n_features), jnp.float32))["params"]
-
-
-def apply(spec: DecodingSpec, params: dict, x_bf) -> dict:
-    return DecodingNet(spec).apply({"params": params}, x_bf)
 
 
 def beta_log_prob(alpha, beta, m) -> jax.Array:
@@ -142,43 +42,6 @@ def beta_entropy(alpha, beta) -> jax.Array:
     dg = jax.scipy.special.digamma
     return (jax.scipy.special.betaln(alpha, beta) - (alpha - 1.0) * dg(alpha) - (beta - 1.0) * dg(beta)
             + (alpha + beta - 2.0) * dg(alpha + beta))
-
-
-def beta_mean(alpha, beta) -> jax.Array:
-    return alpha / (alpha + beta)
-
-
-# ---- statistics of tokens and hidden states ----
-
-def distinct(tokens_bw: jax.Array, n: int) -> jax.Array:
-    """Distinct-n [B]: unique n-grams over n-grams in each row (exact: a pairwise comparison, no hashing)."""
-    W = tokens_bw.shape[1] - n + 1
-    grams_bwn = jnp.stack([tokens_bw[:, i:i + W] for i in range(n)], axis=-1)
-    same_bww = jnp.all(grams_bwn[:, :, None, :] == grams_bwn[:, None, :, :], axis=-1)
-    earlier_ww = jnp.tril(jnp.ones((W, W), bool), k=-1)  # j < i
-    first_bw = ~jnp.any(same_bww & earlier_ww, axis=-1)  # the n-gram's first occurrence
-    return jnp.sum(first_bw, axis=-1) / W
-
-
-def normalized_entropy(logits_bv: jax.Array) -> jax.Array:
-    logp_bv = jax.nn.log_softmax(logits_bv.astype(jnp.float32), axis=-1)
-    return -jnp.sum(jnp.exp(logp_bv) * logp_bv, axis=-1) / math.log(logits_bv.shape[-1])
-
-
-def features(logits_bv, window_bw, hidden_bcd, progress) -> jax.Array:
-    """The observation [B, D + 5] (module docstring) from the raw next-token logits, the recent tokens and the last
-    chunk's final hidden states."""
-    h_bcd = hidden_bcd.astype(jnp.float32)
-    B = logits_bv.shape[0]
-    scalars_bs = jnp.stack([normalized_entropy(logits_bv), distinct(window_bw, 1), distinct(window_bw, 2),
-                            jnp.log1p(jnp.mean(jnp.std(h_bcd, axis=1), axis=-1)),
-                            jnp.full((B,), progress, jnp.float32)], axis=-1)
-    return jnp.concatenate([jnp.mean(h_bcd, axis=1), scalars_bs], axis=-1)
-
-
-def seen_mask(window_bw: jax.Array, vocab: int) -> jax.Array:
-    """[B, V] True on the tokens of each row's window (what the repetition penalty lowers)."""
-    return jax.vmap(lambda w: jnp.zeros((vocab,), bool).at[w].set(True))(window_bw)
 
 
 # ---- the reward ----
@@ -249,47 +112,46 @@ def rollout(args: ModelArgs, spec: DecodingSpec, lm_params, head_params, prompt_
 def _rollout(args: ModelArgs, spec: DecodingSpec, lm_params, head_params, prompt_bt, key, bigrams_n, fixed: Knobs,
              forced_bn, sample_m, use_fixed, use_forced) -> Rollout:
     B, T = prompt_bt.shape
-    C, K, W, N, V = spec.chunk, spec.chunks, spec.window, spec.new_tokens, args.vocab_size
+    C, K, W, N = spec.chunk, spec.chunks, spec.window, spec.new_tokens
     cache = init_cache(args, B, T + N)
     logits_btv, aux = forward(args, lm_params, prompt_bt, cache=cache,
                               positions_bt=jnp.broadcast_to(jnp.arange(T), (B, T)))
     hist_bs = jnp.concatenate([prompt_bt, jnp.zeros((B, N), jnp.int32)], axis=1)
-    hidden_bcd = aux["hidden"][:, -C:]
+    hidden_bcd, ent_bc = aux["hidden"][:, -C:], normalized_entropy(logits_btv[:, -C:])
 
     def token_step(carry, step):
         cache, logits_bv, hist_bs, kn = carry
         pos, k_tok = step
         window_bw = jax.lax.dynamic_slice_in_dim(hist_bs, pos - W, W, axis=1)
-        mod_bv = filter_logits_rows(repetition_penalty(logits_bv, seen_mask(window_bw, V), kn.penalty),
-                                    kn.temperature, kn.top_k, kn.top_p)
-        sampled_b = jax.random.categorical(k_tok, mod_bv, axis=-1).astype(jnp.int32)
+        sampled_b = jax.random.categorical(k_tok, modulate(logits_bv, window_bw, kn), axis=-1).astype(jnp.int32)
         tok_b = jnp.where(use_forced, jax.lax.dynamic_index_in_dim(forced_bn, pos - T, 1, False), sampled_b)
         hist_bs = jax.lax.dynamic_update_slice_in_dim(hist_bs, tok_b[:, None], pos, axis=1)
         nxt_b1v, aux = forward(args, lm_params, tok_b[:, None], cache=cache,
                                positions_bt=jnp.full((B, 1), pos, jnp.int32))
-        return (aux["cache"], nxt_b1v[:, 0], hist_bs, kn), (logits_bv, tok_b, aux["hidden"][:, 0])
+        return (aux["cache"], nxt_b1v[:, 0], hist_bs, kn), (logits_bv, tok_b, aux["hidden"][:, 0],
+                                                             normalized_entropy(nxt_b1v[:, 0]))
 
     def chunk_step(carry, k):
-        cache, logits_bv, hist_bs, hidden_bcd = carry
+        cache, logits_bv, hist_bs, hidden_bcd, ent_bc = carry
         start = T + k * C
         before_bw = jax.lax.dynamic_slice_in_dim(hist_bs, start - W, W, axis=1)
-        x_bf = features(logits_bv, before_bw, hidden_bcd, k / K)
+        x_bf = features(spec, logits_bv, before_bw, hidden_bcd, ent_bc, k / K)
         out = apply(spec, head_params, x_bf)
         k_act, k_tok = jax.random.split(jax.random.fold_in(key, k))
         drawn_b = jnp.clip(jax.random.beta(k_act, out["alpha"], out["beta"]), M_EPS, 1.0 - M_EPS)
         m_b = jnp.where(sample_m, drawn_b, beta_mean(out["alpha"], out["beta"]))
         kn = jax.tree.map(lambda f, p: jnp.where(use_fixed, f, p), fixed, knobs(spec, m_b))
         steps = (start + jnp.arange(C), jax.random.split(k_tok, C))
-        (cache, logits_bv, hist_bs, _), (raw_cbv, tok_cb, hid_cbd) = jax.lax.scan(
+        (cache, logits_bv, hist_bs, _), (raw_cbv, tok_cb, hid_cbd, ent_cb) = jax.lax.scan(
             token_step, (cache, logits_bv, hist_bs, kn), steps)
         raw_bcv, tokens_bc = jnp.swapaxes(raw_cbv, 0, 1), tok_cb.T
         reward_b, terms = chunk_reward(spec, raw_bcv, tokens_bc, before_bw, bigrams_n)
         nll_bc = -jnp.take_along_axis(jax.nn.log_softmax(raw_bcv, axis=-1), tokens_bc[..., None], axis=-1)[..., 0]
         ys = (x_bf, m_b, beta_log_prob(out["alpha"], out["beta"], m_b), out["value"], reward_b, terms, kn,
               tokens_bc, nll_bc)
-        return (cache, logits_bv, hist_bs, jnp.swapaxes(hid_cbd, 0, 1)), ys
+        return (cache, logits_bv, hist_bs, jnp.swapaxes(hid_cbd, 0, 1), ent_cb.T), ys
 
-    _, ys = jax.lax.scan(chunk_step, (aux["cache"], logits_btv[:, -1], hist_bs, hidden_bcd), jnp.arange(K))
+    _, ys = jax.lax.scan(chunk_step, (aux["cache"], logits_btv[:, -1], hist_bs, hidden_bcd, ent_bc), jnp.arange(K))
     x, m, lp, v, r, terms, kn, tok_kbc, nll_kbc = ys
     bk = lambda a: jnp.swapaxes(a, 0, 1)  # noqa: E731  [K, B, ...] -> [B, K, ...]
     return Rollout(bk(x), bk(m), bk(lp), bk(v), bk(r), {n: bk(t) for n, t in terms.items()},

@@ -1,5 +1,8 @@
 """Train the decoding policy (TIDAL): `python -m mantis_jax.control.train_decoding --checkpoint=STAGE1_WORKDIR
---workdir=W [--config.decoding.updates=30 ...]`
+--workdir=W [--config=configs/tidal.py] [--config.decoding.updates=30 ...]`
+
+The decoding section comes from the preset (`--config`, default the defaults) and `--config.decoding.*`
+overrides; everything else (the model) from the checkpoint.
 
 Each update rolls out `decoding.episodes` continuations of factworld text (train-split documents; the prompts of
 update u are a pure function of (seed, u)) as one jitted program (control/decoding.py `rollout`), the head
@@ -47,12 +50,13 @@ class PPOArgs:
     gamma: float
     lam: float
     lr: float
+    group: int = 1
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "PPOArgs":
         d = config.decoding
         return cls(float(d.ppo_clip), float(d.value_coef), float(d.entropy_coef), int(d.ppo_epochs),
-                   int(d.minibatches), float(d.gamma), float(d.lam), float(d.lr))
+                   int(d.minibatches), float(d.gamma), float(d.lam), float(d.lr), int(d.get("group", 1)))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
@@ -75,13 +79,24 @@ def loss(spec: dec.DecodingSpec, args: PPOArgs, params: dict, mb: tuple) -> tupl
                             value_coef=args.value_coef, entropy_coef=args.entropy_coef)
 
 
+def group_baseline(adv_bk: jax.Array, group: int) -> jax.Array:
+    """[B, K] advantages minus the mean of their group (G consecutive rows: rollouts of one prompt) per chunk."""
+    if group <= 1:
+        return adv_bk
+    adv_gpk = adv_bk.reshape(-1, group, adv_bk.shape[1])
+    return (adv_gpk - jnp.mean(adv_gpk, axis=1, keepdims=True)).reshape(adv_bk.shape)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2,))
 def update(spec: dec.DecodingSpec, args: PPOArgs, state: ppo.RLState, roll: dec.Rollout,
            key: jax.Array) -> tuple[ppo.RLState, dict]:
     """GAE over each episode's chunks (the episode ends after the last chunk: bootstrap value 0), then PPO passes
-    over the B·K (observation, m) samples with advantages normalised over the batch."""
+    over the B·K (observation, m) samples with advantages normalised over the batch. With `group` G > 1 the rows
+    are G rollouts of each prompt (consecutive) and each chunk's advantage loses its group's mean at that chunk:
+    what a prompt makes easy or hard is not credited to the action."""
     adv_bk, ret_bk = ppo.gae(roll.reward, roll.value, jnp.zeros_like(roll.value[:, 0]), gamma=args.gamma,
                              lam=args.lam)
+    adv_bk = group_baseline(adv_bk, args.group)
     flat = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731
     data = (flat(roll.features), flat(roll.m), flat(roll.log_prob), ppo.normalize(flat(adv_bk)), flat(ret_bk))
     return ppo.minibatch_passes(functools.partial(loss, spec, args), ppo.optimizer(args.lr), state, data, key,
@@ -116,7 +131,7 @@ def rollout_metrics(roll: dec.Rollout) -> dict:
 
 
 def decoding_config(saved: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
-    """The base model's config with today's decoding section (defaults + `--config.decoding.*` overrides)."""
+    """The base model's config with today's decoding section (the preset's, or the defaults, + overrides)."""
     from mantis_jax.memory.train import complete_config  # noqa: PLC0415 (keys added since the run was saved)
 
     config = complete_config(saved)
@@ -139,7 +154,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, lm_params, tokenizer,
     if saved:
         _, before, _ = store.read_json(workdir, COMMAND, saved[-1])
         was = dec.DecodingSpec.from_config(before)
-        changed = [f for f in ("d_model", "vocab_size", "d_hidden") if getattr(was, f) != getattr(spec, f)]
+        changed = [f for f in ("d_model", "vocab_size", "d_hidden", "observe_pooled")
+                   if getattr(was, f) != getattr(spec, f)]
         if changed:
             diff = ", ".join(f"{f} {getattr(was, f)} -> {getattr(spec, f)}" for f in changed)
             raise store.ControlCheckpointError(
@@ -156,7 +172,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, lm_params, tokenizer,
     for u in range(start, d.updates):
         k_roll, k_update = jax.random.split(jax.random.fold_in(key, u))
         t0 = time.perf_counter()
-        prompts = jnp.asarray(corpus.prompts(config.seed, u, d.episodes, d.prompt_len))
+        prompts = jnp.asarray(np.repeat(corpus.prompts(config.seed, u, d.episodes // d.group, d.prompt_len),
+                                        d.group, axis=0))
         roll = dec.rollout(args, spec, lm_params, state.params, prompts, k_roll, bigrams, mode="sample")
         metrics = rollout_metrics(roll)
         t_roll = time.perf_counter() - t0
@@ -189,10 +206,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--checkpoint", required=True, help="Stage-1 training workdir: the frozen base model")
     p.add_argument("--workdir", required=True, help="where this run's checkpoints and metrics go (resumes there)")
     known, rest = p.parse_known_args(argv)
-    bad = [a for a in rest if not a.startswith("--config.decoding.")]
+    bad = [a for a in rest if not a.startswith(("--config.decoding.", "--config="))]
     if bad:
-        p.error(f"unexpected arguments {bad}; only --config.decoding.* may be set here (the model comes from "
-                "--checkpoint)")
+        p.error(f"unexpected arguments {bad}; only --config=PRESET and --config.decoding.* may be set here (the "
+                "model comes from --checkpoint)")
     try:
         saved, tokenizer, params = load_for_inference(known.checkpoint)
         config = decoding_config(saved, rest)

@@ -3,6 +3,7 @@
     python -m mantis_jax.engine --checkpoint=runs/demo --context_file=story.txt --question="Where does Tavo live?"
     python -m mantis_jax.engine --checkpoint=runs/demo --stage2=runs/demo_stage2 --interactive
     ... --config.engine.retrieve=never --config.memory.semantic.address=127.0.0.1:50051   (any config key)
+    ... --decoding_policy=runs/demo_tidal    (sample with a trained decoding head: engine.decoding=tidal)
 
 `--checkpoint` is a Stage-1 workdir; `--stage2` (or `--config.engine.encoder`) a Stage-2 workdir whose trained
 retrieval encoder to use (without it: the LM's mean-pooled hidden states). `--interactive` reads commands from
@@ -74,12 +75,16 @@ def main(argv: list[str] | None = None, inp: TextIO | None = None, out: TextIO |
     p.add_argument("--question", default=None, help="question to answer (one-shot mode)")
     p.add_argument("--interactive", action="store_true", help="read commands from stdin")
     p.add_argument("--json", action="store_true", help="one-shot: print the answer and trace as JSON")
+    p.add_argument("--decoding_policy", default=None, help="decoding-policy workdir (python -m mantis_jax.control."
+                   "train_decoding): sample with its knobs (= --config.engine.decoding=tidal + decoding_policy)")
     engine = None
     try:
         rest, overrides = parse_overrides(argv)
         a = p.parse_args(rest)
         if not a.interactive and not a.question:
             raise ValueError("pass --question=\"...\" (one-shot) or --interactive")
+        if a.decoding_policy is not None:
+            overrides = {**overrides, "engine.decoding": "tidal", "engine.decoding_policy": a.decoding_policy}
         context = read_context_file(a.context_file) if a.context_file else None
         engine = Engine.from_workdir(a.checkpoint, stage2=a.stage2, overrides=overrides)
         if context is not None:

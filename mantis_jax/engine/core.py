@@ -9,7 +9,8 @@ text, the window the model sees directly. `Engine.answer(question)`:
   3. the policy decides the gates (`policy.decide(summary) -> Decisions`);
   4. when a memory gate is on and memory holds spans, the retrieved spans' text goes into the prompt before the
      window and that prompt is prefilled once; otherwise the step-2 cache is the one generation continues from;
-  5. greedy decoding from that cache, stopping at a newline (the answer is one line);
+  5. greedy decoding from that cache, stopping at a newline (the answer is one line); with a decoding head
+     (`engine.decoding=tidal`, engine/decoding.py) tokens are sampled with the knobs it sets every chunk;
   6. with `verify`, the critic scores (question, answer, evidence) and below its threshold the answer is "unknown".
 FLOPs are added to the trace as each device call returns, from the tokens, layers and cache slots it processed.
 """
@@ -25,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from mantis_jax import config as config_lib
-from mantis_jax.engine import runtime
+from mantis_jax.engine import decoding, runtime
 from mantis_jax.engine.memory import Memory, Span
 from mantis_jax.engine.policy import Decisions, FixedPolicy, StateSummary
 from mantis_jax.engine.trace import Answer, Trace
@@ -55,7 +56,8 @@ def split_spans(text: str, mode: str, tokenizer, span_tokens: int) -> list[str]:
 
 class Engine:
     def __init__(self, config: ml_collections.ConfigDict, params, tokenizer, *, policy=None, critic=None,
-                 memory: Memory | None = None, encoder_params: dict | None = None):
+                 memory: Memory | None = None, encoder_params: dict | None = None,
+                 decoder: decoding.DecodingHead | None = None):
         self.config = config = complete_config(config)
         self.args = ModelArgs.from_config(config)
         self.ssm_args = SSMArgs.from_config(config)
@@ -69,6 +71,9 @@ class Engine:
             raise ValueError(f"config.engine.verify is set but the engine has no critic; train one with "
                              f"`{TRAIN_CRITIC}` and pass it (Engine(..., critic=...)), or set "
                              "--config.engine.verify=False")
+        if decoder is None and config.engine.decoding == "tidal":
+            decoder = decoding.load(config.engine.decoding_policy)
+        self.decoder = None if decoder is None else decoder.check(self.args.d_model, self.args.vocab_size)
         self.memory = memory if memory is not None else Memory(config)
         self.encoder_params = encoder_params
         self._encode = enc.encode_fn(self.args, self.ssm_args, encoder_params is not None)
@@ -88,7 +93,8 @@ class Engine:
 
     @classmethod
     def from_workdir(cls, workdir: str, *, policy=None, critic=None, stage2: str | None = None,
-                     overrides: dict | None = None, memory: Memory | None = None) -> "Engine":
+                     overrides: dict | None = None, memory: Memory | None = None,
+                     decoder: decoding.DecodingHead | None = None) -> "Engine":
         """An engine from a Stage-1 workdir (its best checkpoint); `stage2` (default `engine.encoder`) names the
         Stage-2 workdir whose trained retrieval encoder to use."""
         from mantis_jax.train.checkpoint import load_for_inference  # noqa: PLC0415
@@ -101,7 +107,7 @@ class Engine:
         path = stage2 if stage2 is not None else config.engine.encoder
         encoder_params = load_encoder_params(path) if path else None
         return cls(config, params, tokenizer, policy=policy, critic=critic, memory=memory,
-                   encoder_params=encoder_params)
+                   encoder_params=encoder_params, decoder=decoder)
 
     # ------------------------------------------------------------------------------------------ encoding
     def encode(self, texts: list[str], cache: bool = True) -> tuple[np.ndarray, float]:
@@ -268,15 +274,19 @@ class Engine:
         times["prefill"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        dec = runtime.decode(self.args, self.params, pre.cache, pre.first_logits_v, pre.kv_mask_bs,
-                             jnp.int32(len(ids)), self.stop_v, self.tokenizer.pad_id,
-                             jnp.float32(decisions.exit_threshold), max_new_tokens=e.max_new_tokens,
-                             exit=self.early_exit)
+        if self.decoder is not None:
+            dec = self._decode_modulated(pre, ids, length, decisions, trace)
+        else:
+            dec = runtime.decode(self.args, self.params, pre.cache, pre.first_logits_v, pre.kv_mask_bs,
+                                 jnp.int32(len(ids)), self.stop_v, self.tokenizer.pad_id,
+                                 jnp.float32(decisions.exit_threshold), max_new_tokens=e.max_new_tokens,
+                                 exit=self.early_exit)
         n = int(dec.length)
         toks, layers = np.asarray(dec.tokens_n)[:n].tolist(), np.asarray(dec.layers_n)[:n].tolist()
         trace.layers_per_token = layers
         for i in range(1, n):  # step i fed token i-1 through layers[i] layers against the whole cache
-            trace.add_flops("decode", self._step_flops(layers[i], slots))
+            trace.add_flops("decode", self._step_flops(layers[i], slots) if self.decoder is None
+                            else enc.forward_flops(self.args, 1, self.args.n_layers, slots))  # no exit heads read
         candidate = self.tokenizer.decode(toks).split("\n", 1)[0].strip()
         trace.candidate = candidate
         times["decode"] = time.perf_counter() - t
@@ -298,6 +308,26 @@ class Engine:
         trace.latency_ms = {k: v * 1e3 for k, v in times.items()}
         trace.latency_ms["total"] = (time.perf_counter() - t0) * 1e3
         return Answer(text_out, trace)
+
+    def _decode_modulated(self, pre: runtime.Prefill, ids: list[int], length: int, decisions: Decisions,
+                          trace: Trace) -> runtime.Decoded:
+        """Sampling with the decoding head's knobs (Beta mean per chunk; keys from config.seed, so an answer is
+        reproducible); every token runs every layer. The trace gets m and the knobs of each chunk reached."""
+        n_new = self.config.engine.max_new_tokens
+        if decisions.exit_threshold < 1.0:
+            trace.notes.append("the decoding head reads every layer's output: exit_threshold ignored")
+        prompt, _ = left_pad([ids], self.tokenizer.pad_id, length)
+        out = decoding.decode(self.args, self.decoder.spec, self.params, self.decoder.params, pre.cache,
+                              pre.first_logits_v, pre.hidden_td, jnp.asarray(prompt[0]), pre.kv_mask_bs,
+                              jnp.int32(len(ids)), self.stop_v, self.tokenizer.pad_id,
+                              jax.random.key(self.config.seed), decisions.expert_bias, max_new_tokens=n_new)
+        n = int(out.length)
+        chunks = -(-n // self.decoder.spec.chunk)
+        kn = {name: np.asarray(v)[:chunks].tolist() for name, v in out.knobs._asdict().items()}
+        trace.modulation = [{"m": float(m), **{name: kn[name][k] for name in kn}}
+                            for k, m in enumerate(np.asarray(out.m_k)[:chunks])]
+        layers = jnp.where(jnp.arange(n_new) < n, self.args.n_layers, 0).astype(jnp.int32)
+        return runtime.Decoded(out.tokens_n, out.length, layers, out.cache)
 
     def _full_path_flops(self, retrieval_ids: list[int] | None, n_tokens: int, before: float,
                          critic_flops: float, base_slots: int) -> float:

@@ -32,6 +32,7 @@ class Prefill(NamedTuple):
     entropy: jax.Array  # [] entropy of softmax(first_logits) / log V
     exit_confidence: jax.Array  # [] top-1 probability after `exit_layer` layers at the last position
     kv_mask_bs: jax.Array  # [1, S] real prompt slots and every generation slot
+    hidden_td: jax.Array  # [T, D] the last layer's hidden states (the decoding head's first observation)
 
 
 class Decoded(NamedTuple):
@@ -64,7 +65,7 @@ def prefill(args: ModelArgs, params, cache: dict, tokens_bt, mask_bt, *, exit_la
         exit_logits, _ = forward(args, params, tokens_bt, exit_layer=exit_layer, positions_bt=positions,
                                  kv_mask_bs=mask_bt.astype(bool))
         conf = jnp.max(jax.nn.softmax(exit_logits[0, -1]))
-    return Prefill(aux["cache"], first, pooled[0], normalised_entropy(first), conf, kv_mask_bs)
+    return Prefill(aux["cache"], first, pooled[0], normalised_entropy(first), conf, kv_mask_bs, aux["hidden"][0])
 
 
 @functools.partial(jax.jit, static_argnames=("args", "max_new_tokens", "exit"), donate_argnames=("cache",))

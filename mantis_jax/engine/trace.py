@@ -25,6 +25,7 @@ class Trace:
     prompt: str = ""
     prompt_tokens: int = 0
     layers_per_token: list = dataclasses.field(default_factory=list)
+    modulation: list = dataclasses.field(default_factory=list)  # decoding head: per chunk {m, temperature, ...}
     flops: dict = dataclasses.field(default_factory=lambda: {c: 0.0 for c in COMPONENTS})
     flops_full: float = 0.0
     latency_ms: dict = dataclasses.field(default_factory=dict)  # per stage
@@ -69,6 +70,12 @@ class Trace:
         mean_layers = (sum(self.layers_per_token) / len(self.layers_per_token)) if self.layers_per_token else 0
         lines.append(f"prompt: {self.prompt_tokens} tokens; generated {len(self.layers_per_token)} tokens, layers "
                      f"per token {self.layers_per_token} (mean {mean_layers:.2f})")
+        if self.modulation:
+            lines.append("decoding head: m per chunk " + " ".join(f"{c['m']:.2f}" for c in self.modulation)
+                         + " (temperature " + " ".join(f"{c['temperature']:.2f}" for c in self.modulation)
+                         + "; top-k " + " ".join(str(c["top_k"]) for c in self.modulation)
+                         + "; top-p " + " ".join(f"{c['top_p']:.2f}" for c in self.modulation)
+                         + "; penalty " + " ".join(f"{c['penalty']:.2f}" for c in self.modulation) + ")")
         lines.append("FLOPs: " + ", ".join(f"{k} {v:.3g}" for k, v in self.flops.items() if v)
                      + f"; total {self.flops_total:.3g} = {self.compute:.2f} of the full path ({self.flops_full:.3g})")
         lines.append("latency ms: " + ", ".join(f"{k} {v:.1f}" for k, v in self.latency_ms.items()))

@@ -2,6 +2,7 @@
 jax.scipy, the per-row sampling filters against the scalar ones, the rollout against a plain forward pass (its
 reward reads the unmodulated logits) and against greedy decoding, and the trainer CLI's exact resume."""
 
+import dataclasses
 import math
 
 import jax
@@ -104,6 +105,26 @@ def test_distinct_and_text_metrics():
     assert out["repetition"] == pytest.approx(2 / 5) and out["perplexity"] == pytest.approx(4.0)
 
 
+def test_observation_scalars_and_group_baseline_by_hand():
+    window = jnp.array([[5, 6, 5, 7, 6, 8]])  # last 2 tokens: 6 (seen at 1), 8 (new) -> chunk_repeat 1/2
+    assert float(dec.tail_repeat(window, 2)[0]) == pytest.approx(0.5)
+    assert float(dec.tail_repeat(jnp.array([[1, 1, 1]]), 3)[0]) == pytest.approx(2 / 3)  # the first 1 is new
+    spec = dec.DecodingSpec(d_model=3, vocab_size=4, chunk=2, window=6, observe_pooled=False)
+    logits = jnp.zeros((1, 4))  # uniform: entropy 1
+    hidden = jnp.array([[[0.0, 1.0, 2.0], [2.0, 1.0, 0.0]]])  # std per dimension (1, 0, 1): mean 2/3
+    x = dec.features(spec, logits, window, hidden, jnp.array([[0.2, 0.4]]), 0.25)
+    assert x.shape == (1, spec.n_features) == (1, len(dec.SCALARS))
+    np.testing.assert_allclose(x[0], [1.0, 0.3, 0.5, 4 / 6, 1.0, math.log1p(2 / 3), 0.25],
+                               rtol=1e-5)  # 5 bigrams, all new
+    pooled = dec.features(dataclasses.replace(spec, observe_pooled=True), logits, window, hidden,
+                          jnp.array([[0.2, 0.4]]), 0.25)
+    np.testing.assert_allclose(pooled[0, :3], [1.0, 1.0, 1.0])
+    np.testing.assert_allclose(pooled[0, 3:], x[0])
+    adv = jnp.array([[1.0, 2.0], [3.0, 6.0], [0.0, 0.0], [4.0, -2.0]])  # two prompts x two rollouts
+    np.testing.assert_allclose(train_decoding.group_baseline(adv, 2), [[-1, -2], [1, 2], [-2, 1], [2, -1]])
+    np.testing.assert_array_equal(train_decoding.group_baseline(adv, 1), adv)
+
+
 @pytest.fixture(scope="module")
 def tiny(lm):
     """The trainer's shapes (config, prompts, bigram table, head state): its rollout compile serves these tests."""
@@ -186,7 +207,7 @@ def test_resume_with_other_shapes_is_one_error(runs, lm_workdir, capsys):
 def test_cli_rejects_other_flags(lm_workdir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_decoding.main([f"--checkpoint={lm_workdir}", f"--workdir={tmp_path}", "--config.model.d_model=8"])
-    assert "only --config.decoding.*" in capsys.readouterr().err
+    assert "--config.decoding.* may be set here" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train_decoding.main([f"--checkpoint={lm_workdir}", f"--workdir={tmp_path}",
                              "--config.decoding.gamma=2.0"])
