@@ -192,3 +192,48 @@ def test_trainer_resumes_exactly(small_tokenizer, tmp_path):
     config.memory.tokens.n_experts = 3
     with pytest.raises(ValueError, match="memory.tokens.n_experts"):
         train_tokens.train(config, str(tmp_path / "b"))
+
+
+def test_answer_loss_reaches_the_write_parameters_within_bptt(model):
+    """The question segment's loss sends gradient to the proposal (W_u, b_u) and the gate (W_g, b_g) through the
+    earlier segments' writes when bptt spans them, and none at bptt 1 (the memory is cut at every segment)."""
+    p, b, args = model["params"], model["batch"], model["args"]
+
+    def last_loss(mem, bptt):  # bptt traced: one compile for both
+        return mt.unroll(args, {"lm": p["lm"], "memory": mem}, b, pad_id=PAD, bptt=bptt)[1]["ce_sum"][-1]
+
+    grad = jax.jit(jax.grad(last_loss))
+    full, cut = ({k: float(jnp.abs(g[k]).sum()) for k in ("w_u", "b_u", "w_gate", "b_gate")}
+                 for g in (grad(p["memory"], jnp.int32(T)), grad(p["memory"], jnp.int32(1))))
+    assert all(v > 0 for v in full.values()), full
+    assert all(v == 0 for v in cut.values()), cut
+
+
+def test_vocab_proposal_writes_the_predicted_token_embedding(model):
+    """proposal "vocab" with W_u = 0 (the tanh term is 0), one expert and the gate held open: the memory after a
+    write is softmax(the WRITE tokens' logits) @ embedding, computed densely from the segment's own logits."""
+    p, args = model["params"], model["args"]
+    mem = mt.init_memory_params(jax.random.key(3), D, N, 1, 0.02, gate_bias=1e4, update_scale=0.0)
+    assert not np.asarray(mem["w_u"]).any()
+    np.testing.assert_array_equal(mt.init_memory_params(jax.random.key(3), D, N, 1, 0.02, update_scale=0.5,
+                                                        update_identity=True)["w_u"], 0.5 * np.eye(D))
+    x = jnp.asarray(model["batch"]["tokens"][0, :1])
+    seg = jax.jit(lambda params, state: mt.segment_forward(args, params, state, x, jnp.ones((1,)), PAD, "vocab"))
+    new, logits, _ = seg({"lm": p["lm"], "memory": mem}, mt.initial_state(mem, 1))
+    expect = jax.nn.softmax(logits[0, S - N:], axis=-1) @ p["lm"]["embedding"]
+    np.testing.assert_allclose(np.asarray(new["memory"][0, 0]), np.asarray(expect), rtol=1e-5, atol=1e-7)
+
+
+def test_question_in_context_layout():
+    """MemXLNet-QA's layout: every context row ends with the question just before its WRITE tokens."""
+    context, question, answer = np.arange(10, 17), np.array([50, 51]), np.array([60])
+    doc = mt.segment_document(context, question, answer, segments=3, segment_len=10, read_ids=READ[:2],
+                              write_ids=WRITE[:2], pad_id=PAD, lm_weight=0.5, question_in_context=True)
+    # text per context row: 10 - 2N - 2 question tokens = 4: 7 context tokens -> rows 0 and 1
+    np.testing.assert_array_equal(doc["tokens"][0], [V - 4, V - 3, 10, 11, 12, 13, 50, 51, V - 2, V - 1])
+    np.testing.assert_array_equal(doc["tokens"][1], [V - 4, V - 3, 14, 15, 16, PAD, 50, 51, V - 2, V - 1])
+    np.testing.assert_array_equal(doc["weights"][1], [0, 0, 0.5, 0.5, 0, 0, 0, 0, 0, 0])  # 14 -> 15 -> 16 only
+    np.testing.assert_array_equal(doc["tokens"][2], [V - 4, V - 3, 50, 51, 60, PAD, PAD, PAD, V - 2, V - 1])
+    np.testing.assert_array_equal(doc["weights"][2], [0, 0, 0, 1, 0, 0, 0, 0, 0, 0])
+    assert mt.segment_document(np.arange(10, 19), question, answer, segments=3, segment_len=10, read_ids=READ[:2],
+                               write_ids=WRITE[:2], pad_id=PAD, lm_weight=0.5, question_in_context=True) is None
