@@ -237,3 +237,48 @@ def test_question_in_context_layout():
     np.testing.assert_array_equal(doc["weights"][2], [0, 0, 0, 1, 0, 0, 0, 0, 0, 0])
     assert mt.segment_document(np.arange(10, 19), question, answer, segments=3, segment_len=10, read_ids=READ[:2],
                                write_ids=WRITE[:2], pad_id=PAD, lm_weight=0.5, question_in_context=True) is None
+
+
+def test_trainer_starts_from_a_stage1_lm(tmp_path):
+    """init_from: the run takes the Stage-1 run's shape, tokenizer (+ memory tokens) and LM weights; the grown
+    embedding keeps the learned rows and (answer_slot) starts the WRITE rows as the token ending "A:". One step at
+    lr 0 (the warm-up's first) leaves the LM exactly the Stage-1 one."""
+    from mantis_jax.config import default_config, validate  # noqa: PLC0415
+    from mantis_jax.train.checkpoint import load_for_inference  # noqa: PLC0415
+    from mantis_jax.train.trainer import train as train_stage1  # noqa: PLC0415
+
+    s1 = default_config()
+    set_shape(s1, d_model=D, n_layers=1, n_experts=1, top_k=1)
+    s1.model.n_heads, s1.model.n_kv_heads, s1.model.d_ff, s1.model.max_seq_len = 2, 1, 64, 64
+    s1.model.scan_layers, s1.model.attn_block_q = False, 0
+    s1.data.tokenizer = Tokenizer.train(World(0, 2000).tokenizer_sample(200), 256).save(str(tmp_path))
+    s1.data.seq_len, s1.data.batch_size, s1.data.factworld_val_docs = 32, 2, 2
+    s1.data.factworld_entities = 3000  # the memory run must take this world, not its own preset's
+    s1.train.total_steps, s1.train.warmup_steps, s1.train.save_every, s1.train.eval_every = 1, 1, 1, 1
+    s1.train.eval_steps, s1.train.peak_flops = 1, 1e9
+    s1.checkpoint.async_save = False
+    s1.logging.tensorboard = s1.logging.progress = False
+    train_stage1(validate(s1), str(tmp_path / "stage1"))
+
+    c = _trainer_config("")
+    c.memory.tokens.init_from = str(tmp_path / "stage1")
+    c.memory.tokens.write_init = "answer_slot"
+    c.memory.tokens.question_in_context = True
+    c.memory.tokens.proposal = "vocab"
+    c.memory.tokens.segment_len, c.memory.tokens.segments, c.memory.tokens.distance = 64, 6, 4
+    c.train.total_steps, c.train.warmup_steps = 1, 1
+    out = train_tokens.train(c, str(tmp_path / "mem"))
+    _, tok1, lm1 = load_for_inference(str(tmp_path / "stage1"))
+    lm = out["state"].params["lm"]
+    v1 = lm1["embedding"].shape[0]
+    assert out["state"].params["memory"]["w_u"].shape == (D, D) and lm["embedding"].shape[0] > v1  # 256 -> 384
+    np.testing.assert_array_equal(np.asarray(lm["embedding"][:v1]), np.asarray(lm1["embedding"]))
+    _, _, write_ids = mt.add_memory_tokens(tok1, 2)
+    colon = tok1.encode("\nA:")[-1]
+    np.testing.assert_array_equal(np.asarray(lm["embedding"][write_ids]),
+                                  np.broadcast_to(np.asarray(lm1["embedding"][colon]), (2, D)))
+    assert params_equal({k: v for k, v in lm.items() if k != "embedding"},
+                        {k: v for k, v in lm1.items() if k != "embedding"})
+    with pytest.raises(Exception, match="init_from"):
+        c.memory.tokens.init_from = str(tmp_path / "nothing")
+        train_tokens.train(c, str(tmp_path / "mem2"))
