@@ -177,8 +177,8 @@ def default_config() -> ml_collections.ConfigDict:
     mt.max_answer_tokens = 8  # greedy tokens generated per question when scoring exact match
     mt.eval_questions = 100  # test-split far questions scored (exact match) at each evaluation (0 = none)
     mt.eval_every = 0  # steps between evaluations (0 = only at the end)
-    # A Stage-1 workdir to start from (its newest checkpoint): its model shape, tokenizer (+ the memory tokens:
-    # new embedding rows) and LM weights; "" = a fresh LM of config.model.
+    # A Stage-1 workdir to start from (the step inference loads: best val loss, else newest): its model shape,
+    # factworld world, tokenizer (+ the memory tokens: new embedding rows) and LM weights; "" = a fresh LM.
     mt.init_from = ""
     mt.gate_bias = 0.0  # initial b_g of the write gate: sigmoid(gate_bias) is the share of a first write kept
     mt.update_init = "random"  # W_u at start: random (N(0, 1/d_model)) | identity (u starts as the hidden state)

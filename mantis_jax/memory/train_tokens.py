@@ -90,7 +90,7 @@ class FarQuestions:
             answer = np.full((c.max_answer_tokens,), self.tok.pad_id, np.int32)
         doc = mt.segment_document(context, question, answer, segments=c.segments, segment_len=c.segment_len,
                                   read_ids=self.read_ids, write_ids=self.write_ids, pad_id=self.tok.pad_id,
-                                  lm_weight=c.lm_loss_weight, question_in_context=c.question_in_context)
+                                  lm_weight=c.lm_loss_weight, question_in_context=c.get("question_in_context", False))
         if doc is None:
             return None
         if not c.enabled:
@@ -155,8 +155,9 @@ def init_all(args: ModelArgs, config, rng: jax.Array) -> dict:
     if config.memory.tokens.enabled:
         c = config.memory.tokens
         params["memory"] = mt.init_memory_params(k_mem, args.d_model, c.n_tokens, c.n_experts, args.init_std,
-                                                 gate_bias=c.gate_bias, update_scale=c.update_scale,
-                                                 update_identity=c.update_init == "identity")
+                                                 gate_bias=c.get("gate_bias", 0.0),
+                                                 update_scale=c.get("update_scale", 1.0),
+                                                 update_identity=c.get("update_init", "random") == "identity")
     return params
 
 
@@ -167,9 +168,10 @@ def compiled(args: ModelArgs, config_json: str, pad_id: int) -> dict:
     config = config_lib.from_json(config_json)
     c = config.memory.tokens
     tx, schedule = state_lib.make_optimizer(config), state_lib.lr_schedule(config)
+    proposal = c.get("proposal", "tanh")  # a checkpoint made before the option was added: its default
     if c.enabled:
         loss = functools.partial(mt.memory_loss, args=args, pad_id=pad_id, bptt=c.bptt, lb_weight=c.lb_loss_weight,
-                                 proposal=c.proposal)
+                                 proposal=proposal)
     else:
         loss = functools.partial(window_loss, args=args)
 
@@ -194,7 +196,7 @@ def compiled(args: ModelArgs, config_json: str, pad_id: int) -> dict:
 
     def answer(params, batch):
         if c.enabled:
-            state = mt.state_before_question(args, params, batch, pad_id=pad_id, proposal=c.proposal)
+            state = mt.state_before_question(args, params, batch, pad_id=pad_id, proposal=proposal)
             tokens, start = batch["tokens"][-1], batch["answer_start"]
         else:
             state, tokens, start = None, batch["inputs"], batch["answer_start"]
@@ -217,9 +219,15 @@ def load_stage1(config: ml_collections.ConfigDict, *, with_params: bool) -> tupl
         raise CheckpointError(f"config.memory.tokens.init_from ({path!r}) holds no Stage-1 checkpoint; train one "
                               "(make demo, or python -m mantis_jax.train --config=configs/demo.py --workdir=...) "
                               "or set --config.memory.tokens.init_from=''")
-    saved, tokenizer, params = load_for_inference(path)
-    if not with_params:
-        params = None
+    if with_params:
+        saved, tokenizer, params = load_for_inference(path)
+    else:  # the shape and tokenizer only, from the step load_for_inference would take
+        ckpt = Checkpointer(path, create=False, async_save=False)
+        try:
+            step = ckpt.best_step()
+            saved, tokenizer, params = ckpt.config_at(step), ckpt.tokenizer_at(step), None
+        finally:
+            ckpt.close()
     with config.ignore_type():
         config.model = ml_collections.ConfigDict(saved.model.to_dict())
         for key, value in saved.data.items():
