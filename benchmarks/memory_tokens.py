@@ -178,7 +178,8 @@ def memory_ablation(workdir: str, n: int, distance: int | None = None) -> dict:
 
     own = [float(x) for x in answer_scores(state.params, batch, 0)]
     other = [float(x) for x in answer_scores(state.params, batch, 1)]
-    return {"step": step, "questions": n, "distance": config.memory.tokens.distance, "answer_ce_own_memory": own[0], "answer_ce_other_memory": other[0],
+    return {"step": step, "questions": n, "distance": config.memory.tokens.distance,
+            "answer_ce_own_memory": own[0], "answer_ce_other_memory": other[0],
             "answer_acc_own_memory": own[1], "answer_acc_other_memory": other[1]}
 
 
