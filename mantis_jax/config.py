@@ -177,6 +177,16 @@ def default_config() -> ml_collections.ConfigDict:
     mt.max_answer_tokens = 8  # greedy tokens generated per question when scoring exact match
     mt.eval_questions = 100  # test-split far questions scored (exact match) at each evaluation (0 = none)
     mt.eval_every = 0  # steps between evaluations (0 = only at the end)
+    # A Stage-1 workdir to start from (the step inference loads: best val loss, else newest): its model shape,
+    # factworld world, tokenizer (+ the memory tokens: new embedding rows) and LM weights; "" = a fresh LM.
+    mt.init_from = ""
+    mt.gate_bias = 0.0  # initial b_g of the write gate: sigmoid(gate_bias) is the share of a first write kept
+    mt.update_init = "random"  # W_u at start: random (N(0, 1/d_model)) | identity (u starts as the hidden state)
+    mt.update_scale = 1.0  # x W_u's initial value: below 1 the proposal's tanh starts less saturated
+    mt.curriculum_docs = 0  # training records below this index put the evidence in the segment before the question
+    mt.question_in_context = False  # MemXLNet-QA's layout: every context segment also ends with the question
+    mt.proposal = "tanh"  # u = tanh(h W_u + b_u) | vocab: + softmax(WRITE logits) @ embedding (the predicted token)
+    mt.write_init = "random"  # with init_from: WRITE rows random | answer_slot (a copy of the token ending "A:")
 
     # The meta-controller (mantis_jax/control, docs/control.md): an MLP over the engine's state summary; its input
     # width and the expert-bias shape [model.n_layers, moe.n_experts] come from the model, never from these keys.
@@ -644,6 +654,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                  "then the question segment)")
         _require(min(mt.lb_loss_weight, mt.lm_loss_weight, mt.eval_every, mt.eval_questions) >= 0,
                  "config.memory.tokens.lb_loss_weight, lm_loss_weight, eval_every and eval_questions must be >= 0")
+        for key, choices in (("update_init", ("random", "identity")), ("proposal", ("tanh", "vocab")),
+                             ("write_init", ("random", "answer_slot"))):
+            if key in mt:
+                _one_of(config, f"memory.tokens.{key}", choices)
+        _require(mt.get("curriculum_docs", 0) >= 0 and mt.get("update_scale", 1.0) >= 0,
+                 f"config.memory.tokens.curriculum_docs ({mt.get('curriculum_docs')}) and "
+                 f"config.memory.tokens.update_scale ({mt.get('update_scale')}) must be >= 0")
     sizes = [config.mesh[a] for a in MESH_AXES]
     _require(all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1,
              f"config.mesh sizes {dict(zip(MESH_AXES, sizes))} must be positive, with at most one -1")

@@ -67,6 +67,12 @@ class FarQuestions:
         self.memory_ids = np.concatenate([self.read_ids, self.write_ids])
         self.count = lambda s: len(tokenizer.encode(s))
 
+    def distance(self, index: int) -> int:
+        """Filler tokens between evidence and question for record `index`: 0 (the evidence in the context segment
+        just before the question) for training records below `curriculum_docs`, else `distance`."""
+        short = self.split == "train" and index < self.mt.get("curriculum_docs", 0)
+        return 0 if short else self.mt.distance
+
     def _encode(self, text: str, what: str) -> np.ndarray:
         ids = np.asarray(self.tok.encode(text), np.int32)
         mt.check_no_memory_tokens(ids, self.memory_ids, what)
@@ -75,7 +81,7 @@ class FarQuestions:
     def record(self, index: int, *, with_answer: bool = True) -> dict | None:
         """Record `index` laid out for the configured mode (None when it does not fit); keys as the batch's."""
         c = self.mt
-        rec = self.world.qa_record(self.split, "far", index, distance=c.distance, count_tokens=self.count)
+        rec = self.world.qa_record(self.split, "far", index, distance=self.distance(index), count_tokens=self.count)
         context = self._encode(" " + rec["context"], f"factworld record {rec['id']}")
         question = self._encode(f"\nQ: {rec['question']}\nA:", f"factworld record {rec['id']}")
         if with_answer:
@@ -84,7 +90,7 @@ class FarQuestions:
             answer = np.full((c.max_answer_tokens,), self.tok.pad_id, np.int32)
         doc = mt.segment_document(context, question, answer, segments=c.segments, segment_len=c.segment_len,
                                   read_ids=self.read_ids, write_ids=self.write_ids, pad_id=self.tok.pad_id,
-                                  lm_weight=c.lm_loss_weight)
+                                  lm_weight=c.lm_loss_weight, question_in_context=c.get("question_in_context", False))
         if doc is None:
             return None
         if not c.enabled:
@@ -148,7 +154,10 @@ def init_all(args: ModelArgs, config, rng: jax.Array) -> dict:
     params = {"lm": init_params(args, k_lm)}
     if config.memory.tokens.enabled:
         c = config.memory.tokens
-        params["memory"] = mt.init_memory_params(k_mem, args.d_model, c.n_tokens, c.n_experts, args.init_std)
+        params["memory"] = mt.init_memory_params(k_mem, args.d_model, c.n_tokens, c.n_experts, args.init_std,
+                                                 gate_bias=c.get("gate_bias", 0.0),
+                                                 update_scale=c.get("update_scale", 1.0),
+                                                 update_identity=c.get("update_init", "random") == "identity")
     return params
 
 
@@ -159,8 +168,10 @@ def compiled(args: ModelArgs, config_json: str, pad_id: int) -> dict:
     config = config_lib.from_json(config_json)
     c = config.memory.tokens
     tx, schedule = state_lib.make_optimizer(config), state_lib.lr_schedule(config)
+    proposal = c.get("proposal", "tanh")  # a checkpoint made before the option was added: its default
     if c.enabled:
-        loss = functools.partial(mt.memory_loss, args=args, pad_id=pad_id, bptt=c.bptt, lb_weight=c.lb_loss_weight)
+        loss = functools.partial(mt.memory_loss, args=args, pad_id=pad_id, bptt=c.bptt, lb_weight=c.lb_loss_weight,
+                                 proposal=proposal)
     else:
         loss = functools.partial(window_loss, args=args)
 
@@ -170,15 +181,22 @@ def compiled(args: ModelArgs, config_json: str, pad_id: int) -> dict:
         (_, metrics), grads = grad_fn(state.params, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
+        if c.enabled:  # the write path's gradients: zero would mean the memory cannot learn what to carry
+            metrics.update(grad_norm_update=optax.tree.norm((grads["memory"]["w_u"], grads["memory"]["b_u"])),
+                           grad_norm_gate=optax.tree.norm((grads["memory"]["w_gate"], grads["memory"]["b_gate"])))
         return state_lib.TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
 
     def init(rng):
         params = init_all(args, config, rng)
         return state_lib.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
+    def init_warm(rng, lm_params):  # a fresh state whose LM is a Stage-1 LM (embedding rows grown: grow_embedding)
+        params = dict(init_all(args, config, rng), lm=lm_params)
+        return state_lib.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
     def answer(params, batch):
         if c.enabled:
-            state = mt.state_before_question(args, params, batch, pad_id=pad_id)
+            state = mt.state_before_question(args, params, batch, pad_id=pad_id, proposal=proposal)
             tokens, start = batch["tokens"][-1], batch["answer_start"]
         else:
             state, tokens, start = None, batch["inputs"], batch["answer_start"]
@@ -186,9 +204,51 @@ def compiled(args: ModelArgs, config_json: str, pad_id: int) -> dict:
 
     # One device, explicitly: a fresh state and a restored (committed) one then hit the same compiled step.
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return {"init": jax.jit(init, out_shardings=dev),
+    return {"init": jax.jit(init, out_shardings=dev), "init_warm": jax.jit(init_warm, out_shardings=dev),
             "train_step": jax.jit(train_step, in_shardings=(dev, dev), out_shardings=(dev, dev), donate_argnums=0),
             "answer": jax.jit(answer, in_shardings=(dev, dev), out_shardings=dev)}
+
+
+def load_stage1(config: ml_collections.ConfigDict, *, with_params: bool) -> tuple[Tokenizer, Any]:
+    """For `memory.tokens.init_from`: sets `config.model` and `config.data.factworld_*` to the Stage-1 run's (its
+    shape, and the world its LM knows); returns (its tokenizer with the memory tokens, its LM params or None)."""
+    from mantis_jax.train.checkpoint import list_steps, load_for_inference  # noqa: PLC0415
+
+    path = config.memory.tokens.init_from
+    if not list_steps(path):
+        raise CheckpointError(f"config.memory.tokens.init_from ({path!r}) holds no Stage-1 checkpoint; train one "
+                              "(make demo, or python -m mantis_jax.train --config=configs/demo.py --workdir=...) "
+                              "or set --config.memory.tokens.init_from=''")
+    if with_params:
+        saved, tokenizer, params = load_for_inference(path)
+    else:  # the shape and tokenizer only, from the step load_for_inference would take
+        ckpt = Checkpointer(path, create=False, async_save=False)
+        try:
+            step = ckpt.best_step()
+            saved, tokenizer, params = ckpt.config_at(step), ckpt.tokenizer_at(step), None
+        finally:
+            ckpt.close()
+    with config.ignore_type():
+        config.model = ml_collections.ConfigDict(saved.model.to_dict())
+        for key, value in saved.data.items():
+            if key.startswith("factworld_"):
+                config.data[key] = value
+    tokenizer, _, _ = mt.add_memory_tokens(tokenizer, config.memory.tokens.n_tokens)
+    return tokenizer, params
+
+
+def grow_embedding(lm_params: dict, vocab_size: int, rng: jax.Array, init_std: float,
+                   write_rows: tuple[np.ndarray, int] | None = None) -> dict:
+    """Stage-1 LM params with the embedding (tied head) grown to `vocab_size` rows: the learned rows kept, the new
+    ones (the memory tokens, the padding) drawn like a fresh embedding's. `write_rows` (ids, source id): those rows
+    start as a copy of row `source` instead."""
+    emb = lm_params["embedding"]
+    extra = init_std * jax.random.normal(rng, (vocab_size - emb.shape[0], emb.shape[1]), emb.dtype)
+    grown = jnp.concatenate([emb, extra], axis=0)
+    if write_rows is not None:
+        ids, source = write_rows
+        grown = grown.at[np.asarray(ids)].set(jnp.broadcast_to(emb[source], (len(ids), emb.shape[1])))
+    return dict(lm_params, embedding=grown)
 
 
 def _get(config: ml_collections.ConfigDict | None, key: str) -> Any:
@@ -229,6 +289,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ckpt = Checkpointer.from_config(workdir, config)
     try:
         steps = ckpt.steps()
+        stage1_params = None
+        if c.init_from:
+            stage1_tokenizer, stage1_params = load_stage1(config, with_params=not steps)
         if steps:
             tokenizer = ckpt.tokenizer_at(steps[-1])
             config.model.vocab_size = tokenizer.padded_vocab_size
@@ -239,15 +302,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             if config.data.tokenizer:
                 given, _, _ = mt.add_memory_tokens(pipeline.build_tokenizer(config), c.n_tokens)
                 check_compatible(given, tokenizer.fingerprint(), what=f"checkpoint in {ckpt.directory}")
+        elif c.init_from:
+            tokenizer = stage1_tokenizer
         else:
             tokenizer, _, _ = mt.add_memory_tokens(pipeline.build_tokenizer(config), c.n_tokens)
         config.model.vocab_size = tokenizer.padded_vocab_size
-        return _train(config, workdir, ckpt, tokenizer)
+        return _train(config, workdir, ckpt, tokenizer, stage1_params)
     finally:
         ckpt.close()
 
 
-def _train(config, workdir: str, ckpt: Checkpointer, tokenizer: Tokenizer) -> dict[str, Any]:
+def _train(config, workdir: str, ckpt: Checkpointer, tokenizer: Tokenizer, stage1_params=None) -> dict[str, Any]:
     c, t = config.memory.tokens, config.train
     args = ModelArgs.from_config(config)
     fns = compiled(args, config_lib.to_json(config), tokenizer.pad_id)
@@ -260,6 +325,14 @@ def _train(config, workdir: str, ckpt: Checkpointer, tokenizer: Tokenizer) -> di
     if restored is not None:
         start, state, data, _ = restored
         index = int(data["states"][0]["next_index"])
+    elif stage1_params is not None:
+        start, index = 0, 0
+        k_state, k_rows = jax.random.split(jax.random.key(config.seed))
+        write_rows = None
+        if c.write_init == "answer_slot":  # WRITE tokens start as the token ending "A:": the answer's slot
+            write_rows = (train_data.write_ids, tokenizer.encode("\nA:")[-1])
+        lm = grow_embedding(stage1_params, config.model.vocab_size, k_rows, config.model.init_std, write_rows)
+        state = fns["init_warm"](k_state, lm)
     else:
         start, index = 0, 0
         state = fns["init"](jax.random.key(config.seed))

@@ -64,7 +64,9 @@ def test_memory_carries_context_unless_the_gate_is_closed(model):
     p, b = model["params"], model["batch"]
     changed = dict(b, tokens=b["tokens"].copy())
     changed["tokens"][0, 0, N:S - N] = (changed["tokens"][0, 0, N:S - N] + 7) % (V - 10) + 5
-    closed = {"lm": p["lm"], "memory": dict(p["memory"], b_gate=jnp.full((D,), -1e4))}
+    # Closed gate, and a router that cannot move (W_r = 0: uniform), so the read mixes the experts alike too.
+    closed = {"lm": p["lm"], "memory": dict(p["memory"], b_gate=jnp.full((D,), -1e4),
+                                            w_router=jnp.zeros_like(p["memory"]["w_router"]))}
     last = lambda params, batch: np.asarray(model["unroll"](params, batch)[1]["logits"][-1, 0])  # noqa: E731
     assert np.abs(last(p, b) - last(p, changed)).max() > 1e-4
     np.testing.assert_array_equal(last(closed, b), last(closed, changed))
@@ -192,3 +194,94 @@ def test_trainer_resumes_exactly(small_tokenizer, tmp_path):
     config.memory.tokens.n_experts = 3
     with pytest.raises(ValueError, match="memory.tokens.n_experts"):
         train_tokens.train(config, str(tmp_path / "b"))
+
+
+def test_answer_loss_reaches_the_write_parameters_within_bptt(model):
+    """The question segment's loss sends gradient to the proposal (W_u, b_u) and the gate (W_g, b_g) through the
+    earlier segments' writes when bptt spans them, and none at bptt 1 (the memory is cut at every segment)."""
+    p, b, args = model["params"], model["batch"], model["args"]
+
+    def last_loss(mem, bptt):  # bptt traced: one compile for both
+        return mt.unroll(args, {"lm": p["lm"], "memory": mem}, b, pad_id=PAD, bptt=bptt)[1]["ce_sum"][-1]
+
+    grad = jax.jit(jax.grad(last_loss))
+    full, cut = ({k: float(jnp.abs(g[k]).sum()) for k in ("w_u", "b_u", "w_gate", "b_gate")}
+                 for g in (grad(p["memory"], jnp.int32(T)), grad(p["memory"], jnp.int32(1))))
+    assert all(v > 0 for v in full.values()), full
+    assert all(v == 0 for v in cut.values()), cut
+
+
+def test_vocab_proposal_writes_the_predicted_token_embedding(model):
+    """proposal "vocab" with W_u = 0 (the tanh term is 0), one expert and the gate held open: the memory after a
+    write is softmax(the WRITE tokens' logits) @ embedding, computed densely from the segment's own logits."""
+    p, args = model["params"], model["args"]
+    mem = mt.init_memory_params(jax.random.key(3), D, N, 1, 0.02, gate_bias=1e4, update_scale=0.0)
+    assert not np.asarray(mem["w_u"]).any()
+    np.testing.assert_array_equal(mt.init_memory_params(jax.random.key(3), D, N, 1, 0.02, update_scale=0.5,
+                                                        update_identity=True)["w_u"], 0.5 * np.eye(D))
+    x = jnp.asarray(model["batch"]["tokens"][0, :1])
+    seg = jax.jit(lambda params, state: mt.segment_forward(args, params, state, x, jnp.ones((1,)), PAD, "vocab"))
+    new, logits, _ = seg({"lm": p["lm"], "memory": mem}, mt.initial_state(mem, 1))
+    expect = jax.nn.softmax(logits[0, S - N:], axis=-1) @ p["lm"]["embedding"]
+    np.testing.assert_allclose(np.asarray(new["memory"][0, 0]), np.asarray(expect), rtol=1e-5, atol=1e-7)
+
+
+def test_question_in_context_layout():
+    """MemXLNet-QA's layout: every context row ends with the question just before its WRITE tokens."""
+    context, question, answer = np.arange(10, 17), np.array([50, 51]), np.array([60])
+    doc = mt.segment_document(context, question, answer, segments=3, segment_len=10, read_ids=READ[:2],
+                              write_ids=WRITE[:2], pad_id=PAD, lm_weight=0.5, question_in_context=True)
+    # text per context row: 10 - 2N - 2 question tokens = 4: 7 context tokens -> rows 0 and 1
+    np.testing.assert_array_equal(doc["tokens"][0], [V - 4, V - 3, 10, 11, 12, 13, 50, 51, V - 2, V - 1])
+    np.testing.assert_array_equal(doc["tokens"][1], [V - 4, V - 3, 14, 15, 16, PAD, 50, 51, V - 2, V - 1])
+    np.testing.assert_array_equal(doc["weights"][1], [0, 0, 0.5, 0.5, 0, 0, 0, 0, 0, 0])  # 14 -> 15 -> 16 only
+    np.testing.assert_array_equal(doc["tokens"][2], [V - 4, V - 3, 50, 51, 60, PAD, PAD, PAD, V - 2, V - 1])
+    np.testing.assert_array_equal(doc["weights"][2], [0, 0, 0, 1, 0, 0, 0, 0, 0, 0])
+    assert mt.segment_document(np.arange(10, 19), question, answer, segments=3, segment_len=10, read_ids=READ[:2],
+                               write_ids=WRITE[:2], pad_id=PAD, lm_weight=0.5, question_in_context=True) is None
+
+
+def test_trainer_starts_from_a_stage1_lm(tmp_path):
+    """init_from: the run takes the Stage-1 run's shape, tokenizer (+ memory tokens) and LM weights; the grown
+    embedding keeps the learned rows and (answer_slot) starts the WRITE rows as the token ending "A:". One step at
+    lr 0 (the warm-up's first) leaves the LM exactly the Stage-1 one."""
+    from mantis_jax.config import default_config, validate  # noqa: PLC0415
+    from mantis_jax.train.checkpoint import load_for_inference  # noqa: PLC0415
+    from mantis_jax.train.trainer import train as train_stage1  # noqa: PLC0415
+
+    s1 = default_config()
+    set_shape(s1, d_model=D, n_layers=1, n_experts=1, top_k=1)
+    s1.model.n_heads, s1.model.n_kv_heads, s1.model.d_ff, s1.model.max_seq_len = 2, 1, 64, 64
+    s1.model.scan_layers, s1.model.attn_block_q = False, 0
+    s1.data.tokenizer = Tokenizer.train(World(0, 2000).tokenizer_sample(200), 382).save(str(tmp_path))
+    s1.data.seq_len, s1.data.batch_size, s1.data.factworld_val_docs = 32, 8, 8
+    s1.data.factworld_entities = 3000  # the memory run must take this world, not its own preset's
+    s1.train.total_steps, s1.train.warmup_steps, s1.train.save_every, s1.train.eval_every = 1, 1, 1, 100
+    s1.train.eval_steps, s1.train.peak_flops = 1, 1e9
+    s1.checkpoint.async_save = False
+    s1.logging.tensorboard = s1.logging.progress = False
+    train_stage1(validate(s1), str(tmp_path / "stage1"))
+
+    c = _trainer_config("")
+    c.memory.tokens.init_from = str(tmp_path / "stage1")
+    c.memory.tokens.write_init = "answer_slot"
+    c.memory.tokens.question_in_context = True
+    c.memory.tokens.proposal = "vocab"
+    c.memory.tokens.segment_len, c.memory.tokens.segments, c.memory.tokens.distance = 64, 4, 4
+    c.train.total_steps, c.train.warmup_steps = 1, 1
+    out = train_tokens.train(c, str(tmp_path / "mem"))
+    _, tok1, lm1 = load_for_inference(str(tmp_path / "stage1"))
+    lm = out["state"].params["lm"]
+    v1 = lm1["embedding"].shape[0]
+    _, read_ids, write_ids = mt.add_memory_tokens(tok1, 2)
+    assert out["state"].params["memory"]["w_u"].shape == (D, D) and lm["embedding"].shape[0] >= v1
+    learned = np.setdiff1d(np.arange(v1), np.concatenate([read_ids, write_ids]))  # (ids past the BPE: padding rows)
+    np.testing.assert_array_equal(np.asarray(lm["embedding"][learned]), np.asarray(lm1["embedding"][learned]))
+    colon = tok1.encode("\nA:")[-1]
+    np.testing.assert_array_equal(np.asarray(lm["embedding"][write_ids]),
+                                  np.broadcast_to(np.asarray(lm1["embedding"][colon]), (2, D)))
+    assert params_equal({k: v for k, v in lm.items() if k != "embedding"},
+                        {k: v for k, v in lm1.items() if k != "embedding"})
+    with pytest.raises(Exception, match="init_from"):
+        c.memory.tokens.init_from = str(tmp_path / "nothing")
+        train_tokens.train(c, str(tmp_path / "mem2"))
