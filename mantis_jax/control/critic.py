@@ -114,23 +114,31 @@ def head_logits(d_hidden: int, head_params, feats: dict) -> jax.Array:
 def head_probs(d_hidden: int, head_params, feats: dict, calibration=(1.0, 0.0)) -> np.ndarray:
     """P(supported) [B] = sigmoid(a·logit + b), (a, b) = `calibration`."""
     a, b = calibration
-    return 1.0 / (1.0 + np.exp(-(a * np.asarray(head_logits(d_hidden, head_params, feats), np.float64) + b)))
+    return 0.5 * (1.0 + np.tanh(0.5 * (a * np.asarray(head_logits(d_hidden, head_params, feats), np.float64) + b)))
 
 
 def fit_platt(logits, labels, l2: float = 1e-4, iters: int = 100) -> tuple[float, float]:
     """Platt scaling: (a, b) minimising the mean binary cross-entropy of sigmoid(a·logit + b) against the labels
-    (+ l2·(a − 1)² + l2·b², which keeps the fit finite on separable data); Newton's method from (1, 0)."""
+    (+ l2·(a − 1)² + l2·b², which keeps the fit finite on separable data); Newton's method from (1, 0) with a
+    backtracking line search (saturated logits make the Hessian tiny and a full step overshoot)."""
     z, y = np.asarray(logits, np.float64), np.asarray(labels, np.float64)
-    w = np.array([1.0, 0.0])
     x = np.stack([z, np.ones_like(z)], axis=1)  # [N, 2]
     prior = np.array([1.0, 0.0])
+
+    def objective(w):
+        u = x @ w
+        return np.mean(np.logaddexp(0.0, u) - y * u) + l2 * np.sum((w - prior) ** 2)
+
+    w = prior.copy()
     for _ in range(iters):
-        p = 1.0 / (1.0 + np.exp(-(x @ w)))
+        p = 0.5 * (1.0 + np.tanh(0.5 * (x @ w)))  # sigmoid without overflow
         grad = x.T @ (p - y) / len(y) + 2 * l2 * (w - prior)
         hess = (x * (p * (1 - p))[:, None]).T @ x / len(y) + 2 * l2 * np.eye(2)
-        step = np.linalg.solve(hess, grad)
-        w = w - step
-        if np.max(np.abs(step)) < 1e-10:
+        step, t, f = np.linalg.solve(hess, grad), 1.0, objective(w)
+        while objective(w - t * step) > f - 1e-4 * t * grad @ step and t > 1e-10:
+            t *= 0.5
+        w = w - t * step
+        if np.max(np.abs(t * step)) < 1e-10:
             break
     return float(w[0]), float(w[1])
 

@@ -159,7 +159,7 @@ def _logits(config, params, feats: dict) -> np.ndarray:
 
 
 def _sigmoid(z):
-    return 1.0 / (1.0 + np.exp(-z))
+    return 0.5 * (1.0 + np.tanh(0.5 * z))  # no overflow for large |z|
 
 
 def calibrate(config, params, val: dict) -> tuple[tuple[float, float], float]:
