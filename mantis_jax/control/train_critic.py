@@ -164,7 +164,8 @@ def _sigmoid(z):
 
 def calibrate(config, params, val: dict) -> tuple[tuple[float, float], float]:
     """((a, b), threshold) on the val split: Platt scaling of the head's logits on val's examples, then the
-    abstain threshold (`critic_lib.abstain_threshold`) on val's engine answers (on val's examples when there are none)."""
+    abstain threshold (`critic_lib.abstain_threshold`) on val's engine answers (on val's examples when there are
+    none)."""
     a, b = critic_lib.fit_platt(_logits(config, params, val["feats"]), val["labels"])
     eng, max_loss = val["engine"], float(config.critic.max_accuracy_loss)
     if len(eng["correct"]):
@@ -247,7 +248,8 @@ def train(config: ml_collections.ConfigDict, checkpoint: str, workdir: str, *, l
     writer.write(step, test, prefix="critic_test")
     writer.close()
     kinds = {str(k): int(np.sum(data["train"]["kinds"] == k)) for k in np.unique(data["train"]["kinds"])}
-    return {"step": step, "threshold": threshold, "calibration": list(calibration), "test": test, "train_losses": losses, "train_kinds": kinds,
+    return {"step": step, "threshold": threshold, "calibration": list(calibration), "test": test,
+            "train_losses": losses, "train_kinds": kinds,
             "workdir": workdir}
 
 

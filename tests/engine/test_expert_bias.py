@@ -19,7 +19,6 @@ from mantis_jax.engine import runtime
 from mantis_jax.engine.core import Engine
 from mantis_jax.engine.policy import Decisions
 from mantis_jax.infer.decode import left_pad
-from mantis_jax.infer.early_exit import EarlyExit
 from mantis_jax.model.args import ModelArgs
 from mantis_jax.model.transformer import abstract_params, forward, init_cache
 
@@ -137,7 +136,8 @@ def test_prefill_and_decode_with_bias_equal_the_model(moe, answers):
 
     bias = jnp.asarray(np.random.default_rng(0).normal(0.0, 3.0, (L, E)), jnp.float32)
     first, toks = run(bias, 0)
-    ref_logits = _logits(args, params, jnp.asarray(np.pad(np.asarray(ids, np.int32), (0, 64 - len(ids)))[None]), bias)[0, len(ids) - 1]
+    buf = np.pad(np.asarray(ids, np.int32), (0, 64 - len(ids)))[None]
+    ref_logits = _logits(args, params, jnp.asarray(buf), bias)[0, len(ids) - 1]
     np.testing.assert_allclose(first, np.asarray(ref_logits), rtol=1e-4, atol=1e-4)
     ref = _reference_greedy(args, params, ids, n_new, set(np.flatnonzero(np.asarray(engine.stop_v)).tolist()), bias)
     assert toks[:len(ref)].tolist() == ref
