@@ -223,6 +223,8 @@ def default_config() -> ml_collections.ConfigDict:
     cr.examples = 2000  # training examples (half supported); val and test get a quarter each
     cr.save_every = 100
     cr.abstain_threshold = 0.5
+    cr.engine_episodes = 400  # train-split engine answers (always retrieve) among the examples; val and test get half
+    cr.max_accuracy_loss = 0.1  # the val threshold: least hallucination at <= this relative accuracy loss
 
     # The decoding policy (TIDAL; engine/decoding.py + control/decoding.py, docs/tidal.md, preset configs/tidal.py):
     # every `chunk` tokens a Beta-distributed modulation m in [0, 1] sets temperature, top-k, top-p and repetition
@@ -755,6 +757,10 @@ def _validate_control(config: ml_collections.ConfigDict) -> None:
              f"config.critic.abstain_threshold ({cr.abstain_threshold}) is a probability and must be in [0, 1]")
     _require(cr.examples >= 16, f"config.critic.examples ({cr.examples}) must be >= 16")
     _require(cr.weight_decay >= 0, f"config.critic.weight_decay ({cr.weight_decay}) must be >= 0")
+    _require(cr.engine_episodes >= 0, f"config.critic.engine_episodes ({cr.engine_episodes}) must be >= 0 "
+             "(0 = no engine answers among the examples)")
+    _require(0.0 <= cr.max_accuracy_loss < 1.0,
+             f"config.critic.max_accuracy_loss ({cr.max_accuracy_loss}) is a relative loss and must be in [0, 1)")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

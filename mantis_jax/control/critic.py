@@ -10,7 +10,9 @@ at real positions):
   lm        [4]  mean and min log-probability the LM gives the answer tokens, its top-1 probability where the
                  answer starts, and the share of answer tokens that occur in the prompt (the copy signal)
 The head (LayerNorm on each hidden part → MLP → logit) is all that trains; `features` runs once per example, so
-training the head is a loop over cached features. `Critic` is the engine's critic (`score`, `threshold`).
+training the head is a loop over cached features. After training, P(supported) = sigmoid(a·logit + b) with (a, b)
+fitted on the val split (Platt scaling, `fit_platt`), and the abstain threshold is chosen on val's engine answers
+(`abstain_threshold`). `Critic` is the engine's critic (`score`, `threshold`).
 """
 
 from __future__ import annotations
@@ -105,8 +107,40 @@ def init_head(d_model: int, d_hidden: int, key: jax.Array) -> dict:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def head_probs(d_hidden: int, head_params, feats: dict) -> jax.Array:
-    return jax.nn.sigmoid(CriticHead(d_hidden).apply({"params": head_params}, feats))
+def head_logits(d_hidden: int, head_params, feats: dict) -> jax.Array:
+    return CriticHead(d_hidden).apply({"params": head_params}, feats)
+
+
+def head_probs(d_hidden: int, head_params, feats: dict, calibration=(1.0, 0.0)) -> np.ndarray:
+    """P(supported) [B] = sigmoid(a·logit + b), (a, b) = `calibration`."""
+    a, b = calibration
+    return 0.5 * (1.0 + np.tanh(0.5 * (a * np.asarray(head_logits(d_hidden, head_params, feats), np.float64) + b)))
+
+
+def fit_platt(logits, labels, l2: float = 1e-4, iters: int = 100) -> tuple[float, float]:
+    """Platt scaling: (a, b) minimising the mean binary cross-entropy of sigmoid(a·logit + b) against the labels
+    (+ l2·(a − 1)² + l2·b², which keeps the fit finite on separable data); Newton's method from (1, 0) with a
+    backtracking line search (saturated logits make the Hessian tiny and a full step overshoot)."""
+    z, y = np.asarray(logits, np.float64), np.asarray(labels, np.float64)
+    x = np.stack([z, np.ones_like(z)], axis=1)  # [N, 2]
+    prior = np.array([1.0, 0.0])
+
+    def objective(w):
+        u = x @ w
+        return np.mean(np.logaddexp(0.0, u) - y * u) + l2 * np.sum((w - prior) ** 2)
+
+    w = prior.copy()
+    for _ in range(iters):
+        p = 0.5 * (1.0 + np.tanh(0.5 * (x @ w)))  # sigmoid without overflow
+        grad = x.T @ (p - y) / len(y) + 2 * l2 * (w - prior)
+        hess = (x * (p * (1 - p))[:, None]).T @ x / len(y) + 2 * l2 * np.eye(2)
+        step, t, f = np.linalg.solve(hess, grad), 1.0, objective(w)
+        while objective(w - t * step) > f - 1e-4 * t * grad @ step and t > 1e-10:
+            t *= 0.5
+        w = w - t * step
+        if np.max(np.abs(t * step)) < 1e-10:
+            break
+    return float(w[0]), float(w[1])
 
 
 def bce_loss(d_hidden: int, head_params, feats: dict, labels_b) -> jax.Array:
@@ -137,15 +171,36 @@ def auroc(probs, labels) -> float:
     return float(greater + 0.5 * ties)
 
 
-def best_threshold(probs, labels, max_rejected: float = 0.1) -> float:
-    """The highest threshold that still accepts all but `max_rejected` of the supported answers: the critic's
-    accuracy cost (right answers turned into "unknown") stays within that share, and as many unsupported answers
-    as possible are refused."""
-    probs, labels = np.asarray(probs, np.float64), np.asarray(labels) > 0.5
-    positives = np.sort(probs[labels])
-    if len(positives) == 0:
+def abstain_outcomes(probs, correct, answerable, abstained, threshold: float) -> tuple[float, float]:
+    """(accuracy, hallucination rate) of answers verified at `threshold`: an answer with P(supported) >= threshold
+    stands, one below becomes "unknown" (right exactly when the question is unanswerable); an answer that already
+    was "unknown" (`abstained`) stays as it was. Hallucination: answered (not "unknown") and wrong, over all."""
+    probs = np.asarray(probs, np.float64)
+    correct, answerable, abstained = (np.asarray(v, bool) for v in (correct, answerable, abstained))
+    accept = ~abstained & (probs >= threshold)
+    right = np.where(abstained, correct, np.where(accept, correct, ~answerable))
+    return float(np.mean(right)), float(np.mean(accept & ~correct))
+
+
+def abstain_threshold(probs, correct, answerable, abstained=None, max_loss: float = 0.1) -> float:
+    """The threshold with the lowest hallucination rate whose accuracy is at least (1 − max_loss) × the accuracy
+    without a critic (every answer stands): among the answers' own scores, 0 (accept all) and just above the
+    highest (refuse all). Ties: the higher accuracy, then the lower threshold. `probs` of every answer (those of
+    already-"unknown" answers are ignored), `correct` whether each answer is right, `answerable` whether its
+    question has an answer, `abstained` whether the answer already is "unknown" (default: none is)."""
+    probs = np.asarray(probs, np.float64)
+    abstained = np.zeros(len(probs), bool) if abstained is None else np.asarray(abstained, bool)
+    base, _ = abstain_outcomes(probs, correct, answerable, abstained, 0.0)
+    scores = probs[~abstained]
+    if len(scores) == 0:
         return 0.5
-    return float(positives[int(np.floor(max_rejected * len(positives)))])
+    candidates = np.unique(np.concatenate([[0.0], scores, [np.nextafter(scores.max(), np.inf)]]))
+    best = None
+    for t in candidates:
+        acc, hall = abstain_outcomes(probs, correct, answerable, abstained, float(t))
+        if acc >= (1.0 - max_loss) * base - 1e-12 and (best is None or (hall, -acc) < best[:2]):
+            best = (hall, -acc, float(t))
+    return best[2]
 
 
 @dataclasses.dataclass
@@ -159,6 +214,7 @@ class Critic:
     threshold: float
     window: int
     d_hidden: int
+    calibration: tuple[float, float] = (1.0, 0.0)  # Platt (a, b): P = sigmoid(a·logit + b)
 
     @classmethod
     def from_workdir(cls, workdir: str, *, lm=None) -> "Critic":
@@ -173,13 +229,13 @@ class Critic:
         shapes = store.abstract(_head_shapes(config))
         state = store.restore_state(workdir, shapes, step)
         return cls(ModelArgs.from_config(config), lm_params, tokenizer, state["params"], float(meta["threshold"]),
-                   window(config), int(config.critic.d_hidden))
+                   window(config), int(config.critic.d_hidden), tuple(meta.get("calibration", (1.0, 0.0))))
 
     def score_many(self, items: list[tuple[str, str, list[str]]]) -> np.ndarray:
         encoded = [encode(self.tokenizer, q, a, ev, self.window) for q, a, ev in items]
         feats = features(self.args, self.lm_params, *map(jnp.asarray, batch_arrays(encoded, self.window,
                                                                                   self.tokenizer.pad_id)))
-        return np.asarray(head_probs(self.d_hidden, self.head_params, feats))
+        return head_probs(self.d_hidden, self.head_params, feats, self.calibration)
 
     def score(self, question: str, answer: str, evidence: list[str]) -> float:
         return float(self.score_many([(question, answer, evidence)])[0])

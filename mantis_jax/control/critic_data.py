@@ -7,6 +7,9 @@ Positives are correct answers with their evidence. Negatives are answers the evi
   evidence_removed  the correct value, with the sentence that states it cut from the context
   own               the model's own greedy answers (right ones are positives, wrong ones negatives; "unknown"
                     answers are left out: they are abstentions, not claims)
+  engine            the engine's own answers to Stage-3 episodes (near, far, cross_session, unanswerable; always
+                    retrieve), with what it read as evidence (the retrieved spans and the window): the answers,
+                    evidence and mistakes the critic judges when it is deployed (`engine_answers`)
 A third of the answerable examples use far contexts (the evidence, then filler), two thirds near ones. Every
 example is a pure function of (world, split, index), apart from the model's answers.
 """
@@ -18,6 +21,7 @@ import re
 from typing import Callable
 
 from mantis_jax.data import factworld as fw
+from mantis_jax.engine.policy import FixedPolicy
 
 NEGATIVE_KINDS = ("wrong_value", "context_value", "unanswerable", "evidence_removed")
 FAR_DISTANCE = 48  # filler tokens after the evidence in the far-context examples
@@ -86,3 +90,20 @@ def examples(world: fw.World, split: str, n: int, *, seed: int = 0,
         i += 1
     r.shuffle(out)
     return out[:n]
+
+
+def engine_answers(env, n: int) -> list[dict]:
+    """The engine's answers to episodes 0 .. n-1 of `env` (control/episodes.EngineEpisodes: its split) under the
+    always-retrieve, never-verify policy: examples of kind "engine" (label = the answer is right), each also with
+    `abstained` (the engine itself said "unknown", or nothing) and `episode_kind`."""
+    policy = FixedPolicy(retrieve="always", exit_threshold=1.0, verify=False)
+    out = []
+    for i in range(n):
+        ep = env.run(i, policy)
+        tr = ep.info["trace"]
+        answer = fw.normalize_answer(tr.candidate)
+        record = {"question": tr.question, "answerable": ep.info["kind"] != "unanswerable", "id": ep.info["id"]}
+        example = _example(record, tr.candidate, [tr.prompt.rsplit("\nQ:", 1)[0].strip()],
+                           fw.exact_match(tr.candidate, ep.info["expected"]), "engine")
+        out.append(dict(example, abstained=answer in ("", fw.UNKNOWN), episode_kind=ep.info["kind"]))
+    return out

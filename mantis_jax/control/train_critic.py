@@ -1,13 +1,16 @@
 """Train the critic: `python -m mantis_jax.control.train_critic --checkpoint=STAGE1_WORKDIR --workdir=W`.
 
 Examples come from the factworld the LM trained on (control/critic_data.py: train, val and test entities), among
-them the LM's own greedy answers. The frozen LM's features of every example are computed once (and cached in the
+them the LM's own greedy answers and the engine's answers to Stage-3 episodes (`critic.engine_episodes` on train,
+half as many on val and on test). The frozen LM's features of every example are computed once (and cached in the
 workdir); the head then trains for `critic.steps` Adam steps on shuffled minibatches, a pure function of the step
-(so a resume continues exactly). Every `critic.save_every` steps and at the end: validation loss and AUROC, the
-abstain threshold chosen on val (the highest that still accepts 90% of the supported answers: at most 10% of the
-right answers become "unknown"), an orbax checkpoint; at the end, the test split's ECE (10 bins), AUROC,
-accuracy with and without abstaining, and the share accepted per kind of example. Metrics go to `metrics.jsonl` and
-TensorBoard in the workdir; the final summary is printed as JSON. Re-running the command resumes.
+(so a resume continues exactly). Every `critic.save_every` steps and at the end, on val: Platt scaling (a, b) of
+the head's logit (P = sigmoid(a·logit + b)), loss, ECE and AUROC of the calibrated probabilities, and the abstain
+threshold (critic.py `abstain_threshold`: the one with the least hallucination whose accuracy loss relative to no
+critic is at most `critic.max_accuracy_loss`, on val's engine answers, else on val's examples), saved with an orbax
+checkpoint. At the end, on test: ECE (10 bins), AUROC, the abstention figures per kind of example, and the
+engine's accuracy and hallucination without and with the critic at that threshold. Metrics go to `metrics.jsonl`
+and TensorBoard in the workdir; the final summary is printed as JSON. Re-running the command resumes.
 """
 
 from __future__ import annotations
@@ -84,47 +87,103 @@ def _answer_fn(config, tokenizer, lm_params, max_new_tokens: int = 8):
     return answer
 
 
+FEATURE_KEYS = ("h_answer", "h_prompt", "lm")
+ARRAY_KEYS = ("labels", "answerable", "kinds")
+ENGINE_KEYS = ("correct", "answerable", "abstained", "episode_kinds")
+
+
+def _engine_env(config, tokenizer, lm_params, split: str):
+    """Stage-3 episodes of `split` on an engine over the frozen LM (its retrieval encoder: `engine.encoder`)."""
+    from mantis_jax.control.episodes import EngineEpisodes  # noqa: PLC0415
+    from mantis_jax.engine.core import Engine  # noqa: PLC0415
+    from mantis_jax.memory.train import load_encoder_params  # noqa: PLC0415
+
+    encoder = load_encoder_params(config.engine.encoder) if config.engine.encoder else None
+    engine = Engine(config, lm_params, tokenizer, encoder_params=encoder)
+    return EngineEpisodes(engine, split, distance=config.controller.distance)
+
+
 def _dataset(config, tokenizer, lm_params, workdir: str) -> dict[str, dict]:
-    """{split: {"feats", "labels", "answerable", "kinds"}}, cached in `<workdir>/critic_data.npz`."""
+    """{split: {"feats", "labels", "answerable", "kinds", "engine"}}, cached in `<workdir>/critic_data.npz`. The
+    examples include the engine's answers that are claims (not "unknown"); "engine" holds every engine answer of
+    the split (features, correct, answerable, abstained, episode kinds): what the threshold rule and the test
+    figures read."""
     path = os.path.join(workdir, "critic_data.npz")
-    splits = {"train": config.critic.examples, "val": config.critic.examples // 4,
-              "test": config.critic.examples // 4}
+    cr = config.critic
+    splits = {"train": (cr.examples, cr.engine_episodes), "val": (cr.examples // 4, cr.engine_episodes // 2),
+              "test": (cr.examples // 4, cr.engine_episodes // 2)}
     if os.path.exists(path):
         raw = np.load(path, allow_pickle=False)
-        return {s: {"feats": {k: raw[f"{s}/{k}"] for k in ("h_answer", "h_prompt", "lm")},
-                    "labels": raw[f"{s}/labels"], "answerable": raw[f"{s}/answerable"], "kinds": raw[f"{s}/kinds"]}
+        return {s: {"feats": {k: raw[f"{s}/{k}"] for k in FEATURE_KEYS}, **{k: raw[f"{s}/{k}"] for k in ARRAY_KEYS},
+                    "engine": {"feats": {k: raw[f"{s}/engine/{k}"] for k in FEATURE_KEYS},
+                               **{k: raw[f"{s}/engine/{k}"] for k in ENGINE_KEYS}}}
                 for s in splits}
     world = factworld.world_from_config(config)
     answer_fn = _answer_fn(config, tokenizer, lm_params)
     args = ModelArgs.from_config(config)
+    env = _engine_env(config, tokenizer, lm_params, "train") if cr.engine_episodes else None
     data, flat = {}, {}
-    for split, n in splits.items():
+    for split, (n, n_engine) in splits.items():
         items = critic_data.examples(world, split, n, seed=config.seed, answer_fn=answer_fn)
-        data[split] = {"feats": lm_features(args, lm_params, tokenizer, items, critic_lib.window(config)),
+        answers = []
+        if n_engine:
+            env.split = split
+            answers = critic_data.engine_answers(env, n_engine)
+        items += [a for a in answers if not a["abstained"]]  # "unknown" is no claim to judge
+        feats = lm_features(args, lm_params, tokenizer, items + answers, critic_lib.window(config))
+        data[split] = {"feats": {k: v[:len(items)] for k, v in feats.items()},
                        "labels": np.array([e["label"] for e in items], np.float32),
                        "answerable": np.array([e["answerable"] for e in items], bool),
-                       "kinds": np.array([e["kind"] for e in items])}
-        for k, v in data[split]["feats"].items():
-            flat[f"{split}/{k}"] = v
-        for k in ("labels", "answerable", "kinds"):
+                       "kinds": np.array([e["kind"] for e in items]),
+                       "engine": {"feats": {k: v[len(items):] for k, v in feats.items()},
+                                  "correct": np.array([a["label"] > 0.5 for a in answers], bool),
+                                  "answerable": np.array([a["answerable"] for a in answers], bool),
+                                  "abstained": np.array([a["abstained"] for a in answers], bool),
+                                  "episode_kinds": np.array([a["episode_kind"] for a in answers], dtype="<U16")}}
+        for k in FEATURE_KEYS:
+            flat[f"{split}/{k}"] = data[split]["feats"][k]
+            flat[f"{split}/engine/{k}"] = data[split]["engine"]["feats"][k]
+        for k in ARRAY_KEYS:
             flat[f"{split}/{k}"] = data[split][k]
+        for k in ENGINE_KEYS:
+            flat[f"{split}/engine/{k}"] = data[split]["engine"][k]
     tmp = path + ".tmp.npz"
     np.savez(tmp, **flat)
     os.replace(tmp, path)
     return data
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _probs_and_loss(d_hidden: int, params, feats: dict, labels_b):
-    return critic_lib.head_probs(d_hidden, params, feats), critic_lib.bce_loss(d_hidden, params, feats, labels_b)
+def _logits(config, params, feats: dict) -> np.ndarray:
+    return np.asarray(critic_lib.head_logits(config.critic.d_hidden, params, jax.tree.map(jnp.asarray, feats)),
+                      np.float64)
 
 
-def evaluate(config, params, split: dict, threshold: float | None = None) -> tuple[dict, np.ndarray]:
-    """Loss, AUROC, ECE and accuracy at 0.5 of a split (with a threshold, also the abstention figures)."""
+def _sigmoid(z):
+    return 0.5 * (1.0 + np.tanh(0.5 * z))  # no overflow for large |z|
+
+
+def calibrate(config, params, val: dict) -> tuple[tuple[float, float], float]:
+    """((a, b), threshold) on the val split: Platt scaling of the head's logits on val's examples, then the
+    abstain threshold (`critic_lib.abstain_threshold`) on val's engine answers (on val's examples when there are
+    none)."""
+    a, b = critic_lib.fit_platt(_logits(config, params, val["feats"]), val["labels"])
+    eng, max_loss = val["engine"], float(config.critic.max_accuracy_loss)
+    if len(eng["correct"]):
+        probs = _sigmoid(a * _logits(config, params, eng["feats"]) + b)
+        return (a, b), critic_lib.abstain_threshold(probs, eng["correct"], eng["answerable"], eng["abstained"],
+                                                    max_loss)
+    probs = _sigmoid(a * _logits(config, params, val["feats"]) + b)
+    return (a, b), critic_lib.abstain_threshold(probs, val["labels"] > 0.5, val["answerable"], None, max_loss)
+
+
+def evaluate(config, params, split: dict, calibration=(1.0, 0.0),
+             threshold: float | None = None) -> tuple[dict, np.ndarray]:
+    """Loss, AUROC, ECE and accuracy at 0.5 of a split's calibrated P(supported) (with a threshold, also the
+    abstention figures, and the engine's accuracy and hallucination without and with the critic)."""
     labels = split["labels"]
-    probs, loss = _probs_and_loss(config.critic.d_hidden, params, jax.tree.map(jnp.asarray, split["feats"]),
-                                  jnp.asarray(labels))
-    probs, loss = np.asarray(probs), float(loss)
+    z = calibration[0] * _logits(config, params, split["feats"]) + calibration[1]
+    probs = _sigmoid(z)
+    loss = float(np.mean(np.maximum(z, 0) - z * labels + np.log1p(np.exp(-np.abs(z)))))
     out = {"loss": loss, "auroc": critic_lib.auroc(probs, labels), "ece": critic_lib.ece(probs, labels),
            "accuracy": float(np.mean((probs >= 0.5) == (labels > 0.5)))}
     if threshold is not None:
@@ -135,6 +194,14 @@ def evaluate(config, params, split: dict, threshold: float | None = None) -> tup
                    supported_rejected=float(np.mean(~accept[labels > 0.5])),
                    accepted_by_kind={str(k): float(np.mean(accept[split["kinds"] == k]))
                                      for k in np.unique(split["kinds"])})
+        eng = split["engine"]
+        if len(eng["correct"]):
+            p = _sigmoid(calibration[0] * _logits(config, params, eng["feats"]) + calibration[1])
+            rows = (p, eng["correct"], eng["answerable"], eng["abstained"])
+            acc0, hall0 = critic_lib.abstain_outcomes(*rows, 0.0)
+            acc, hall = critic_lib.abstain_outcomes(*rows, threshold)
+            out.update(engine_answers=len(p), engine_accuracy=acc0, engine_hallucination=hall0,
+                       engine_accuracy_verified=acc, engine_hallucination_verified=hall)
     return out, probs
 
 
@@ -157,7 +224,6 @@ def train(config: ml_collections.ConfigDict, checkpoint: str, workdir: str, *, l
     feats = jax.tree.map(jnp.asarray, data["train"]["feats"])
     labels = jnp.asarray(data["train"]["labels"])
     losses = []
-    threshold = float(cr.abstain_threshold)
     for step in range(start, cr.steps):
         idx = jax.random.choice(jax.random.fold_in(jax.random.key(config.seed), step), n, (batch,), replace=False)
         state, loss = train_step(cr.d_hidden, float(cr.lr), float(cr.weight_decay), state,
@@ -168,20 +234,22 @@ def train(config: ml_collections.ConfigDict, checkpoint: str, workdir: str, *, l
         if done % config.train.log_every == 0:
             writer.write(done, {"loss": float(np.mean(losses[-config.train.log_every:]))}, prefix="critic_train")
         if done % cr.save_every == 0 or done == cr.steps:
-            val, val_probs = evaluate(config, state["params"], data["val"])
-            threshold = critic_lib.best_threshold(val_probs, data["val"]["labels"])
-            writer.write(done, {**val, "threshold": threshold}, prefix="critic_val")
+            calibration, threshold = calibrate(config, state["params"], data["val"])
+            val, _ = evaluate(config, state["params"], data["val"], calibration, threshold)
+            writer.write(done, {**val, "platt_a": calibration[0], "platt_b": calibration[1]}, prefix="critic_val")
             progress.set_postfix(val_loss=f"{val['loss']:.3f}", auroc=f"{val['auroc']:.3f}")
             store.save(workdir, done, state, config=config,
-                       meta={"threshold": threshold, "checkpoint": os.path.abspath(checkpoint), "val": val})
+                       meta={"threshold": threshold, "calibration": list(calibration),
+                             "checkpoint": os.path.abspath(checkpoint), "val": val})
     progress.close()
     step, _, meta = store.read_json(workdir, store.CRITIC_COMMAND)
-    threshold = float(meta["threshold"])
-    test, _ = evaluate(config, state["params"], data["test"], threshold)
+    threshold, calibration = float(meta["threshold"]), tuple(meta["calibration"])
+    test, _ = evaluate(config, state["params"], data["test"], calibration, threshold)
     writer.write(step, test, prefix="critic_test")
     writer.close()
     kinds = {str(k): int(np.sum(data["train"]["kinds"] == k)) for k in np.unique(data["train"]["kinds"])}
-    return {"step": step, "threshold": threshold, "test": test, "train_losses": losses, "train_kinds": kinds,
+    return {"step": step, "threshold": threshold, "calibration": list(calibration), "test": test,
+            "train_losses": losses, "train_kinds": kinds,
             "workdir": workdir}
 
 

@@ -8,9 +8,11 @@ text, the window the model sees directly. `Engine.answer(question)`:
   2. prefill the window + question once: the state summary (pooled state, entropy, exit-layer confidence, fills);
   3. the policy decides the gates (`policy.decide(summary) -> Decisions`);
   4. when a memory gate is on and memory holds spans, the retrieved spans' text goes into the prompt before the
-     window and that prompt is prefilled once; otherwise the step-2 cache is the one generation continues from;
-  5. greedy decoding from that cache, stopping at a newline (the answer is one line); with a decoding head
-     (`engine.decoding=tidal`, engine/decoding.py) tokens are sampled with the knobs it sets every chunk;
+     window and that prompt is prefilled once; otherwise the step-2 cache is the one generation continues from
+     (unless the policy set an expert bias: the step-2 pass was routed without it, so the prompt is prefilled
+     again with the bias added to every layer's router logits);
+  5. greedy decoding from that cache (routed with the same bias), stopping at a newline (one line); with a
+     decoding head (`engine.decoding=tidal`, engine/decoding.py) tokens are sampled with the knobs it sets every chunk;
   6. with `verify`, the critic scores (question, answer, evidence) and below its threshold the answer is "unknown".
 FLOPs are added to the trace as each device call returns, from the tokens, layers and cache slots it processed.
 """
@@ -195,14 +197,14 @@ class Engine:
         ids = self.tokenizer.encode(text, add_bos=True)
         return ids[-self.budget:], text, placed
 
-    def _prefill(self, ids: list[int], summary: bool = True):
+    def _prefill(self, ids: list[int], summary: bool = True, expert_bias_le=None):
         """(Prefill, padded length, cache slots, FLOPs of the full-depth pass, FLOPs of the exit-layer pass, which
-        runs only for the `summary`)."""
+        runs only for the `summary`). `expert_bias_le` [L, E] (or None) is added to the router logits."""
         length = min(-(-len(ids) // 16) * 16, self.budget)
         tokens, mask = left_pad([ids], self.tokenizer.pad_id, length)
         slots = length + self.config.engine.max_new_tokens
         cache = init_cache(self.args, 1, slots)
-        out = runtime.prefill(self.args, self.params, cache, jnp.asarray(tokens), jnp.asarray(mask),
+        out = runtime.prefill(self.args, self.params, cache, jnp.asarray(tokens), jnp.asarray(mask), expert_bias_le,
                               exit_layer=self.exit_layer if summary else 0)
         jax.block_until_ready(out.first_logits_v)
         # every layer over the padded prompt against every cache slot; the exit-layer pass is cache-less
@@ -233,6 +235,7 @@ class Engine:
         base_ids, base_text, _ = self._prompt(question, [])
         pre, length, slots, base_flops, exit_flops = self._prefill(base_ids)
         base_slots = slots
+        trace.prefills = 1
         trace.add_flops("summary", exit_flops)
         ep_fill, sem_fill = self.memory.fill()
         summary = StateSummary(pooled=pre.pooled_d, entropy=pre.entropy,
@@ -250,6 +253,7 @@ class Engine:
         if decisions.verify and self.critic is None:
             raise ValueError(f"the policy asked to verify but the engine has no critic; train one with "
                              f"`{TRAIN_CRITIC}` and pass it (Engine(..., critic=...))")
+        bias = self._expert_bias(decisions.expert_bias)
 
         used = [h for h in hits if (h.tier == "episodic" and decisions.episodic)
                 or (h.tier == "semantic" and decisions.semantic)]
@@ -257,29 +261,32 @@ class Engine:
             trace.notes.append("memory is empty: answered from the window")
         elif not used and (decisions.episodic or decisions.semantic):
             trace.notes.append("no span in the enabled tiers passed engine.min_score: answered from the window")
-        full_ids, _, _ = self._prompt(question, hits)
+        full_ids, full_text, full_placed = self._prompt(question, hits)  # the full path: every tier searched
         t = time.perf_counter()
         ids, text, placed = self._prompt(question, used) if used else (base_ids, base_text, [])
         if used and not placed:
             trace.notes.append("the retrieved spans are already in the window or do not fit the prompt")
-        if placed:
+        if not placed:
+            ids, text = base_ids, base_text
+        if placed or bias is not None:  # a new prompt, or the same one routed with the policy's bias
+            trace.prefills = 2
             trace.add_flops("summary", base_flops)  # the window-only prefill served the summary alone
-            pre, length, slots, full_flops, _ = self._prefill(ids, summary=False)
+            pre, length, slots, full_flops, _ = self._prefill(ids, summary=False, expert_bias_le=bias)
             trace.add_flops("prefill", full_flops)
         else:  # the step-2 cache is the one generation continues from
-            ids, text = base_ids, base_text
             trace.add_flops("prefill", base_flops)
+        trace.expert_load = np.asarray(pre.expert_load_le).tolist()
         trace.retrieved = [h.to_dict() for h in placed]
         trace.prompt, trace.prompt_tokens = text, len(ids)
         times["prefill"] = time.perf_counter() - t
 
         t = time.perf_counter()
         if self.decoder is not None:
-            dec = self._decode_modulated(pre, ids, length, decisions, trace)
+            dec = self._decode_modulated(pre, ids, length, decisions, bias, trace)
         else:
             dec = runtime.decode(self.args, self.params, pre.cache, pre.first_logits_v, pre.kv_mask_bs,
                                  jnp.int32(len(ids)), self.stop_v, self.tokenizer.pad_id,
-                                 jnp.float32(decisions.exit_threshold), max_new_tokens=e.max_new_tokens,
+                                 jnp.float32(decisions.exit_threshold), bias, max_new_tokens=e.max_new_tokens,
                                  exit=self.early_exit)
         n = int(dec.length)
         toks, layers = np.asarray(dec.tokens_n)[:n].tolist(), np.asarray(dec.layers_n)[:n].tolist()
@@ -292,7 +299,6 @@ class Engine:
         times["decode"] = time.perf_counter() - t
 
         text_out = candidate
-        critic_flops = 0.0
         if decisions.verify:
             t = time.perf_counter()
             evidence = [text.rsplit("\nQ:", 1)[0].strip()]  # what the model read: retrieved spans and the window
@@ -303,14 +309,15 @@ class Engine:
             trace.abstained = score < float(self.critic.threshold)
             text_out = UNKNOWN if trace.abstained else candidate
             times["verify"] = time.perf_counter() - t
-        trace.flops_full = self._full_path_flops(full_ids if hits else None, n, qflops + exit_flops + base_flops,
-                                                 critic_flops, base_slots)
+        trace.full_prefills = 1 + int(bool(full_placed))
+        trace.flops_full = self._full_path_flops(question, full_ids if full_placed else None, full_text,
+                                                 qflops + exit_flops + base_flops, base_slots)
         trace.latency_ms = {k: v * 1e3 for k, v in times.items()}
         trace.latency_ms["total"] = (time.perf_counter() - t0) * 1e3
         return Answer(text_out, trace)
 
     def _decode_modulated(self, pre: runtime.Prefill, ids: list[int], length: int, decisions: Decisions,
-                          trace: Trace) -> runtime.Decoded:
+                          bias: jax.Array | None, trace: Trace) -> runtime.Decoded:
         """Sampling with the decoding head's knobs (Beta mean per chunk; keys from config.seed, so an answer is
         reproducible); every token runs every layer. The trace gets m and the knobs of each chunk reached."""
         n_new = self.config.engine.max_new_tokens
@@ -320,7 +327,7 @@ class Engine:
         out = decoding.decode(self.args, self.decoder.spec, self.params, self.decoder.params, pre.cache,
                               pre.first_logits_v, pre.hidden_td, jnp.asarray(prompt[0]), pre.kv_mask_bs,
                               jnp.int32(len(ids)), self.stop_v, self.tokenizer.pad_id,
-                              jax.random.key(self.config.seed), decisions.expert_bias, max_new_tokens=n_new)
+                              jax.random.key(self.config.seed), bias, max_new_tokens=n_new)
         n = int(out.length)
         chunks = -(-n // self.decoder.spec.chunk)
         kn = {name: np.asarray(v)[:chunks].tolist() for name, v in out.knobs._asdict().items()}
@@ -329,19 +336,38 @@ class Engine:
         layers = jnp.where(jnp.arange(n_new) < n, self.args.n_layers, 0).astype(jnp.int32)
         return runtime.Decoded(out.tokens_n, out.length, layers, out.cache)
 
-    def _full_path_flops(self, retrieval_ids: list[int] | None, n_tokens: int, before: float,
-                         critic_flops: float, base_slots: int) -> float:
-        """The same query on the full path: what ran before the decision (`before`: encoder, summary passes), the
-        retrieval prompt prefilled at full depth (when memory had spans to place), every generated token through
-        every layer, and the critic (its FLOPs when the critic reports them)."""
+    def _full_path_flops(self, question: str, retrieval_ids: list[int] | None, full_text: str, before: float,
+                         base_slots: int) -> float:
+        """The same query on the full path, a function of the query and the memory alone (never of the policy's
+        decisions, so `compute` compares policies): what ran before the decision (`before`: the question's
+        encoding, the summary passes), the prompt with every retrieved span prefilled at full depth (when memory
+        has spans to place), `engine.max_new_tokens` - 1 decode steps at full depth (the generation budget: how
+        many tokens the full path would produce is not known without running it), and one critic call whenever the
+        engine has a critic (its FLOPs over the full path's evidence), whether or not this query verified."""
         a, total = self.args, before
         slots = base_slots  # no span to place: the window prompt is the full path's prompt too
         if retrieval_ids is not None:
             length = min(-(-len(retrieval_ids) // 16) * 16, self.budget)
             slots = length + self.config.engine.max_new_tokens
             total += enc.forward_flops(a, length, a.n_layers, length * slots)
-        total += (n_tokens - 1) * self._step_flops(a.n_layers, slots)
-        return float(total + critic_flops)
+        total += (self.config.engine.max_new_tokens - 1) * self._step_flops(a.n_layers, slots)
+        if self.critic is not None and hasattr(self.critic, "flops"):
+            total += float(self.critic.flops(question, "", [full_text.rsplit("\nQ:", 1)[0].strip()]))
+        return float(total)
+
+    def _expert_bias(self, bias) -> jax.Array | None:
+        """The policy's expert bias as the router's [L, E] float32 array (None: no bias, the unbiased program)."""
+        if bias is None:
+            return None
+        L, E = self.args.n_layers, self.args.n_experts
+        if not self.args.is_moe:
+            raise ValueError(f"the policy set an expert bias but the model is dense (config.moe.n_experts = {E}): "
+                             "there is no router to bias; use a policy trained for this model")
+        bias = np.asarray(bias, np.float32)
+        if bias.shape != (L, E):
+            raise ValueError(f"the policy's expert bias has shape {bias.shape}, the model routes [n_layers, "
+                             f"n_experts] = [{L}, {E}]; use a policy trained for this model")
+        return jnp.asarray(bias)
 
     def _step_flops(self, layers: int, slots: int) -> float:
         """One early-exit decode step that ran `layers` full layers: their FLOPs and the head that gave the logits;
@@ -353,11 +379,15 @@ class Engine:
         return (enc.forward_flops(a, 1, layers, slots) + (a.n_layers - layers) * kv
                 + max(extra_heads, 0) * 2 * a.d_model * a.vocab_size)
 
-    def forget(self, memory: Memory | None = None) -> None:
-        """Starts afresh: new (or the given) memory, no sessions; the compiled functions and encodings stay."""
+    def reset(self, memory: Memory | None = None) -> None:
+        """Starts afresh for a new document or episode: new (or the given) memory, no sessions, no read offsets,
+        the default session; the compiled functions and the text encodings (a pure function of the text) stay.
+        Nothing else outlives a query."""
         self.memory.close()
         self.memory = memory if memory is not None else Memory(self.config)
         self.sessions, self._offsets, self.session = {}, {}, "default"
+
+    forget = reset  # the older name (demo, eval, benchmarks)
 
     def close(self) -> None:
         self.memory.close()

@@ -3,7 +3,8 @@
 The engine fills a `Trace` as each stage runs (the FLOPs of a stage are added when the stage has run, from the
 token and layer counts it actually processed) and returns it in an `Answer`. `to_dict()` is JSON-ready;
 `format()` is the text the CLI and the demo print. `compute` = flops / flops_full is the reward's compute term:
-`flops_full` is the same query on the full path (full depth, retrieval, critic).
+`flops_full` is the same query on the full path (full depth, retrieval, a critic call when the engine has a critic),
+a function of the query and memory only, never of the policy's decisions.
 """
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ class Trace:
     prompt_tokens: int = 0
     layers_per_token: list = dataclasses.field(default_factory=list)
     modulation: list = dataclasses.field(default_factory=list)  # decoding head: per chunk {m, temperature, ...}
+    expert_load: list = dataclasses.field(default_factory=list)  # [L][E] router shares of the prompt decoded from
     flops: dict = dataclasses.field(default_factory=lambda: {c: 0.0 for c in COMPONENTS})
     flops_full: float = 0.0
+    prefills: int = 0  # model passes over a prompt: the summary's, and a second one for retrieved spans or a bias
+    full_prefills: int = 0  # the same on the full path: 2 when memory has spans to place, else 1
     latency_ms: dict = dataclasses.field(default_factory=dict)  # per stage
     candidate: str = ""  # the generated answer before verification
     critic_score: float | None = None

@@ -61,8 +61,10 @@ def confidence(logits_bv: jax.Array, kind: str) -> jax.Array:
     raise ValueError(f"early-exit confidence {kind!r} must be one of {', '.join(CONFIDENCES)}")
 
 
-def step(args: ModelArgs, params, tok_b, positions_b1, cache: dict, kv_mask_bs, threshold, exit: EarlyExit):
+def step(args: ModelArgs, params, tok_b, positions_b1, cache: dict, kv_mask_bs, threshold, exit: EarlyExit,
+         expert_bias_le=None):
     """One decode step with early exit: (logits [B, V], layers run [B] int32, new cache). `params` float.
+    `expert_bias_le` [L, E] (or None) is added to layer l's router logits, as in `forward(expert_bias_le=...)`.
 
     Traced as a chain of nested conditionals: layers before `min_layer` run unconditionally; after each exit
     check, `lax.cond(any row still running, next layer ..., fill the remaining layers' K/V)`. A token that exits
@@ -77,7 +79,9 @@ def step(args: ModelArgs, params, tok_b, positions_b1, cache: dict, kv_mask_bs, 
     slots = [{n: c[i] for n, c in cache.items() if n != "index"} for i in range(L)]
 
     def block(i, x, **kw):
-        return apply_block(args, layer_params(args, params, i), x, positions_b1, slots[i], index, kv_mask_bs, **kw)
+        bias_e = None if expert_bias_le is None else expert_bias_le[i]
+        return apply_block(args, layer_params(args, params, i), x, positions_b1, slots[i], index, kv_mask_bs,
+                           bias_e, **kw)
 
     def fill_from(i, x, live_b, logits_bv, layers_b):
         """Every row has exited: layers i.. only write their keys/values for the exited states."""

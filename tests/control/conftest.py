@@ -52,7 +52,8 @@ def lm_workdir(tmp_path_factory):
 
 
 FLAGS = ["--config.critic.examples=32", "--config.critic.window=96", "--config.critic.batch_size=16",
-         "--config.critic.save_every=10", "--config.critic.d_hidden=32"]
+         "--config.critic.save_every=10", "--config.critic.d_hidden=32", "--config.critic.engine_episodes=4",
+         "--config.controller.distance=32"]
 
 
 @pytest.fixture(scope="session")

@@ -69,12 +69,52 @@ def test_metrics_against_direct_definitions():
     expect = 0.25 * (0.1 + 0.65 + 0.4 + 0.2)
     assert critic_lib.ece([0.3, 0.35, 0.9], [0, 1, 1]) == pytest.approx(2 / 3 * abs(0.5 - 0.325) + 1 / 3 * 0.1)
     assert critic_lib.ece(probs, labels) == pytest.approx(expect)
-    # the highest threshold keeping >= 90% of the supported answers: with 2 or 3 of them, all (the lowest one)
-    assert critic_lib.best_threshold([0.1, 0.4, 0.6, 0.8], labels) == pytest.approx(0.6)
-    assert critic_lib.best_threshold([0.1, 0.4, 0.6, 0.8], [0, 1, 1, 1]) == pytest.approx(0.4)
-    pos = np.linspace(0.3, 0.9, 10)  # 10 supported: one may be refused, the threshold is the second lowest
-    t = critic_lib.best_threshold(np.concatenate([pos, [0.95]]), np.r_[np.ones(10), 0])
-    assert t == pytest.approx(pos[1]) and np.mean(pos >= t) == pytest.approx(0.9)
+
+
+def test_platt_fit_recovers_a_known_scaling_and_is_stationary():
+    rng = np.random.default_rng(0)
+    z = rng.normal(0.0, 2.0, 20000)
+    y = rng.random(20000) < 1.0 / (1.0 + np.exp(-(0.5 * z - 0.3)))  # labels drawn from sigmoid(0.5 z - 0.3)
+    a, b = critic_lib.fit_platt(z, y)
+    assert a == pytest.approx(0.5, abs=0.04) and b == pytest.approx(-0.3, abs=0.05)
+    # the objective's gradient (mean BCE + 1e-4 ((a - 1)^2 + b^2)) vanishes at the fit, by hand
+    p = 1.0 / (1.0 + np.exp(-(a * z + b)))
+    assert np.mean((p - y) * z) + 2e-4 * (a - 1) == pytest.approx(0.0, abs=1e-9)
+    assert np.mean(p - y) + 2e-4 * b == pytest.approx(0.0, abs=1e-9)
+    # separable labels: the penalty keeps the fit finite; an already calibrated logit keeps a ~ 1, b ~ 0
+    assert np.isfinite(critic_lib.fit_platt([-2.0, -1.0, 1.0, 2.0], [0, 0, 1, 1])).all()
+    y2 = rng.random(20000) < 1.0 / (1.0 + np.exp(-z))
+    np.testing.assert_allclose(critic_lib.fit_platt(z, y2), (1.0, 0.0), atol=0.06)
+
+
+def test_abstain_threshold_minimises_hallucination_within_the_accuracy_budget():
+    # P(supported), right?, answerable?, already "unknown"? (the last one: "unknown" to an unanswerable question)
+    probs = [0.9, 0.8, 0.7, 0.4, 0.3, 0.2, 0.95]
+    correct = [1, 1, 0, 1, 0, 0, 1]
+    answerable = [1, 1, 1, 1, 0, 1, 0]
+    abstained = [0, 0, 0, 0, 0, 0, 1]
+    rows = (probs, correct, answerable, abstained)
+    # by hand: accept all: right 0, 1, 3, 6 and hallucinated 2, 4, 5; at 0.4, 5 is refused (still wrong) and 4 is
+    # refused (right: its question is unanswerable); at 0.8 also 2 (wrong) and 3 (right, now wrong) are refused
+    assert critic_lib.abstain_outcomes(*rows, 0.0) == pytest.approx((4 / 7, 3 / 7))
+    assert critic_lib.abstain_outcomes(*rows, 0.4) == pytest.approx((5 / 7, 1 / 7))
+    assert critic_lib.abstain_outcomes(*rows, 0.8) == pytest.approx((4 / 7, 0.0))
+    assert critic_lib.abstain_outcomes(*rows, 0.9) == pytest.approx((3 / 7, 0.0))
+    assert critic_lib.abstain_threshold(*rows, max_loss=0.1) == pytest.approx(0.8)  # no hallucination, acc kept
+    assert critic_lib.abstain_threshold(*rows, max_loss=0.5) == pytest.approx(0.8)  # 0.9 too, but less accurate
+    # a wrong answer above two right ones: refusing it costs 2 of 3 right answers
+    rows = ([0.9, 0.6, 0.5, 0.4], [1, 0, 1, 1], [1, 1, 1, 1], None)
+    assert critic_lib.abstain_threshold(*rows, max_loss=0.1) == pytest.approx(0.0)  # nothing can be refused
+    assert critic_lib.abstain_threshold(*rows, max_loss=0.7) == pytest.approx(0.9)  # 1/4 >= 0.3 * 3/4
+    # against a brute force over every threshold on random answers
+    rng = np.random.default_rng(1)
+    p, c, ans, ab = rng.random(60), rng.random(60) < 0.5, rng.random(60) < 0.7, rng.random(60) < 0.1
+    t = critic_lib.abstain_threshold(p, c, ans, ab, max_loss=0.1)
+    base = critic_lib.abstain_outcomes(p, c, ans, ab, 0.0)[0]
+    grid = [critic_lib.abstain_outcomes(p, c, ans, ab, u) for u in np.r_[0.0, np.sort(p), 1.01]]
+    best = min(h for a, h in grid if a >= 0.9 * base - 1e-12)
+    acc, hall = critic_lib.abstain_outcomes(p, c, ans, ab, t)
+    assert hall == pytest.approx(best) and acc >= 0.9 * base - 1e-12
 
 
 def test_examples_cover_every_kind():
@@ -102,6 +142,21 @@ def test_cli_trains_checkpoints_and_resumes_exactly(critic_runs, lm_workdir):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     test = full["test"]
     assert 0.0 <= test["ece"] <= 1.0 and 0.0 <= test["auroc"] <= 1.0 and 0.0 <= full["threshold"] <= 1.0
+    # the engine's own answers are among the examples; calibration and threshold are refitted from val by hand
+    raw = np.load(os.path.join(a, "critic_data.npz"))
+    assert len(raw["train/engine/correct"]) == 4 and len(raw["val/engine/correct"]) == 2
+    assert test["engine_answers"] == 2
+    config = _config(a)
+
+    def logits(prefix):
+        feats = {k: jnp.asarray(raw[f"{prefix}/{k}"]) for k in ("h_answer", "h_prompt", "lm")}
+        return np.asarray(critic_lib.head_logits(config.critic.d_hidden, sa["params"], feats), np.float64)
+
+    cal = critic_lib.fit_platt(logits("val"), raw["val/labels"])
+    np.testing.assert_allclose(full["calibration"], cal, rtol=1e-6)
+    probs = 1.0 / (1.0 + np.exp(-(cal[0] * logits("val/engine") + cal[1])))
+    assert full["threshold"] == pytest.approx(critic_lib.abstain_threshold(
+        probs, raw["val/engine/correct"], raw["val/engine/answerable"], raw["val/engine/abstained"], 0.1))
     rows = [json.loads(line) for line in open(os.path.join(a, "metrics.jsonl"))]
     assert {r["split"] for r in rows} >= {"critic_val", "critic_test"}
     assert os.path.isdir(os.path.join(a, "tensorboard"))
@@ -118,7 +173,9 @@ def test_critic_scores_like_the_batched_features(critic_runs, lm):
     config, tokenizer, params = lm
     feats = train_critic.lm_features(ModelArgs.from_config(config), params, tokenizer,
                                      [{"question": q, "answer": ans, "evidence": ev}], critic.window)
-    expect = float(critic_lib.head_probs(critic.d_hidden, critic.head_params, jax.tree.map(jnp.asarray, feats))[0])
+    expect = float(critic_lib.head_probs(critic.d_hidden, critic.head_params, jax.tree.map(jnp.asarray, feats),
+                                         critic.calibration)[0])
+    assert critic.calibration == pytest.approx(tuple(critic_runs[2]["calibration"])) != (1.0, 0.0)
     assert critic.score(q, ans, ev) == pytest.approx(expect, rel=1e-4)
     assert critic.threshold == pytest.approx(critic_runs[2]["threshold"]) and critic.flops() > 0
 

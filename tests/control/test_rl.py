@@ -123,6 +123,8 @@ def test_never_verify_makes_no_critic_call(engine_env):
     assert critic.calls == 1 and tr2.critic_score is not None
     assert tr2.flops["critic"] == pytest.approx(critic.critic.flops()) and tr2.flops_total > tr.flops_total
     assert ep2.outcome.latency > ep.outcome.latency and ep2.outcome.compute > ep.outcome.compute
+    assert tr.flops_full == tr2.flops_full >= tr2.flops_total  # the full path has a critic call either way
+    assert tr.flops_full - tr.flops_total == pytest.approx(tr2.flops_full - tr2.flops_total + critic.critic.flops())
     assert ep2.outcome.confidence == pytest.approx(tr2.critic_score)
     fixed = env.run(1, FixedPolicy(retrieve="never", verify=False))
     assert fixed.info["trace"].retrieved == [] and critic.calls == 1

@@ -128,8 +128,19 @@ def test_trace_flops_are_the_sum_over_what_ran(loaded, answered):
         q_len = -(-len(tok.encode(tr.question, add_bos=True)) // 16) * 16
         assert tr.flops["retrieval_encoder"] == pytest.approx(forward_flops(args, q_len, args.n_layers, q_len ** 2))
         assert tr.flops["critic"] == 0.0
-    assert mem.trace.compute == pytest.approx(1.0)  # the full path is what ran
-    assert att.trace.compute < 1.0  # no retrieval prompt to prefill
+    # the full path by hand: the question's encoding, the summary passes over the window prompt (the exit layer,
+    # then every layer), the prompt with the retrieved spans, max_new_tokens - 1 steps at full depth (each also
+    # reads the exit head after layer 1), no critic (the engine has none): the same for both policies
+    q_len = -(-len(tok.encode(mem.trace.question, add_bos=True)) // 16) * 16
+    base = -(-att.trace.prompt_tokens // 16) * 16  # never-retrieve prompts the window alone
+    full = -(-mem.trace.prompt_tokens // 16) * 16
+    n_new = config.engine.max_new_tokens
+    hand = (forward_flops(args, q_len, 2, q_len ** 2) + forward_flops(args, base, 1, base * base)
+            + forward_flops(args, base, 2, base * (base + n_new)) + forward_flops(args, full, 2, full * (full + n_new))
+            + (n_new - 1) * (forward_flops(args, 1, 2, full + n_new) + 2 * args.d_model * args.vocab_size))
+    assert mem.trace.flops_full == pytest.approx(hand) and att.trace.flops_full == pytest.approx(hand)
+    assert mem.trace.full_prefills == att.trace.full_prefills == 2 and att.trace.prefills == 1
+    assert mem.trace.compute == pytest.approx(mem.trace.flops_total / hand) and att.trace.compute < mem.trace.compute
 
 
 def test_forward_flops_match_xla_cost_analysis(loaded):
