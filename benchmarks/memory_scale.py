@@ -184,19 +184,39 @@ def stop_service(proc) -> None:
             proc.wait()
 
 
-def fill_service(memory, texts: list[str], vectors: np.ndarray, namespace: str, out=print) -> float:
-    """Adds the distractors (ids 0..N-1) in batches; returns vectors/s. The service trains ivfpq on its own."""
+def fill_service(memory, texts: list[str], vectors: np.ndarray, namespace: str, *, start: int = 0,
+                 source: str = "distractor", out=print) -> float:
+    """Adds rows as ids start..start+N-1 in batches, then snapshots; returns vectors/s. The service trains ivfpq
+    on its own once `train_min` rows are in."""
     from mantis_jax.memory.semantic import Payload  # noqa: PLC0415
 
     t0 = time.perf_counter()
     for lo in range(0, len(texts), ADD_BATCH):
         hi = min(lo + ADD_BATCH, len(texts))
-        memory.add(np.asarray(vectors[lo:hi]), [Payload(t, source="distractor", namespace=namespace)
-                                                for t in texts[lo:hi]], ids=np.arange(lo, hi))
+        memory.add(np.asarray(vectors[lo:hi]), [Payload(t, source=source, namespace=namespace)
+                                                for t in texts[lo:hi]], ids=np.arange(start + lo, start + hi))
         if (lo // ADD_BATCH) % 16 == 0:
-            out(f"  service: {hi}/{len(texts)} distractors added ({time.perf_counter() - t0:.0f} s)")
+            out(f"  service: {hi}/{len(texts)} {source} rows added ({time.perf_counter() - t0:.0f} s)")
     memory.snapshot()
     return len(texts) / max(time.perf_counter() - t0, 1e-9)
+
+
+def padded_vectors(real_nd: np.ndarray, total: int, path: str, sigma: float = 0.025) -> np.ndarray:
+    """A file of `total` unit rows: the N real ones, then perturbed copies unit(real[i % N] + sigma * noise) (a
+    cosine of ~0.95 to their source): entries that make the index 1M rows large for timing, NOT real sentences."""
+    n, d = real_nd.shape
+    if not os.path.exists(path) or os.path.getsize(path) != 4 * total * d:
+        out = np.memmap(path + ".tmp", np.float32, "w+", shape=(total, d))
+        out[:n] = real_nd
+        for lo in range(n, total, 65536):
+            hi = min(lo + 65536, total)
+            rows = np.asarray(real_nd[np.arange(lo, hi) % n]) + sigma * np.random.default_rng(lo).standard_normal(
+                (hi - lo, d), np.float32)
+            out[lo:hi] = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+        out.flush()
+        del out
+        os.replace(path + ".tmp", path)
+    return np.memmap(path, np.float32, "r", shape=(total, d))
 
 
 class Scoped:
@@ -289,13 +309,25 @@ def index_recall(memory, query_d: np.ndarray, own_nd: np.ndarray, spans: list[st
     res = memory.search(query_d[None], k, namespace=namespace)
     rpc_ms = 1e3 * (time.perf_counter() - t0)
     found = [(int(i), p) for i, p in zip(res.ids[0], res.payloads[0]) if i >= 0 and p is not None]
-    got_ids = {("d", i) if p.source == "distractor" else ("own", p.text) for i, p in found}
+    got_ids = {("d", i) if p.source in ("distractor", "padding") else ("own", p.text) for i, p in found}
     ev_score = max(scores[i] for i, t in enumerate(spans) if t == evidence)
     own_above = len({t for t, sc in zip(spans, scores[:n_own]) if sc > ev_score})  # distinct texts, as retrieved
     d_above = np.flatnonzero(scores[n_own:] > ev_score)
     return {"exact": ("own", evidence) in exact_ids, "index": ("own", evidence) in got_ids,
             "overlap": len(exact_ids & got_ids) / len(exact_ids), "rpc_ms": rpc_ms,
             "exact_at": {int(m): bool(own_above + int(np.sum(d_above < m)) < k) for m in prefixes}}
+
+
+def report_line(label: str, row: dict, n_total: int, k: int) -> str:
+    o, s = row["own"], row["scaled"]
+    ms_ = lambda d: f"{d['median']:.1f}/{d['p95']:.1f}"  # noqa: E731
+    return (f"{label} n={o['n']}: EM own spans {o['em']:.3f} / +{n_total} distractors {s['em']:.3f}; evidence in "
+            f"the prompt {o['evidence_in_prompt']:.2f} / {s['evidence_in_prompt']:.2f}; evidence in top-{k}: exact "
+            f"{s['recall_exact']:.2f}, ivfpq {s['recall_index']:.2f} (top-{k} overlap {s['recall_overlap']:.2f}); "
+            f"retrieval ms median/p95: own {ms_(o['retrieval_ms'])} (encode {ms_(o['encode_ms'])}, search "
+            f"{ms_(o['search_ms'])}), +N {ms_(s['retrieval_ms'])} (encode {ms_(s['encode_ms'])}, search "
+            f"{ms_(s['search_ms'])}; one search RPC {ms_(s['rpc_search_ms'])}); exact evidence recall@{k} by N: "
+            + ", ".join(f"{m}: {v:.2f}" for m, v in s["recall_exact_at"].items()))
 
 
 # -------------------------------------------------------------------------------------------------- main
@@ -311,6 +343,9 @@ def main() -> None:
     ap.add_argument("--distance", type=int, default=512)
     ap.add_argument("--episodic", action="store_true", help="keep the episodic ring (default: spans go straight "
                                                             "to the service)")
+    ap.add_argument("--pad_to", type=int, default=0,
+                    help="timing only: fill the service up to this many rows with perturbed copies of the N real "
+                         "distractors (labelled as such in the output)")
     ap.add_argument("--threads", type=int, default=1, help="FAISS threads in the services")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
@@ -346,7 +381,10 @@ def main() -> None:
 
     procs, clients = [], []
     try:
-        data_dir = os.path.join(a.workdir, f"service_{n}")
+        pad = max(a.pad_to - n, 0)
+        data_dir = os.path.join(a.workdir, f"service_{n}" + (f"_pad{a.pad_to}" if pad else ""))
+        if pad:
+            vectors = padded_vectors(vectors, n + pad, os.path.join(a.workdir, f"padded_{n}_{a.pad_to}.f32"))
         marker = os.path.join(data_dir, "filled.json")
         if os.path.exists(data_dir) and not (os.path.exists(marker) and json.load(open(marker)) == key):
             shutil.rmtree(data_dir)  # a partial fill, or another encoder's vectors
@@ -354,13 +392,19 @@ def main() -> None:
         proc, address = start_service(data_dir, sem.dim, service_flags(sem, a.threads))
         procs.append(proc)
         load_s = time.perf_counter() - t0
-        scale_mem = SemanticMemory.connect(address, token="")
+        scale_mem = SemanticMemory.connect(address, token="", timeout_s=3600)  # an Add that trains ivfpq is slow
         clients.append(scale_mem)
         add_rate = None
-        if scale_mem.stats()["count"] != n:
-            add_rate = fill_service(scale_mem, texts[:n], vectors, namespace)
+        if scale_mem.stats()["count"] != n + pad:
+            add_rate = fill_service(scale_mem, texts[:n], vectors[:n], namespace)
+            if pad:
+                fill_service(scale_mem, [texts[i % n] for i in range(n, n + pad)], vectors[n:], namespace,
+                             start=n, source="padding")
             with open(marker, "w") as f:
                 json.dump(key, f)
+        if pad:
+            print(f"PADDED (timing): the service holds {n} real distractors + {pad} perturbed copies of them",
+                  flush=True)
         stats = scale_mem.stats()
         print(f"service at {address}: {stats['count']} entries, trained={stats.get('trained')}, "
               f"load {load_s:.0f} s, add rate {add_rate and round(add_rate)}/s", flush=True)
@@ -371,17 +415,17 @@ def main() -> None:
         base_mem = SemanticMemory.connect(base_address, token="")
         clients.append(base_mem)
 
-        engine.encode(["What is the warm-up question?"], cache=False)  # compiled once, outside the timings
         results = {}
-        prefixes = sorted({m for m in (0, 1000, 10_000, 100_000, 1_000_000) if m < n} | {n})
+        prefixes = sorted({m for m in (0, 1000, 10_000, 100_000, 1_000_000) if m < n} | {n, n + pad})
         for kind in a.kinds.split(","):
             recs = factworld.eval_questions("test", kind, a.n, config=config, distance=a.distance)
+            for mem in (base_mem, scale_mem):  # compiles and first calls, outside the timings
+                ask(engine, Memory(config, semantic=Scoped(mem)), recs[0])
             rows = {"own": ([], []), "scaled": ([], [])}
             recall_rows = []
             for r in recs:
                 for name, mem in (("own", base_mem), ("scaled", scale_mem)):
-                    scoped = Scoped(mem)
-                    pred, trace, spans = ask(engine, Memory(config, semantic=scoped), r)
+                    pred, trace, spans = ask(engine, Memory(config, semantic=Scoped(mem)), r)
                     rows[name][0].append(pred)
                     rows[name][1].append(trace)
                     if name == "scaled":
@@ -392,24 +436,18 @@ def main() -> None:
                 engine.forget(Memory(config, semantic=Scoped(base_mem)))  # removes the last question's spans
             results[kind] = {"own": summarize(recs, *rows["own"]),
                              "scaled": summarize(recs, *rows["scaled"], recall_rows)}
-            o, s = results[kind]["own"], results[kind]["scaled"]
-            print(f"{kind}@{a.distance} n={len(recs)}: EM own {o['em']:.3f} / +{n} {s['em']:.3f}; evidence in "
-                  f"prompt {o['evidence_in_prompt']:.2f} / {s['evidence_in_prompt']:.2f}; evidence in top-{k}: "
-                  f"exact {s['recall_exact']:.2f}, ivfpq {s['recall_index']:.2f} (top-{k} overlap "
-                  f"{s['recall_overlap']:.2f}); retrieval ms median/p95: own {o['retrieval_ms']['median']:.1f}/"
-                  f"{o['retrieval_ms']['p95']:.1f}, +N {s['retrieval_ms']['median']:.1f}/"
-                  f"{s['retrieval_ms']['p95']:.1f} (encode {s['encode_ms']['median']:.1f}, search "
-                  f"{s['search_ms']['median']:.1f}, one search RPC {s['rpc_search_ms']['median']:.1f}); exact evidence recall@{k} by N: "
-                  + ", ".join(f"{m}: {v:.2f}" for m, v in s["recall_exact_at"].items()), flush=True)
-        if scale_mem.stats()["count"] != n:
-            raise RuntimeError(f"the service holds {scale_mem.stats()['count']} entries after the questions, not {n}")
+            print(report_line(f"{kind}@{a.distance}", results[kind], n + pad, k), flush=True)
+        if scale_mem.stats()["count"] != n + pad:
+            raise RuntimeError(f"the service holds {scale_mem.stats()['count']} entries after the questions, "
+                               f"not {n + pad}")
     finally:
         engine.close()
         for client in clients:
             client.close()
         for proc in procs:
             stop_service(proc)
-    out = {"date": time.strftime("%Y-%m-%d"), "args": vars(a), "n_distractors": n, "encode_s": encode_s,
+    out = {"date": time.strftime("%Y-%m-%d"), "args": vars(a), "n_distractors": n, "n_padding": pad,
+           "encode_s": encode_s,
            "encoder": a.stage2 or "mean-pooled", "service": stats, "add_rate": add_rate, "results": results,
            "minutes": (time.perf_counter() - t_start) / 60}
     if a.json:
