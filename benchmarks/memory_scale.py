@@ -301,13 +301,13 @@ def index_recall(memory, query_d: np.ndarray, own_nd: np.ndarray, spans: list[st
     is the evidence in the exact top-k over the same vectors (brute force), in the service's top-k, and the
     overlap of the two top-k sets; `rpc_ms`: the time of that one search call; `exact_at`: for each size m in
     `prefixes`, is the evidence in the exact top-k with only the first m distractors (the curve over N)."""
+    t0 = time.perf_counter()  # before the brute force: BLAS threads spinning after it would slow the service
+    res = memory.search(query_d[None], k, namespace=namespace)
+    rpc_ms = 1e3 * (time.perf_counter() - t0)
     scores = exact_scores(query_d, own_nd, distractors_nd)
     exact = exact_top_k(scores, k)
     n_own = len(own_nd)
     exact_ids = {("own", spans[i]) if i < n_own else ("d", i - n_own) for i in exact}
-    t0 = time.perf_counter()
-    res = memory.search(query_d[None], k, namespace=namespace)
-    rpc_ms = 1e3 * (time.perf_counter() - t0)
     found = [(int(i), p) for i, p in zip(res.ids[0], res.payloads[0]) if i >= 0 and p is not None]
     got_ids = {("d", i) if p.source in ("distractor", "padding") else ("own", p.text) for i, p in found}
     ev_score = max(scores[i] for i, t in enumerate(spans) if t == evidence)
