@@ -349,6 +349,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="FAISS threads in the services")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
+    if a.spans < 1 or a.n < 1:
+        ap.error("--spans and --n must be >= 1")
 
     from mantis_jax.engine.core import Engine  # noqa: PLC0415
     from mantis_jax.engine.memory import Memory  # noqa: PLC0415
@@ -375,6 +377,8 @@ def main() -> None:
     n = fill_cache(cache, texts, encode, a.encode_minutes)
     encode_s = time.perf_counter() - t0
     n = min(n, a.spans)
+    if n == 0:
+        raise SystemExit(f"no distractor is encoded in {a.workdir}; give --encode_minutes > 0")
     print(f"N reached: {n} distractors cached ({encode_s:.0f} s this run; bulk vs engine encoding max diff "
           f"{err:.1e})", flush=True)
     vectors = cache.read(n)
