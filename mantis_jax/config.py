@@ -277,6 +277,8 @@ def default_config() -> ml_collections.ConfigDict:
     rt.save_every = 100
     rt.log_every = 10
     rt.max_minutes = 0.0  # wall-clock budget (saves and stops when spent); 0 = none
+    rt.pool = 0  # train records the batches draw from, reshuffled each epoch (memory/pool.py); 0 = a new one each
+    rt.cache_features = False  # with a pool: the frozen LM's hidden states of its texts computed once, then reused
 
     d = c.data = ml_collections.ConfigDict()
     d.source = "factworld"  # factworld | text | tokenized | tfds | hf
@@ -575,6 +577,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key in ("retrieval.context_negatives", "retrieval.attribute_negatives", "retrieval.warmup_steps",
                 "retrieval.max_minutes"):
         _require(_get(config, key) >= 0, f"config.{key} ({_get(config, key)}) must be >= 0")
+    _require(config.retrieval.pool == 0 or config.retrieval.pool >= config.retrieval.batch_size,
+             f"config.retrieval.pool ({config.retrieval.pool}) must be 0 (no pool) or >= config.retrieval.batch_size "
+             f"({config.retrieval.batch_size})")
+    _require(not config.retrieval.cache_features or config.retrieval.pool > 0,
+             "config.retrieval.cache_features needs a bounded pool of texts: set config.retrieval.pool (e.g. 4096)")
     _require(eng.window_tokens >= 0,
              f"config.engine.window_tokens ({eng.window_tokens}) must be >= 0 (0 = data.seq_len)")
     d = config.data
