@@ -257,6 +257,7 @@ def default_config() -> ml_collections.ConfigDict:
     eng.span = "sentence"  # sentence | tokens: what one memory entry holds when reading a context
     eng.span_tokens = 32  # span = tokens: tokens per span
     eng.top_k = 3  # retrieved spans placed in the prompt before the question
+    eng.memory_position = "before"  # retrieved spans go before | after the window (after: nearest the question)
     eng.min_score = 0.0  # retrieved spans scoring below this cosine are not placed in the prompt
     eng.max_new_tokens = 16
     eng.window_tokens = 0  # tokens of recent context kept in the prompt (attention-only path); 0 = data.seq_len
@@ -567,6 +568,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     eng = config.engine
     _one_of(config, "engine.retrieve", ("always", "never"))
     _one_of(config, "engine.span", ("sentence", "tokens"))
+    _one_of(config, "engine.memory_position", ("before", "after"))
     _one_of(config, "engine.exit_confidence", ("softmax", "margin"))
     _require(0.0 < eng.exit_threshold <= 1.0,
              f"config.engine.exit_threshold ({eng.exit_threshold}) must be in (0, 1] (1.0 = full depth)")

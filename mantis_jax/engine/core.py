@@ -166,8 +166,9 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ answer
     def _prompt(self, question: str, hits) -> tuple[list[int], str, list]:
-        """Token ids, text and the spans placed: retrieved spans (best first) that fit, then as much of the window
-        as fits, then the question."""
+        """Token ids, text and the spans placed: the retrieved spans that fit (best first), as much of the window
+        as fits, then the question. `engine.memory_position` orders them: `before` the window (best first), or
+        `after` it (best last: nearest the question, after whatever the window says about other entities)."""
         tail = f"\nQ: {question.strip()}\nA:"
         room = self.budget - len(self.tokenizer.encode(tail, add_bos=False)) - 2
         recent = self.sessions.get(self.session, [])
@@ -185,7 +186,10 @@ class Engine:
                 break
             window.append(t)
             room -= n
-        text = " " + " ".join(head + window[::-1]) + tail
+        if self.config.engine.memory_position == "after":
+            text = " " + " ".join(window[::-1] + head[::-1]) + tail
+        else:
+            text = " " + " ".join(head + window[::-1]) + tail
         ids = self.tokenizer.encode(text, add_bos=True)
         return ids[-self.budget:], text, placed
 

@@ -156,9 +156,12 @@ class HiddenCache:
                 progress(len(chunk))
 
     def batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """([N, T, D] features, [N, T] mask), T the longest text rounded up to 8 (at most max_len): factworld's
+        sentences are ~15 tokens, and the encoder's cost is linear in T (a few widths: a few compilations)."""
         self.fill(texts)
-        hidden = np.zeros((len(texts), self.max_len, self.d), np.float32)
-        mask = np.zeros((len(texts), self.max_len), bool)
+        width = min(self.max_len, -(-max(len(self.store[t]) for t in texts) // 8) * 8)
+        hidden = np.zeros((len(texts), width, self.d), np.float32)
+        mask = np.zeros((len(texts), width), bool)
         for r, t in enumerate(texts):
             h = self.store[t]
             hidden[r, :len(h)] = h
