@@ -132,11 +132,11 @@ def main() -> None:
               + " ".join(f"{row[k]['em']:15.3f}" for k in columns)
               + f"  {last.get('evidence_retrieved', float('nan')):.3f} / {last.get('evidence_top1', float('nan')):.3f}"
               + f"  {last['search_ms']:9.1f}  {last['compute']:.3f}", flush=True)
+        if a.json:  # after every kind: a run cut short by its time limit keeps what it measured
+            with open(a.json, "w") as f:
+                json.dump({"date": time.strftime("%Y-%m-%d"), "args": vars(a), "results": results}, f, indent=1)
     for e in engines.values():
         e.close()
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"date": time.strftime("%Y-%m-%d"), "args": vars(a), "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

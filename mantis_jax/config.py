@@ -257,7 +257,7 @@ def default_config() -> ml_collections.ConfigDict:
     eng.span = "sentence"  # sentence | tokens: what one memory entry holds when reading a context
     eng.span_tokens = 32  # span = tokens: tokens per span
     eng.top_k = 3  # retrieved spans placed in the prompt before the question
-    eng.memory_position = "before"  # retrieved spans go before | after the window (after: nearest the question)
+    eng.memory_position = "after"  # retrieved spans go after | before the window (after: nearest the question)
     eng.min_score = 0.0  # retrieved spans scoring below this cosine are not placed in the prompt
     eng.max_new_tokens = 16
     eng.window_tokens = 0  # tokens of recent context kept in the prompt (attention-only path); 0 = data.seq_len
