@@ -7,8 +7,9 @@ text, the window the model sees directly. `Engine.answer(question)`:
   1. encode the question; search memory (its best score is part of the state summary);
   2. prefill the window + question once: the state summary (pooled state, entropy, exit-layer confidence, fills);
   3. the policy decides the gates (`policy.decide(summary) -> Decisions`);
-  4. when a memory gate is on and memory holds spans, the retrieved spans' text goes into the prompt before the
-     window and that prompt is prefilled once; otherwise the step-2 cache is the one generation continues from;
+  4. when a memory gate is on and memory holds spans, the retrieved spans' text goes into the prompt beside the
+     window (`engine.memory_position`: after it by default, nearest the question) and that prompt is prefilled
+     once; otherwise the step-2 cache is the one generation continues from;
   5. greedy decoding from that cache, stopping at a newline (the answer is one line);
   6. with `verify`, the critic scores (question, answer, evidence) and below its threshold the answer is "unknown".
 FLOPs are added to the trace as each device call returns, from the tokens, layers and cache slots it processed.
