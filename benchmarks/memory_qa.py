@@ -10,8 +10,8 @@ tokens of the context and the question). Against them: the engine
 (mantis_jax.engine) with a fresh memory per question, which reads the context (sentence spans, encoded by the
 untrained mean-pooled encoder and, with --stage2, the trained one), then answers with the top `engine.top_k`
 spans placed beside its window (`engine.memory_position`; `--memory_position=after,before` also answers each
-question with the other order, from the same read). Kinds: near, far and cross_session at each distance (tokens of filler between
-evidence and question), unanswerable; `--n` questions per kind (`--n_long` for distances above 4096, whose
+question with the other order, from the same read). Kinds: near, far and cross_session at each distance (tokens
+of filler between evidence and question), unanswerable; `--n` questions per kind (`--n_long` for distances above 4096, whose
 contexts take long to read on a CPU). Also per kind: EM per wording of the evidence sentence (canonical /
 alternative), the evidence's retrieval rank in the trace (recall@k of the engine's own search), retrieval ms per
 question, and the mean compute (flops / flops_full).
