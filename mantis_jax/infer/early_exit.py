@@ -68,19 +68,24 @@ def step(args: ModelArgs, params, tok_b, positions_b1, cache: dict, kv_mask_bs, 
     check, `lax.cond(any row still running, next layer ..., fill the remaining layers' K/V)`. A token that exits
     at layer l therefore executes l - min_layer + 1 conditionals and nothing of the layers after l but their
     key/value projections (a flat chain of one cond per layer and per head costs more than it saves on a small
-    model: docs/perf/early_exit.md).
+    model: docs/perf/early_exit.md). The stacked cache is only read inside the chain (`apply_block(rows_out=True)`:
+    each layer attends as if its new row were written); the conditionals return the new token's K/V rows, and
+    after the chain one `dynamic_update_slice` per cache array writes every layer's row in place. (Returning
+    updated per-layer cache buffers from the conditionals and restacking them cost a copy of the whole cache per
+    token, whatever the exit.)
     """
     exit.check(args.n_layers)
     L, B = args.n_layers, tok_b.shape[0]
     index = cache["index"]
     threshold = jnp.asarray(threshold, jnp.float32)
-    slots = [{n: c[i] for n, c in cache.items() if n != "index"} for i in range(L)]
 
-    def block(i, x, **kw):
-        return apply_block(args, layer_params(args, params, i), x, positions_b1, slots[i], index, kv_mask_bs, **kw)
+    def block(i, x, **kw):  # layer i's cache slice is taken here, inside the branch that reads it (no copy)
+        slot = {n: c[i] for n, c in cache.items() if n != "index"}
+        return apply_block(args, layer_params(args, params, i), x, positions_b1, slot, index, kv_mask_bs,
+                           rows_out=True, **kw)
 
     def fill_from(i, x, live_b, logits_bv, layers_b):
-        """Every row has exited: layers i.. only write their keys/values for the exited states."""
+        """Every row has exited: layers i.. only compute their keys/values for the exited states."""
         return logits_bv, layers_b, [block(j, x, kv_only=True)[1] for j in range(i, L)]
 
     def run_from(i, x, live_b, logits_bv, layers_b):
@@ -88,23 +93,34 @@ def step(args: ModelArgs, params, tok_b, positions_b1, cache: dict, kv_mask_bs, 
         if i == L:
             final_bv = logits_from_hidden(args, params, x)[:, 0]
             return jnp.where(live_b[:, None], final_bv, logits_bv), layers_b, []
-        y, slot = block(i, x)
+        y, rows = block(i, x)
         x = jnp.where(live_b[:, None, None], y, x)
         layers_b = layers_b + live_b.astype(jnp.int32)
         if not exit.min_layer <= i + 1 < L:
             logits_bv, layers_b, rest = run_from(i + 1, x, live_b, logits_bv, layers_b)
-            return logits_bv, layers_b, [slot] + rest
+            return logits_bv, layers_b, [rows] + rest
         head_bv = logits_from_hidden(args, params, x)[:, 0]
         out_b = live_b & (confidence(head_bv, exit.confidence) >= threshold) & (threshold < 1.0)
         live_b, logits_bv = live_b & ~out_b, jnp.where(out_b[:, None], head_bv, logits_bv)
         logits_bv, layers_b, rest = jax.lax.cond(
             jnp.any(live_b), functools.partial(run_from, i + 1), functools.partial(fill_from, i + 1),
             x, live_b, logits_bv, layers_b)
-        return logits_bv, layers_b, [slot] + rest
+        return logits_bv, layers_b, [rows] + rest
 
     x_b1d = embed(args, params, tok_b[:, None])
-    logits_bv, layers_b, new_slots = run_from(0, x_b1d, jnp.ones((B,), bool),
-                                              jnp.zeros((B, args.vocab_size), jnp.float32),
-                                              jnp.zeros((B,), jnp.int32))
-    new_cache = {n: jnp.stack([s[n] for s in new_slots]) for n in new_slots[0]}
-    return logits_bv, layers_b, dict(new_cache, index=index + 1)
+    logits_bv, layers_b, rows = run_from(0, x_b1d, jnp.ones((B,), bool),
+                                         jnp.zeros((B, args.vocab_size), jnp.float32), jnp.zeros((B,), jnp.int32))
+    return logits_bv, layers_b, dict(write_rows(cache, rows), index=index + 1)
+
+
+def write_rows(cache: dict, rows: list) -> dict:
+    """The cache with every layer's new-token rows written (`rows[l]`: {"k", "v": [B, 1, G, Dh], tails}): one
+    in-place `dynamic_update_slice` per K/V array at slot `index`; the convolution tails are replaced whole."""
+    new = {}
+    for name, buf in cache.items():
+        if name == "index":
+            continue
+        stacked = jnp.stack([r[name] for r in rows]).astype(buf.dtype)
+        new[name] = (stacked if name.endswith("_tail") else
+                     jax.lax.dynamic_update_slice(buf, stacked, (0, 0, cache["index"], 0, 0)))
+    return new
