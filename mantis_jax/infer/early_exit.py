@@ -78,6 +78,8 @@ def step(args: ModelArgs, params, tok_b, positions_b1, cache: dict, kv_mask_bs, 
     L, B = args.n_layers, tok_b.shape[0]
     index = cache["index"]
     threshold = jnp.asarray(threshold, jnp.float32)
+    layer_caches = {n: c for n, c in cache.items() if n != "index"}
+    kv_params = kv_layer_params(args, params)
 
     def block(i, x, **kw):  # layer i's cache slice is taken here, inside the branch that reads it (no copy)
         slot = {n: c[i] for n, c in cache.items() if n != "index"}
@@ -85,8 +87,12 @@ def step(args: ModelArgs, params, tok_b, positions_b1, cache: dict, kv_mask_bs, 
                            rows_out=True, **kw)
 
     def fill_from(i, x, live_b, logits_bv, layers_b):
-        """Every row has exited: layers i.. only compute their keys/values for the exited states."""
-        return logits_bv, layers_b, [block(j, x, kv_only=True)[1] for j in range(i, L)]
+        """Every row has exited: layers i.. only compute their keys/values for the exited states (one pass
+        vectorised over every layer's key/value projections, a few ops whatever the number of layers skipped; the
+        rows of layers before i are dropped)."""
+        rows = jax.vmap(lambda p, slot: apply_block(args, p, x, positions_b1, slot, index, kv_mask_bs, kv_only=True,
+                                                    rows_out=True)[1])(kv_params, layer_caches)
+        return logits_bv, layers_b, [jax.tree.map(lambda r, j=j: r[j], rows) for j in range(i, L)]
 
     def run_from(i, x, live_b, logits_bv, layers_b):
         """Layers i.. for a batch in which some row still runs (exited rows keep their state, write K/V)."""
@@ -111,6 +117,15 @@ def step(args: ModelArgs, params, tok_b, positions_b1, cache: dict, kv_mask_bs, 
     logits_bv, layers_b, rows = run_from(0, x_b1d, jnp.ones((B,), bool),
                                          jnp.zeros((B, args.vocab_size), jnp.float32), jnp.zeros((B,), jnp.int32))
     return logits_bv, layers_b, dict(write_rows(cache, rows), index=index + 1)
+
+
+def kv_layer_params(args: ModelArgs, params) -> dict:
+    """What a layer's key/value pass reads (its attention norm and attention), stacked over the L layers [L, ...]
+    (loop-invariant: inside a decode loop XLA computes it once, before the loop)."""
+    if args.scan_layers:
+        return {n: params["layers"][n] for n in ("attn_norm", "attn")}
+    layers = [layer_params(args, params, i) for i in range(args.n_layers)]
+    return jax.tree.map(lambda *ps: jnp.stack(ps), *[{n: p[n] for n in ("attn_norm", "attn")} for p in layers])
 
 
 def write_rows(cache: dict, rows: list) -> dict:

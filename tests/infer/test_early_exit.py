@@ -156,9 +156,10 @@ def test_exit_loss_is_the_truncated_models_cross_entropy(model):
 
 @pytest.fixture(scope="module")
 def conv_step():
-    """One early-exit step on a model with the key/value convolution (tails in the cache), after a prefill."""
+    """One early-exit step on a model with the key/value convolution (tails in the cache) and scanned (stacked)
+    layer parameters, after a prefill (the tests above cover unrolled layers without the convolution)."""
     args = ModelArgs(vocab_size=128, d_model=32, n_layers=L, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=32,
-                     tie_embeddings=True, scan_layers=False, kv_conv=3)
+                     tie_embeddings=True, scan_layers=True, kv_conv=3)
     rng = np.random.default_rng(2)
     params = jax.tree.map(lambda p: jnp.asarray(rng.normal(0.0, 0.3, p.shape), p.dtype),
                           nn.unbox(tfm.abstract_params(args)))
