@@ -9,12 +9,14 @@ Baseline (measured in the same run): full-depth decoding (`exit=None`) of the sa
 - EM: factworld test near-range questions answered greedily (batch 16, up to 8 new tokens, stop at a newline);
   exit decisions are per row, so the batch does not change a row's answer.
 - Speed: batch 1, the prompt is the start of a test document, 128 new tokens without a stop token; the variants
-  are timed round-robin (machine load hits all alike); tokens/s from the median of the repeats, and from the
-  fastest repeat (on a loaded machine the least-preempted call: the code's own cost). Mean layers per token is over the
-  generated tokens of that run (token 0 comes from the full-depth prefill). A timed call is prefill + decode (the
-  64-token prompt's full-depth prefill is in every variant's time, so the ratios slightly understate the decode
-  loop's own). A second baseline is the early-exit step at threshold 1 (the same tokens as full depth, with every
-  exit check paid): what exiting itself saves, apart from how the step is built.
+  are timed round-robin (one call of each per round). Tokens/s from the median call; the speed-ups are paired:
+  the median over rounds of the baseline's time / the variant's time in the same round (calls made back to back,
+  so load that drifts during the run cancels), and the ratio of the fastest calls (on a loaded machine the least
+  preempted: the code's own cost). Mean layers per token is over the generated tokens of that run (token 0 comes
+  from the full-depth prefill). A timed call is prefill + decode: the 64-token prompt's full-depth prefill is in
+  every variant's time, so the ratios slightly understate the decode loop's own. A second baseline is the
+  early-exit step at threshold 1 (the same tokens as full depth, every exit check paid): what exiting itself
+  saves, apart from how the step is built.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def near_em(config, tokenizer, params, records, variants) -> dict:
 
 
 def speed(args, params, prompt_ids, variants, new: int, repeats: int) -> dict:
-    """Batch-1 tokens/s (median repeat, fastest repeat) and mean layers per generated token of each variant."""
+    """Per variant: the call times of every round (one call of each variant per round, in turn) and the mean layers
+    per generated token."""
     T = len(prompt_ids)
     tokens, mask = (jnp.asarray(x) for x in decode.left_pad([prompt_ids], 0, T))
     stop = jnp.zeros((args.vocab_size,), bool)
@@ -79,7 +82,13 @@ def speed(args, params, prompt_ids, variants, new: int, repeats: int) -> dict:
             t0 = time.perf_counter()
             call(name)
             times[name].append(time.perf_counter() - t0)
-    return {name: (new / statistics.median(times[name]), new / min(times[name]), layers[name]) for name in variants}
+    return {name: (times[name], layers[name]) for name in variants}
+
+
+def paired(times_a, times_b) -> float:
+    """Median over rounds of time_a / time_b (b's speed-up over a): each ratio compares calls made back to back,
+    so load that drifts over the run cancels (a ratio of two medians does not)."""
+    return statistics.median(a / b for a, b in zip(times_a, times_b))
 
 
 def main() -> None:
@@ -115,16 +124,17 @@ def main() -> None:
     prompt_ids = tokenizer.encode(doc, add_bos=True)[:64]
     tps = speed(args, params, prompt_ids, variants, a.new, repeats)
 
-    base_em, (base_tps, base_best, _) = em["full depth (baseline)"][0], tps["full depth (baseline)"]
+    base_em, (base_times, _) = em["full depth (baseline)"][0], tps["full depth (baseline)"]
     print(f"\n| decoding | near EM ({n}) | EM change (points) | mean layers / token (QA) | mean layers / token "
-          f"(batch-1 run) | tokens/s at batch 1 (median) | vs full depth | vs the step that never exits | "
-          f"vs full depth, fastest of {repeats} |")
+          f"(batch-1 run) | tokens/s at batch 1 (median) | vs full depth (paired) | vs the step that never exits "
+          f"(paired) | vs full depth, fastest of {repeats} |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in variants:
         e, lq = em[name]
-        t, best, ls = tps[name]
-        print(f"| {name} | {100 * e:.1f}% | {100 * (e - base_em):+.1f} | {lq:.2f} | {ls:.2f} | {t:,.1f} | "
-              f"{t / base_tps:.2f}x | {t / tps[NO_EXIT][0]:.2f}x | {best / base_best:.2f}x |")
+        t, ls = tps[name]
+        print(f"| {name} | {100 * e:.1f}% | {100 * (e - base_em):+.1f} | {lq:.2f} | {ls:.2f} | "
+              f"{a.new / statistics.median(t):,.1f} | {paired(base_times, t):.2f}x | "
+              f"{paired(tps[NO_EXIT][0], t):.2f}x | {min(base_times) / min(t):.2f}x |")
 
 
 if __name__ == "__main__":
