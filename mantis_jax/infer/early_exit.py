@@ -8,8 +8,12 @@ keys/values for the position, computed from the frozen (exited) hidden state, so
 layer as usual (CALM's state propagation). Compute is really skipped: after each exit check a `lax.cond` on "any
 row still running" either continues or only fills the remaining layers, so at batch 1 an exited token runs only
 the key/value projections of the skipped layers (`apply_block(kv_only=True)`: norm, two [D, G·Dh] matmuls, no
-attention, no feed-forward, no final head). With several rows the step runs a layer while any row needs it (the
-exited rows ignore its output).
+attention, no feed-forward, no final head; all skipped layers in one pass vectorised over the layers). With
+several rows the step runs a layer while any row needs it (the exited rows ignore its output).
+
+The cache is only read inside the chain (`rows_out`: a layer attends as if its new row were written) and written
+once per step, every layer's row for the position in one `dynamic_update_slice` per array: per token the cache
+costs what the rows cost, not a copy of the whole cache (docs/perf/early_exit.md, 2026-12-01).
 
 Confidence (`EarlyExit.confidence`): "softmax" = the top-1 probability; "margin" = top-1 minus top-2 probability.
 A threshold >= 1 never exits, so the step equals the full-depth step; 0 exits every token at `min_layer`.
