@@ -16,7 +16,8 @@ Baseline (measured in the same run): full-depth decoding (`exit=None`) of the sa
   from the full-depth prefill). A timed call is prefill + decode: the 64-token prompt's full-depth prefill is in
   every variant's time, so the ratios slightly understate the decode loop's own. A second baseline is the
   early-exit step at threshold 1 (the same tokens as full depth, every exit check paid): what exiting itself
-  saves, apart from how the step is built.
+  saves, apart from how the step is built; a third row is that step with no exit check at all (min_layer = L):
+  full depth computed the way the early-exit step computes it (its cache handling is cheaper than `forward`'s).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from mantis_jax.train.checkpoint import load_for_inference  # noqa: E402
 
 
 NO_EXIT = "early-exit step, threshold 1 (never exits)"
+NO_CHECK = "early-exit step without checks (min_layer = L: full depth)"
 
 
 def near_em(config, tokenizer, params, records, variants) -> dict:
@@ -108,7 +110,8 @@ def main() -> None:
     args = ModelArgs.from_config(config)
     min_layers = [int(x) for x in a.min_layers.split(",")] if a.min_layers else [args.min_exit_layer]
     variants = {"full depth (baseline)": (None, 1.0),  # the early-exit step that never exits: what the checks cost
-                NO_EXIT: (EarlyExit(min_layers[0], "softmax"), 1.0)}
+                NO_EXIT: (EarlyExit(min_layers[0], "softmax"), 1.0),
+                NO_CHECK: (EarlyExit(args.n_layers, "softmax"), 1.0)}
     for min_layer in min_layers:
         for kind in ("softmax", "margin"):
             for thr in (float(t) for t in a.thresholds.split(",")):
