@@ -13,8 +13,8 @@ Baseline (measured in the same run): full-depth decoding (`exit=None`) of the sa
   the median over rounds of the baseline's time / the variant's time in the same round (calls made back to back,
   so load that drifts during the run cancels), and the ratio of the fastest calls (on a loaded machine the least
   preempted: the code's own cost). Mean layers per token is over the generated tokens of that run (token 0 comes
-  from the full-depth prefill). A timed call is prefill + decode: the 64-token prompt's full-depth prefill is in
-  every variant's time, so the ratios slightly understate the decode loop's own. A second baseline is the
+  from the full-depth prefill). A timed call is prefill + decode: the prompt's (<= 64 tokens) full-depth prefill
+  is in every variant's time, so the ratios slightly understate the decode loop's own. A second baseline is the
   early-exit step at threshold 1 (the same tokens as full depth, every exit check paid): what exiting itself
   saves, apart from how the step is built; a third row is that step with no exit check at all (min_layer = L):
   full depth computed the way the early-exit step computes it (its cache handling is cheaper than `forward`'s).
