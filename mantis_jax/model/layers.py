@@ -148,11 +148,16 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_btd, positions_bt, cache=None, cache_index=None, kv_mask_bs=None, segment_ids_bt=None,
-                 kv_only=False):
-        """(output [B, T, D], new cache or None); `kv_only` (with a cache): write the keys/values, output None."""
+                 kv_only=False, rows_out=False):
+        """(output [B, T, D], new cache or None); `kv_only` (with a cache): write the keys/values, output None.
+        `rows_out` (with a cache, one new token): attend as if the token's key/value were written, but return only
+        the new rows {"k", "v": [B, 1, G, Dh], tails} instead of the updated [B, S, G, Dh] buffers, so a caller
+        holding the cache can write every layer's row at once (early-exit decoding: infer/early_exit.py)."""
         B, T, D = x_btd.shape
         if segment_ids_bt is not None and cache is not None:
             raise ValueError("segment_ids (packed rows) work without a KV cache only; decode one sequence per row")
+        if rows_out and (cache is None or T != 1):
+            raise ValueError(f"rows_out needs a KV cache and one new token per row (got T={T})")
         H, G, Dh = self.n_heads, self.n_kv_heads, self.head_dim
         init = nn.initializers.normal(self.init_std)
         out_init = nn.initializers.normal(self.init_std / jnp.sqrt(2.0))
@@ -186,6 +191,16 @@ class Attention(nn.Module):
         if cache is None:
             keys, values, new_cache = k_btgk, v_btgk, None
             q_slots = jnp.arange(T)
+        elif rows_out:  # the buffers as if written: the row selected in at slot `index` (the same values as below)
+            new_cache = {"k": k_btgk.astype(cache["k"].dtype), "v": v_btgk.astype(cache["v"].dtype)}
+            new_cache.update({n: t.astype(cache[n].dtype) for n, t in new_tails.items()})
+            if kv_only:
+                return None, new_cache
+            at_s = (jnp.arange(cache["k"].shape[1]) == cache_index)[None, :, None, None]
+            keys = jnp.where(at_s, new_cache["k"], cache["k"])
+            values = jnp.where(at_s, new_cache["v"], cache["v"])
+            keys, values = keys.astype(self.dtype), values.astype(self.dtype)
+            q_slots = cache_index + jnp.arange(T)
         else:
             start = (0, cache_index, 0, 0)
             keys = jax.lax.dynamic_update_slice(cache["k"], k_btgk.astype(cache["k"].dtype), start)

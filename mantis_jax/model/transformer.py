@@ -39,16 +39,17 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x_btd, positions_bt, cache_index, kv_mask_bs, layer_cache, expert_bias_e, segment_ids_bt=None,
-                 kv_only=False):
+                 kv_only=False, rows_out=False):
         """`kv_only`: write this layer's keys/values for x into the cache and return x unchanged (no attention, no
-        feed-forward): how early-exit decoding fills the layers a token skipped."""
+        feed-forward): how early-exit decoding fills the layers a token skipped. `rows_out`: the new cache is only
+        the new token's rows (`Attention`), written by the caller."""
         a = self.args
         dt, pdt = a.compute_dtype, a.weight_dtype
         h = RMSNorm(a.norm_eps, dt, pdt, name="attn_norm")(x_btd)
         attn = Attention(a.n_heads, a.n_kv_heads, a.head_dim, a.rope_theta, a.init_std, dt, pdt, a.attn_block_q,
                          a.kv_conv, name="attn")
         attn_out, new_cache = attn(h, positions_bt, layer_cache, cache_index, kv_mask_bs, segment_ids_bt,
-                                   kv_only=kv_only)
+                                   kv_only=kv_only, rows_out=rows_out)
         if kv_only:
             return x_btd, (new_cache, None)
         x_btd = x_btd + attn_out
@@ -216,11 +217,14 @@ def layer_params(args: ModelArgs, params: dict, i: int) -> dict:
 
 
 def apply_block(args: ModelArgs, block_params: dict, x_btd, positions_bt, layer_cache: dict, cache_index,
-                kv_mask_bs=None, expert_bias_e=None, *, kv_only: bool = False) -> tuple[jax.Array, dict]:
+                kv_mask_bs=None, expert_bias_e=None, *, kv_only: bool = False,
+                rows_out: bool = False) -> tuple[jax.Array, dict]:
     """One layer on x [B, T, D] with its cache slice ({"k", "v"[, tails]}: [B, S, G, Dh]): (x out, new slice).
-    kv_only: only write the layer's keys/values for x (x comes back unchanged)."""
+    kv_only: only write the layer's keys/values for x (x comes back unchanged). rows_out (T = 1): the slice is
+    read, not written, and the second output is the token's rows ({"k", "v"}: [B, 1, G, Dh], new tails)."""
     x_btd, (new_cache, _) = Block(args).apply({"params": block_params}, x_btd, positions_bt, cache_index,
-                                              kv_mask_bs, layer_cache, expert_bias_e, kv_only=kv_only)
+                                              kv_mask_bs, layer_cache, expert_bias_e, kv_only=kv_only,
+                                              rows_out=rows_out)
     return x_btd, new_cache
 
 

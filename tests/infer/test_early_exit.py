@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mantis_jax.infer import decode
+from mantis_jax.infer import decode, early_exit
 from mantis_jax.infer.early_exit import EarlyExit, confidence
 from mantis_jax.model import transformer as tfm
 from mantis_jax.model.args import ModelArgs
@@ -152,3 +152,57 @@ def test_exit_loss_is_the_truncated_models_cross_entropy(model):
         ce = lse - np.take_along_axis(logits, tokens[:, 1:, None], -1)[..., 0]
         ces.append((ce * weights).sum() / weights.sum())
     np.testing.assert_allclose(float(with_exit) - float(plain), 0.5 * np.mean(ces), rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def conv_step():
+    """One early-exit step on a model with the key/value convolution (tails in the cache) and scanned (stacked)
+    layer parameters, after a prefill (the tests above cover unrolled layers without the convolution)."""
+    args = ModelArgs(vocab_size=128, d_model=32, n_layers=L, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=32,
+                     tie_embeddings=True, scan_layers=True, kv_conv=3)
+    rng = np.random.default_rng(2)
+    params = jax.tree.map(lambda p: jnp.asarray(rng.normal(0.0, 0.3, p.shape), p.dtype),
+                          nn.unbox(tfm.abstract_params(args)))
+    tokens, mask = decode.left_pad([rng.integers(3, 128, size=5).tolist()], PAD, 7)
+    state = decode.prefill(args, params, decode.new_cache(args, 1, 7, 4), tokens, mask)
+    tok_b, pos_b1 = jnp.asarray([17]), state.next_pos_b[:, None]
+
+    @jax.jit
+    def ee_step(threshold, cache):  # the threshold is traced: one compilation for both tests
+        return early_exit.step(args, params, tok_b, pos_b1, cache, state.kv_mask_bs, threshold, EarlyExit(1))
+
+    return args, params, state, tok_b, pos_b1, ee_step
+
+
+def test_step_writes_the_full_depth_cache_with_tails(conv_step):
+    """Threshold 1: the rows written once after the chain equal the full forward's cache (keys, values, tails)."""
+    args, params, state, tok_b, pos_b1, ee_step = conv_step
+    logits, layers, cache = ee_step(1.0, state.cache)
+    ref_logits, aux = jax.jit(lambda c: tfm.forward(args, params, tok_b[:, None], cache=c, positions_bt=pos_b1,
+                                                    kv_mask_bs=state.kv_mask_bs))(state.cache)
+    np.testing.assert_allclose(logits, ref_logits[:, 0], atol=1e-5)
+    assert int(layers[0]) == L and int(cache["index"]) == int(aux["cache"]["index"])
+    for name in ("k", "v", "k_tail", "v_tail"):
+        np.testing.assert_allclose(cache[name], aux["cache"][name], atol=1e-5, err_msg=name)
+
+
+def test_step_exit_fills_with_the_write_path(conv_step):
+    """Threshold 0: the token exits after layer 1; layers 2..L get the rows the cache-writing path
+    (`apply_block(kv_only=True)`, dynamic_update_slice into each layer's slice) computes from the exited state."""
+    args, params, state, tok_b, pos_b1, ee_step = conv_step
+    logits, layers, cache = ee_step(0.0, state.cache)
+    ref_logits, aux = jax.jit(lambda c: tfm.forward(args, params, tok_b[:, None], cache=c, positions_bt=pos_b1,
+                                                    kv_mask_bs=state.kv_mask_bs, exit_layer=1))(state.cache)
+    np.testing.assert_allclose(logits, ref_logits[:, 0], atol=1e-5)
+    assert int(layers[0]) == 1
+
+    @jax.jit
+    def filled(c, hidden):
+        return [tfm.apply_block(args, tfm.layer_params(args, params, j), hidden, pos_b1,
+                                {n: x[j] for n, x in c.items() if n != "index"}, c["index"], state.kv_mask_bs,
+                                kv_only=True)[1] for j in range(1, L)]
+
+    wants = [{n: c[0] for n, c in aux["cache"].items() if n != "index"}] + filled(state.cache, aux["hidden"])
+    for j, want in enumerate(wants):
+        for name in ("k", "v", "k_tail", "v_tail"):
+            np.testing.assert_allclose(cache[name][j], want[name], atol=1e-5, err_msg=f"layer {j} {name}")
