@@ -8,6 +8,7 @@ fields; the command line overrides fields (`--config.moe.n_experts=8`); `validat
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import ml_collections
@@ -273,6 +274,10 @@ def default_config() -> ml_collections.ConfigDict:
     eng.span_tokens = 32  # span = tokens: tokens per span
     eng.top_k = 3  # retrieved spans placed in the prompt before the question
     eng.min_score = 0.0  # retrieved spans scoring below this cosine are not placed in the prompt
+    # hybrid retrieval (engine/memory.py rerank): fetch this many spans by cosine, keep the top_k by cosine +
+    # lexical_weight x the question's idf-weighted word overlap with the span; 0 = the top_k by cosine alone
+    eng.search_candidates = 0
+    eng.lexical_weight = 0.5
     eng.max_new_tokens = 16
     # greedy | tidal: sample with the knobs a trained decoding head (TIDAL, docs/tidal.md) sets every chunk (Beta
     # mean); tidal reads the head from decoding_policy (python -m mantis_jax.control.train_decoding --workdir=W)
@@ -595,6 +600,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key in ("retrieval.context_negatives", "retrieval.attribute_negatives", "retrieval.warmup_steps",
                 "retrieval.max_minutes"):
         _require(_get(config, key) >= 0, f"config.{key} ({_get(config, key)}) must be >= 0")
+    _require(eng.search_candidates == 0 or eng.search_candidates >= eng.top_k,
+             f"config.engine.search_candidates ({eng.search_candidates}) must be 0 (no rerank) or >= "
+             f"config.engine.top_k ({eng.top_k})")
+    _require(eng.lexical_weight >= 0 and math.isfinite(eng.lexical_weight),
+             f"config.engine.lexical_weight ({eng.lexical_weight}) must be a finite number >= 0")
     _require(eng.window_tokens >= 0,
              f"config.engine.window_tokens ({eng.window_tokens}) must be >= 0 (0 = data.seq_len)")
     d = config.data

@@ -6,6 +6,8 @@ memory (long-term: in-process FAISS by default, the gRPC service when `memory.se
 `memory.episodic.enabled` off, spans go straight to semantic memory; with `memory.semantic.enabled` off, evicted
 spans are forgotten. `Memory.search(query, k, episodic=..., semantic=...)` asks the tiers the policy turned on and
 returns the k best distinct spans, best first, each with its score (the cosine of unit vectors) and its tier.
+`rerank(question, hits, k, weight)` is the hybrid step after a wider search (`engine.search_candidates`): the
+dense score plus `weight` times a lexical match between the question's words and the span's (below).
 Everything here is host side: it runs between device calls.
 """
 
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import re
 
 import ml_collections
 import numpy as np
@@ -22,6 +26,41 @@ from mantis_jax.memory.episodic import EpisodicStore
 from mantis_jax.memory.semantic import Payload, SemanticMemory, SemanticMemoryError
 
 log = logging.getLogger(__name__)
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def words(text: str) -> set[str]:
+    """Lower-cased runs of letters and digits: "What is Tavo's job?" -> {what, is, tavo, s, job}."""
+    return set(_WORD.findall(text.lower()))
+
+
+def lexical_scores(question: str, texts: list[str]) -> list[float]:
+    """For each candidate text, the share of the question's word weight it contains, in [0, 1].
+
+    A question word's weight is its rarity among the candidates themselves, idf(w) = log(1 + m / df(w)) with m
+    candidates and df(w) of them containing w (no corpus statistics: the candidate set is the estimate). Words no
+    candidate contains weigh nothing. A name the question asks about, found in few candidates, weighs most; a
+    word every candidate shares ("lives" among m "<name> lives in <town>") weighs log 2. All-zero when no
+    question word occurs in any candidate."""
+    q, sets = words(question), [words(t) for t in texts]
+    m = len(sets)
+    idf = {w: math.log(1.0 + m / df) for w in q if (df := sum(w in s for s in sets))}
+    total = sum(idf.values())
+    if not total:
+        return [0.0] * m
+    return [sum(v for w, v in idf.items() if w in s) / total for s in sets]
+
+
+def rerank(question: str, hits: list["Hit"], k: int, weight: float) -> list["Hit"]:
+    """The k best of `hits` by dense score + weight * lexical score (stable: equal totals keep the dense order).
+    The hits keep their dense score (what `engine.min_score` and the policy's best_score read)."""
+    if weight == 0.0:
+        return hits[:k]
+    lex = lexical_scores(question, [h.text for h in hits])
+    order = sorted(range(len(hits)), key=lambda i: -(hits[i].score + weight * lex[i]))
+    return [hits[i] for i in order[:k]]
 
 
 class MemoryUnavailable(RuntimeError):

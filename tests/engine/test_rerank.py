@@ -1,0 +1,68 @@
+"""Hybrid retrieval (engine/memory.py `rerank`, `engine.search_candidates` / `engine.lexical_weight`): the lexical
+score against a hand computation, a distractor with the higher cosine but no name in common with the question
+going below the evidence, and the config keys' validation."""
+
+import math
+
+import pytest
+
+from mantis_jax.config import ConfigError, default_config, validate
+from mantis_jax.engine.memory import Hit, lexical_scores, rerank, words
+
+QUESTION = "Where does Tavo live?"
+EVIDENCE = "Tavo lives in Brisk."
+DISTRACTOR = "Mira lives in Oakford."  # the same template about another entity: the higher cosine
+
+
+def _hits():
+    return [Hit(DISTRACTOR, 0.90, "semantic", "d"), Hit("Olen lives in Brisk.", 0.85, "semantic", "d"),
+            Hit(EVIDENCE, 0.80, "semantic", "s0"), Hit("Tavo works as a baker.", 0.30, "semantic", "s0"),
+            Hit("The market was quiet.", 0.20, "semantic", "s0")]
+
+
+def test_words():
+    assert words("What is Tavo's job?") == {"what", "is", "tavo", "s", "job"}
+
+
+def test_lexical_scores_by_hand():
+    # question words {where, does, tavo, live}: only "tavo" occurs among the 5 candidates (in 2 of them), so it
+    # carries all the weight: the two Tavo sentences score 1, the others 0
+    assert lexical_scores(QUESTION, [h.text for h in _hits()]) == [0.0, 0.0, 1.0, 1.0, 0.0]
+    # "What is Tavo's job?" over 3 candidates: df(is)=2, df(tavo)=1, df(s)=1 (what, job: none)
+    texts = ["Tavo's dog is old.", "Mira is a baker.", "The mill was busy."]
+    idf_is, idf_tavo, idf_s = math.log(1 + 3 / 2), math.log(1 + 3 / 1), math.log(1 + 3 / 1)
+    total = idf_is + idf_tavo + idf_s
+    got = lexical_scores("What is Tavo's job?", texts)
+    assert got == pytest.approx([1.0, idf_is / total, 0.0])
+    assert lexical_scores("Who?", texts) == [0.0, 0.0, 0.0]  # no question word anywhere: no lexical signal
+
+
+def test_rerank_puts_the_evidence_above_a_higher_scoring_distractor():
+    hits = _hits()
+    # totals with weight 0.5: 0.90, 0.85, 0.80 + 0.5 = 1.30, 0.30 + 0.5 = 0.80, 0.20
+    top = rerank(QUESTION, hits, 3, 0.5)
+    assert [h.text for h in top] == [EVIDENCE, DISTRACTOR, "Olen lives in Brisk."]
+    assert top[0].score == 0.80  # the dense score is kept (min_score and the policy read it)
+    # weight 0.12: the evidence's 0.92 passes the distractor's 0.90; the baker line's 0.42 stays below 0.85
+    assert [h.text for h in rerank(QUESTION, hits, 2, 0.12)] == [EVIDENCE, DISTRACTOR]
+    # weight 0.04: the evidence's 0.84 stays below both other "lives in" lines (0.90, 0.85)
+    assert [h.text for h in rerank(QUESTION, hits, 3, 0.04)] == [DISTRACTOR, "Olen lives in Brisk.", EVIDENCE]
+    assert rerank(QUESTION, hits, 3, 0.0) == hits[:3]  # weight 0: the dense top-k
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(search_candidates=2), r"config.engine.search_candidates \(2\) must be 0 \(no rerank\) or >= "
+                                r"config.engine.top_k \(3\)"),
+    (dict(search_candidates=-1), r"config.engine.search_candidates \(-1\) must be 0"),
+    (dict(lexical_weight=-0.5), r"config.engine.lexical_weight \(-0.5\) must be a finite number >= 0"),
+    (dict(lexical_weight=float("inf")), r"config.engine.lexical_weight \(inf\) must be a finite number >= 0"),
+])
+def test_config_validation_names_the_key(changes, message):
+    c = default_config()
+    for key, value in changes.items():
+        setattr(c.engine, key, value)
+    with pytest.raises(ConfigError, match=message):
+        validate(c)
+    ok = default_config()
+    ok.engine.search_candidates, ok.engine.lexical_weight = 3, 0.0
+    validate(ok)
