@@ -275,9 +275,11 @@ def default_config() -> ml_collections.ConfigDict:
     eng.top_k = 3  # retrieved spans placed in the prompt before the question
     eng.min_score = 0.0  # retrieved spans scoring below this cosine are not placed in the prompt
     # hybrid retrieval (engine/memory.py rerank): fetch this many spans by cosine, keep the top_k by cosine +
-    # lexical_weight x the question's idf-weighted word overlap with the span; 0 = the top_k by cosine alone
+    # lexical_weight x the question's idf-weighted word overlap with the span (dropping spans whose overlap is below
+    # lexical_min x the best candidate's: 0 = keep all); search_candidates 0 = the top_k by cosine alone
     eng.search_candidates = 0
     eng.lexical_weight = 0.5
+    eng.lexical_min = 0.5
     eng.max_new_tokens = 16
     # greedy | tidal: sample with the knobs a trained decoding head (TIDAL, docs/tidal.md) sets every chunk (Beta
     # mean); tidal reads the head from decoding_policy (python -m mantis_jax.control.train_decoding --workdir=W)
@@ -605,6 +607,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              f"config.engine.top_k ({eng.top_k})")
     _require(eng.lexical_weight >= 0 and math.isfinite(eng.lexical_weight),
              f"config.engine.lexical_weight ({eng.lexical_weight}) must be a finite number >= 0")
+    _require(0.0 <= eng.lexical_min <= 1.0,
+             f"config.engine.lexical_min ({eng.lexical_min}) must be in [0, 1] (a share of the best lexical score)")
     _require(eng.window_tokens >= 0,
              f"config.engine.window_tokens ({eng.window_tokens}) must be >= 0 (0 = data.seq_len)")
     d = config.data

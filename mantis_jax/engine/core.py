@@ -6,7 +6,8 @@ hidden states) and writes them to memory (engine/memory.py); the current session
 text, the window the model sees directly. `Engine.answer(question)`:
   1. encode the question; search memory (its best score is part of the state summary); with
      `engine.search_candidates` > 0 the search fetches that many spans and keeps the top_k by dense score +
-     `engine.lexical_weight` x word overlap with the question (hybrid retrieval, engine/memory.py `rerank`);
+     `engine.lexical_weight` x word overlap with the question, dropping spans whose overlap is below
+     `engine.lexical_min` x the best one's (hybrid retrieval, engine/memory.py `rerank`);
   2. prefill the window + question once: the state summary (pooled state, entropy, exit-layer confidence, fills);
   3. the policy decides the gates (`policy.decide(summary) -> Decisions`);
   4. when a memory gate is on and memory holds spans, the retrieved spans' text goes into the prompt before the
@@ -232,7 +233,7 @@ class Engine:
         wide = max(e.search_candidates, e.top_k)  # hybrid retrieval: a wider dense search, reranked to top_k
         hits = self.memory.search(qvec[0], wide) if sum(counts.values()) else []
         if e.search_candidates:
-            hits = rerank(question, hits, e.top_k, e.lexical_weight)
+            hits = rerank(question, hits, e.top_k, e.lexical_weight, e.lexical_min)
         hits = [h for h in hits if h.score >= e.min_score]
         times["search"] = time.perf_counter() - t
 

@@ -39,27 +39,31 @@ def words(text: str) -> set[str]:
 def lexical_scores(question: str, texts: list[str]) -> list[float]:
     """For each candidate text, the share of the question's word weight it contains, in [0, 1].
 
-    A question word's weight is its rarity among the candidates themselves, idf(w) = log(1 + m / df(w)) with m
-    candidates and df(w) of them containing w (no corpus statistics: the candidate set is the estimate). Words no
-    candidate contains weigh nothing. A name the question asks about, found in few candidates, weighs most; a
-    word every candidate shares ("lives" among m "<name> lives in <town>") weighs log 2. All-zero when no
-    question word occurs in any candidate."""
+    A question word's weight is its rarity among the candidates themselves, idf(w) = log(m / df(w)) with m
+    candidates and df(w) of them containing w (no corpus statistics: the candidate set is the estimate). A word
+    every candidate contains ("lives" among m "<name> lives in <town>") and a word none contains weigh nothing; a
+    name the question asks about, found in few candidates, weighs most. All-zero when no question word separates
+    the candidates."""
     q, sets = words(question), [words(t) for t in texts]
     m = len(sets)
-    idf = {w: math.log(1.0 + m / df) for w in q if (df := sum(w in s for s in sets))}
+    idf = {w: math.log(m / df) for w in q if (df := sum(w in s for s in sets))}
     total = sum(idf.values())
     if not total:
         return [0.0] * m
     return [sum(v for w, v in idf.items() if w in s) / total for s in sets]
 
 
-def rerank(question: str, hits: list["Hit"], k: int, weight: float) -> list["Hit"]:
+def rerank(question: str, hits: list["Hit"], k: int, weight: float, min_share: float = 0.0) -> list["Hit"]:
     """The k best of `hits` by dense score + weight * lexical score (stable: equal totals keep the dense order).
-    The hits keep their dense score (what `engine.min_score` and the policy's best_score read)."""
-    if weight == 0.0:
+    With `min_share` > 0, hits whose lexical score is below min_share x the best hit's are dropped first (an
+    entity filter: when the asked name is among the candidates, sentences about other names do not reach the
+    prompt). The hits keep their dense score (what `engine.min_score` and the policy's best_score read)."""
+    if weight == 0.0 and min_share == 0.0:
         return hits[:k]
     lex = lexical_scores(question, [h.text for h in hits])
-    order = sorted(range(len(hits)), key=lambda i: -(hits[i].score + weight * lex[i]))
+    floor = min_share * max(lex, default=0.0)
+    keep = [i for i in range(len(hits)) if lex[i] >= floor]
+    order = sorted(keep, key=lambda i: -(hits[i].score + weight * lex[i]))
     return [hits[i] for i in order[:k]]
 
 

@@ -1,6 +1,6 @@
-"""Hybrid retrieval (engine/memory.py `rerank`, `engine.search_candidates` / `engine.lexical_weight`): the lexical
-score against a hand computation, a distractor with the higher cosine but no name in common with the question
-going below the evidence, and the config keys' validation."""
+"""Hybrid retrieval (engine/memory.py `rerank`, `engine.search_candidates` / `lexical_weight` / `lexical_min`): the
+lexical score against a hand computation, a distractor with the higher cosine but no name in common with the
+question going below the evidence (and out, with the filter), and the config keys' validation."""
 
 import math
 
@@ -25,16 +25,18 @@ def test_words():
 
 
 def test_lexical_scores_by_hand():
-    # question words {where, does, tavo, live}: only "tavo" occurs among the 5 candidates (in 2 of them), so it
-    # carries all the weight: the two Tavo sentences score 1, the others 0
+    # question words {where, does, tavo, live}: only "tavo" occurs among the 5 candidates (in 2 of them: idf
+    # log(5/2)), so it carries all the weight: the two Tavo sentences score 1, the others 0
     assert lexical_scores(QUESTION, [h.text for h in _hits()]) == [0.0, 0.0, 1.0, 1.0, 0.0]
     # "What is Tavo's job?" over 3 candidates: df(is)=2, df(tavo)=1, df(s)=1 (what, job: none)
     texts = ["Tavo's dog is old.", "Mira is a baker.", "The mill was busy."]
-    idf_is, idf_tavo, idf_s = math.log(1 + 3 / 2), math.log(1 + 3 / 1), math.log(1 + 3 / 1)
+    idf_is, idf_tavo, idf_s = math.log(3 / 2), math.log(3 / 1), math.log(3 / 1)
     total = idf_is + idf_tavo + idf_s
     got = lexical_scores("What is Tavo's job?", texts)
     assert got == pytest.approx([1.0, idf_is / total, 0.0])
     assert lexical_scores("Who?", texts) == [0.0, 0.0, 0.0]  # no question word anywhere: no lexical signal
+    # a word every candidate contains separates nothing: idf log(3/3) = 0
+    assert lexical_scores("Is it?", ["It is.", "It is not.", "Is it?"]) == [0.0, 0.0, 0.0]
 
 
 def test_rerank_puts_the_evidence_above_a_higher_scoring_distractor():
@@ -48,6 +50,12 @@ def test_rerank_puts_the_evidence_above_a_higher_scoring_distractor():
     # weight 0.04: the evidence's 0.84 stays below both other "lives in" lines (0.90, 0.85)
     assert [h.text for h in rerank(QUESTION, hits, 3, 0.04)] == [DISTRACTOR, "Olen lives in Brisk.", EVIDENCE]
     assert rerank(QUESTION, hits, 3, 0.0) == hits[:3]  # weight 0: the dense top-k
+    # min_share 0.5: spans below half the best lexical score (0 < 0.5 x 1) are dropped: only the Tavo sentences
+    assert [h.text for h in rerank(QUESTION, hits, 3, 0.5, 0.5)] == [EVIDENCE, "Tavo works as a baker."]
+    # min_share without weight: the filter alone, the survivors in dense order
+    assert [h.text for h in rerank(QUESTION, hits, 3, 0.0, 1.0)] == [EVIDENCE, "Tavo works as a baker."]
+    # no lexical signal: the filter keeps everything (every score equals the best, 0)
+    assert rerank("Who?", hits, 3, 0.5, 0.5) == hits[:3]
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -56,6 +64,7 @@ def test_rerank_puts_the_evidence_above_a_higher_scoring_distractor():
     (dict(search_candidates=-1), r"config.engine.search_candidates \(-1\) must be 0"),
     (dict(lexical_weight=-0.5), r"config.engine.lexical_weight \(-0.5\) must be a finite number >= 0"),
     (dict(lexical_weight=float("inf")), r"config.engine.lexical_weight \(inf\) must be a finite number >= 0"),
+    (dict(lexical_min=1.5), r"config.engine.lexical_min \(1.5\) must be in \[0, 1\]"),
 ])
 def test_config_validation_names_the_key(changes, message):
     c = default_config()
@@ -64,5 +73,5 @@ def test_config_validation_names_the_key(changes, message):
     with pytest.raises(ConfigError, match=message):
         validate(c)
     ok = default_config()
-    ok.engine.search_candidates, ok.engine.lexical_weight = 3, 0.0
+    ok.engine.search_candidates, ok.engine.lexical_weight, ok.engine.lexical_min = 3, 0.0, 1.0
     validate(ok)
