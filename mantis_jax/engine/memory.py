@@ -28,23 +28,31 @@ from mantis_jax.memory.semantic import Payload, SemanticMemory, SemanticMemoryEr
 log = logging.getLogger(__name__)
 
 
-_WORD = re.compile(r"[a-z0-9]+")
+_WORD = re.compile(r"[A-Za-z0-9]+")
 
 
 def words(text: str) -> set[str]:
     """Lower-cased runs of letters and digits: "What is Tavo's job?" -> {what, is, tavo, s, job}."""
-    return set(_WORD.findall(text.lower()))
+    return {w.lower() for w in _WORD.findall(text)}
+
+
+def key_words(question: str) -> set[str]:
+    """The question's names: its capitalised words after the first ("What is Tavo's job?" -> {tavo}); all its
+    words when it has none (a question without a name still gets the idf-weighted overlap)."""
+    found = _WORD.findall(question)
+    names = {w.lower() for w in found[1:] if w[0].isupper()}
+    return names or {w.lower() for w in found}
 
 
 def lexical_scores(question: str, texts: list[str]) -> list[float]:
-    """For each candidate text, the share of the question's word weight it contains, in [0, 1].
+    """For each candidate text, the share of the question's key-word weight it contains, in [0, 1].
 
-    A question word's weight is its rarity among the candidates themselves, idf(w) = log(m / df(w)) with m
-    candidates and df(w) of them containing w (no corpus statistics: the candidate set is the estimate). A word
-    every candidate contains ("lives" among m "<name> lives in <town>") and a word none contains weigh nothing; a
-    name the question asks about, found in few candidates, weighs most. All-zero when no question word separates
-    the candidates."""
-    q, sets = words(question), [words(t) for t in texts]
+    Key words are the question's names (`key_words`: the entity a question asks about is what a dense match to
+    "<another name> lives in <town>" loses). A key word's weight is its rarity among the candidates themselves,
+    idf(w) = log(m / df(w)) with m candidates and df(w) of them containing it (no corpus statistics: the
+    candidate set is the estimate): a word every candidate contains and a word none contains weigh nothing.
+    All-zero when no key word separates the candidates."""
+    q, sets = key_words(question), [words(t) for t in texts]
     m = len(sets)
     idf = {w: math.log(m / df) for w in q if (df := sum(w in s for s in sets))}
     total = sum(idf.values())

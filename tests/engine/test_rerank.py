@@ -7,7 +7,7 @@ import math
 import pytest
 
 from mantis_jax.config import ConfigError, default_config, validate
-from mantis_jax.engine.memory import Hit, lexical_scores, rerank, words
+from mantis_jax.engine.memory import Hit, key_words, lexical_scores, rerank, words
 
 QUESTION = "Where does Tavo live?"
 EVIDENCE = "Tavo lives in Brisk."
@@ -22,21 +22,27 @@ def _hits():
 
 def test_words():
     assert words("What is Tavo's job?") == {"what", "is", "tavo", "s", "job"}
+    assert key_words("What is Tavo's job?") == {"tavo"}  # the names: capitalised after the first word
+    assert key_words("Who is friends with Mira Vel?") == {"mira", "vel"}
+    assert key_words("what is the job?") == {"what", "is", "the", "job"}  # no name: every word
 
 
 def test_lexical_scores_by_hand():
-    # question words {where, does, tavo, live}: only "tavo" occurs among the 5 candidates (in 2 of them: idf
-    # log(5/2)), so it carries all the weight: the two Tavo sentences score 1, the others 0
+    # key words {tavo} (the name): it occurs in 2 of the 5 candidates (idf log(5/2)) and carries all the weight:
+    # the two Tavo sentences score 1, the others 0
     assert lexical_scores(QUESTION, [h.text for h in _hits()]) == [0.0, 0.0, 1.0, 1.0, 0.0]
-    # "What is Tavo's job?" over 3 candidates: df(is)=2, df(tavo)=1, df(s)=1 (what, job: none)
-    texts = ["Tavo's dog is old.", "Mira is a baker.", "The mill was busy."]
-    idf_is, idf_tavo, idf_s = math.log(3 / 2), math.log(3 / 1), math.log(3 / 1)
-    total = idf_is + idf_tavo + idf_s
-    got = lexical_scores("What is Tavo's job?", texts)
-    assert got == pytest.approx([1.0, idf_is / total, 0.0])
-    assert lexical_scores("Who?", texts) == [0.0, 0.0, 0.0]  # no question word anywhere: no lexical signal
+    # two names over 3 candidates: df(tavo) = 2, df(mira) = 1
+    texts = ["Tavo's dog is old.", "Mira is friends with Tavo.", "A mill was busy."]
+    idf_tavo, idf_mira = math.log(3 / 2), math.log(3 / 1)
+    got = lexical_scores("Is Tavo a friend of Mira?", texts)
+    assert got == pytest.approx([idf_tavo / (idf_tavo + idf_mira), 1.0, 0.0])
+    # no name: every word is a key word; "is" in 2 of 3 (log 3/2), "old" in 1 (log 3); what, the, one: in none
+    idf_is, idf_old = math.log(3 / 2), math.log(3 / 1)
+    got = lexical_scores("what is the old one?", texts)
+    assert got == pytest.approx([1.0, idf_is / (idf_is + idf_old), 0.0])
+    assert lexical_scores("Who is Olen?", texts) == [0.0, 0.0, 0.0]  # the name is in no candidate: no signal
     # a word every candidate contains separates nothing: idf log(3/3) = 0
-    assert lexical_scores("Is it?", ["It is.", "It is not.", "Is it?"]) == [0.0, 0.0, 0.0]
+    assert lexical_scores("Is Tavo here?", ["Tavo is.", "Tavo is not.", "Is Tavo?"]) == [0.0, 0.0, 0.0]
 
 
 def test_rerank_puts_the_evidence_above_a_higher_scoring_distractor():
@@ -55,7 +61,7 @@ def test_rerank_puts_the_evidence_above_a_higher_scoring_distractor():
     # min_share without weight: the filter alone, the survivors in dense order
     assert [h.text for h in rerank(QUESTION, hits, 3, 0.0, 1.0)] == [EVIDENCE, "Tavo works as a baker."]
     # no lexical signal: the filter keeps everything (every score equals the best, 0)
-    assert rerank("Who?", hits, 3, 0.5, 0.5) == hits[:3]
+    assert rerank("Who is Olen?", hits, 3, 0.5, 0.5) == hits[:3]
 
 
 @pytest.mark.parametrize("changes, message", [
