@@ -275,9 +275,9 @@ def default_config() -> ml_collections.ConfigDict:
     eng.top_k = 3  # retrieved spans placed in the prompt before the question
     eng.min_score = 0.0  # retrieved spans scoring below this cosine are not placed in the prompt
     # hybrid retrieval (engine/memory.py rerank): fetch this many spans by cosine, keep the top_k by cosine +
-    # lexical_weight x the question's idf-weighted word overlap with the span (dropping spans whose overlap is below
-    # lexical_min x the best candidate's: 0 = keep all); search_candidates 0 = the top_k by cosine alone
-    eng.search_candidates = 0
+    # lexical_weight x the idf-weighted overlap of the question's names with the span, dropping spans whose overlap
+    # is below lexical_min x the best candidate's (0 = keep all); search_candidates 0 = the top_k by cosine alone
+    eng.search_candidates = 64
     eng.lexical_weight = 0.5
     eng.lexical_min = 0.5
     eng.max_new_tokens = 16
