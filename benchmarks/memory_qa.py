@@ -9,8 +9,9 @@ window), and "window": the engine with its memory gates off (`engine.retrieve=ne
 tokens of the context and the question). Against them: the engine
 (mantis_jax.engine) with a fresh memory per question, which reads the context (sentence spans, encoded by the
 untrained mean-pooled encoder and, with --stage2, the trained one), then answers with the top `engine.top_k`
-spans placed before its window. Kinds: near, far and cross_session at each distance (tokens of filler between
-evidence and question), unanswerable; `--n` questions per kind (`--n_long` for distances above 4096, whose
+spans placed beside its window (`engine.memory_position`; `--memory_position=after,before` also answers each
+question with the other order, from the same read). Kinds: near, far and cross_session at each distance (tokens
+of filler between evidence and question), unanswerable; `--n` questions per kind (`--n_long` for distances above 4096, whose
 contexts take long to read on a CPU). Also per kind: EM per wording of the evidence sentence (canonical /
 alternative), the evidence's retrieval rank in the trace (recall@k of the engine's own search), retrieval ms per
 question, and the mean compute (flops / flops_full).
@@ -40,7 +41,8 @@ def records_for(config, kind: str, n: int, distance: int) -> list[dict]:
 
 
 def engine_answers(engine: Engine, records: list[dict], policies: dict) -> dict[str, tuple[list, list]]:
-    """{policy name: (predictions, traces)}: each record read once into a fresh memory, asked once per policy."""
+    """{policy name: (predictions, traces)}: each record read once into a fresh memory, asked once per policy
+    (name -> (policy, engine.memory_position))."""
     out = {name: ([], []) for name in policies}
     for r in records:
         engine.forget()
@@ -49,8 +51,8 @@ def engine_answers(engine: Engine, records: list[dict], policies: dict) -> dict[
                 engine.read(s, session=f"s{i}")
         else:
             engine.read(r["context"])
-        for name, policy in policies.items():
-            engine.policy = policy
+        for name, (policy, position) in policies.items():
+            engine.policy, engine.config.engine.memory_position = policy, position
             ans = engine.answer(r["question"])
             out[name][0].append(ans.text)
             out[name][1].append(ans.trace.to_dict())
@@ -90,6 +92,8 @@ def main() -> None:
     ap.add_argument("--n_long", type=int, default=20)
     ap.add_argument("--distances", default="512,8192,65536")
     ap.add_argument("--json", default="")
+    ap.add_argument("--memory_position", default="before",
+                    help="engine.memory_position values to compare (e.g. before,after); extras get a column each")
     a = ap.parse_args()
     engines = {"untrained": Engine.from_workdir(a.checkpoint)}
     if a.stage2:
@@ -101,8 +105,10 @@ def main() -> None:
     for d in (int(x) for x in a.distances.split(",")):
         kinds += [("far", d), ("cross_session", d)]
     results = {}
+    columns = list(engines) + [f"{list(engines)[-1]}_{p}" for p in a.memory_position.split(",")[1:]]
     print(f"{'kind':22s} {'n':>4s} {'attention EM':>13s} {'window EM':>10s} "
-          + " ".join(f"{k + ' EM':>15s}" for k in engines) + "  evidence in prompt / top-1  search ms  compute", flush=True)
+          + " ".join(f"{k + ' EM':>15s}" for k in columns) + "  evidence in prompt / top-1  search ms  compute",
+          flush=True)
     for kind, d in kinds:
         n = a.n_long if d > 4096 else a.n
         recs = records_for(config, kind, n, d or 2048)
@@ -111,9 +117,12 @@ def main() -> None:
         row = {"attention": score(recs, preds), "attention_s": time.perf_counter() - t0}
         for name, engine in engines.items():
             t0 = time.perf_counter()
-            policies = {name: FixedPolicy(retrieve="always")}
+            first, *extra = a.memory_position.split(",")
+            policies = {name: (FixedPolicy(retrieve="always"), first)}
             if name == "untrained":
-                policies["window"] = FixedPolicy(retrieve="never")
+                policies["window"] = (FixedPolicy(retrieve="never"), first)
+            elif extra:  # prompt orders compared on the trained encoder's memory, same read
+                policies.update({f"{name}_{p}": (FixedPolicy(retrieve="always"), p) for p in extra})
             for pname, (p, traces) in engine_answers(engine, recs, policies).items():
                 row[pname] = score(recs, p, traces)
             row[f"{name}_s"] = time.perf_counter() - t0
@@ -121,14 +130,14 @@ def main() -> None:
         results[label] = row
         last = row[list(engines)[-1]]
         print(f"{label:22s} {n:4d} {row['attention']['em']:13.3f} {row['window']['em']:10.3f} "
-              + " ".join(f"{row[k]['em']:15.3f}" for k in engines)
+              + " ".join(f"{row[k]['em']:15.3f}" for k in columns)
               + f"  {last.get('evidence_retrieved', float('nan')):.3f} / {last.get('evidence_top1', float('nan')):.3f}"
               + f"  {last['search_ms']:9.1f}  {last['compute']:.3f}", flush=True)
+        if a.json:  # after every kind: a run cut short by its time limit keeps what it measured
+            with open(a.json, "w") as f:
+                json.dump({"date": time.strftime("%Y-%m-%d"), "args": vars(a), "results": results}, f, indent=1)
     for e in engines.values():
         e.close()
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"date": time.strftime("%Y-%m-%d"), "args": vars(a), "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -273,6 +273,7 @@ def default_config() -> ml_collections.ConfigDict:
     eng.span = "sentence"  # sentence | tokens: what one memory entry holds when reading a context
     eng.span_tokens = 32  # span = tokens: tokens per span
     eng.top_k = 3  # retrieved spans placed in the prompt before the question
+    eng.memory_position = "after"  # retrieved spans go after | before the window (after: nearest the question)
     eng.min_score = 0.0  # retrieved spans scoring below this cosine are not placed in the prompt
     # hybrid retrieval (engine/memory.py rerank): fetch this many spans by cosine, keep the top_k by cosine +
     # lexical_weight x the idf-weighted overlap of the question's names with the span, dropping spans whose overlap
@@ -303,6 +304,8 @@ def default_config() -> ml_collections.ConfigDict:
     rt.save_every = 100
     rt.log_every = 10
     rt.max_minutes = 0.0  # wall-clock budget (saves and stops when spent); 0 = none
+    rt.pool = 0  # train records the batches draw from, reshuffled each epoch (memory/pool.py); 0 = a new one each
+    rt.cache_features = False  # with a pool: the frozen LM's hidden states of its texts computed once, then reused
 
     d = c.data = ml_collections.ConfigDict()
     d.source = "factworld"  # factworld | text | tokenized | tfds | hf
@@ -591,6 +594,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     eng = config.engine
     _one_of(config, "engine.retrieve", ("always", "never"))
     _one_of(config, "engine.span", ("sentence", "tokens"))
+    _one_of(config, "engine.memory_position", ("before", "after"))
     _one_of(config, "engine.exit_confidence", ("softmax", "margin"))
     _one_of(config, "engine.decoding", ("greedy", "tidal"))
     _require(0.0 < eng.exit_threshold <= 1.0,
@@ -609,6 +613,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              f"config.engine.lexical_weight ({eng.lexical_weight}) must be a finite number >= 0")
     _require(0.0 <= eng.lexical_min <= 1.0,
              f"config.engine.lexical_min ({eng.lexical_min}) must be in [0, 1] (a share of the best lexical score)")
+    _require(config.retrieval.pool == 0 or config.retrieval.pool >= config.retrieval.batch_size,
+             f"config.retrieval.pool ({config.retrieval.pool}) must be 0 (no pool) or >= config.retrieval.batch_size "
+             f"({config.retrieval.batch_size})")
+    _require(not config.retrieval.cache_features or config.retrieval.pool > 0,
+             "config.retrieval.cache_features needs a bounded pool of texts: set config.retrieval.pool (e.g. 4096)")
     _require(eng.window_tokens >= 0,
              f"config.engine.window_tokens ({eng.window_tokens}) must be >= 0 (0 = data.seq_len)")
     d = config.data

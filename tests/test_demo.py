@@ -29,6 +29,7 @@ def _tiny_config(tokenizer_path: str):
     c.train.eval_every, c.train.eval_steps, c.train.save_every, c.train.log_every = 2, 1, 4, 2
     c.train.peak_flops = 1e9  # skip the matmul probe
     c.retrieval.steps, c.retrieval.batch_size, c.retrieval.eval_questions, c.retrieval.max_len = 2, 4, 8, 24
+    c.retrieval.pool = 16  # the preset caches 2048 records' hidden states; a handful exercises the same path
     c.checkpoint.async_save = False
     c.logging.tensorboard = False
     return c

@@ -10,10 +10,11 @@ text, the window the model sees directly. `Engine.answer(question)`:
      `engine.lexical_min` x the best one's (hybrid retrieval, engine/memory.py `rerank`);
   2. prefill the window + question once: the state summary (pooled state, entropy, exit-layer confidence, fills);
   3. the policy decides the gates (`policy.decide(summary) -> Decisions`);
-  4. when a memory gate is on and memory holds spans, the retrieved spans' text goes into the prompt before the
-     window and that prompt is prefilled once; otherwise the step-2 cache is the one generation continues from
-     (unless the policy set an expert bias: the step-2 pass was routed without it, so the prompt is prefilled
-     again with the bias added to every layer's router logits);
+  4. when a memory gate is on and memory holds spans, the retrieved spans' text goes into the prompt beside the
+     window (`engine.memory_position`: after it by default, nearest the question) and that prompt is prefilled
+     once; otherwise the step-2 cache is the one generation continues from (unless the policy set an expert bias:
+     the step-2 pass was routed without it, so the prompt is prefilled again with the bias added to every layer's
+     router logits);
   5. greedy decoding from that cache (routed with the same bias), stopping at a newline (one line); with a
      decoding head (`engine.decoding=tidal`, engine/decoding.py) tokens are sampled with the knobs it sets every chunk;
   6. with `verify`, the critic scores (question, answer, evidence) and below its threshold the answer is "unknown".
@@ -177,8 +178,9 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ answer
     def _prompt(self, question: str, hits) -> tuple[list[int], str, list]:
-        """Token ids, text and the spans placed: retrieved spans (best first) that fit, then as much of the window
-        as fits, then the question."""
+        """Token ids, text and the spans placed: the retrieved spans that fit (best first), as much of the window
+        as fits, then the question. `engine.memory_position` orders them: `before` the window (best first), or
+        `after` it (best last: nearest the question, after whatever the window says about other entities)."""
         tail = f"\nQ: {question.strip()}\nA:"
         room = self.budget - len(self.tokenizer.encode(tail, add_bos=False)) - 2
         recent = self.sessions.get(self.session, [])
@@ -196,7 +198,10 @@ class Engine:
                 break
             window.append(t)
             room -= n
-        text = " " + " ".join(head + window[::-1]) + tail
+        if self.config.engine.memory_position == "after":
+            text = " " + " ".join(window[::-1] + head[::-1]) + tail
+        else:
+            text = " " + " ".join(head + window[::-1]) + tail
         ids = self.tokenizer.encode(text, add_bos=True)
         return ids[-self.budget:], text, placed
 

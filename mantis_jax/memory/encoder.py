@@ -73,12 +73,23 @@ def lm_hidden(model_args: ModelArgs, lm_params, tokens_bt, mask_bt) -> jax.Array
     return jax.lax.stop_gradient(aux["hidden"])
 
 
+def encode_hidden(ssm_args: SSMArgs, enc_params, hidden_btd, mask_bt) -> jax.Array:
+    """Unit vectors [B, D] from the LM's hidden states: the trained encoder when `enc_params` is given, else the
+    mean-pooled baseline. Stage 2 with cached features (memory/pool.py) calls this on stored hidden states."""
+    if enc_params is None:
+        return unit(mean_pool(hidden_btd, mask_bt))
+    return RetrievalEncoder(ssm_args).apply({"params": enc_params}, hidden_btd, mask_bt)
+
+
 def embed(model_args: ModelArgs, ssm_args: SSMArgs, enc_params, lm_params, tokens_bt, mask_bt) -> jax.Array:
     """Unit vectors [B, D]: the trained encoder when `enc_params` is given, else the mean-pooled baseline."""
-    hidden = lm_hidden(model_args, lm_params, tokens_bt, mask_bt)
-    if enc_params is None:
-        return unit(mean_pool(hidden, mask_bt))
-    return RetrievalEncoder(ssm_args).apply({"params": enc_params}, hidden, mask_bt)
+    return encode_hidden(ssm_args, enc_params, lm_hidden(model_args, lm_params, tokens_bt, mask_bt), mask_bt)
+
+
+@functools.lru_cache(maxsize=8)
+def hidden_fn(model_args: ModelArgs):
+    """A jitted (lm_params, tokens [B, T], mask [B, T]) -> the frozen LM's hidden states [B, T, D]."""
+    return jax.jit(lambda p, t, m: lm_hidden(model_args, p, t, m))
 
 
 @functools.lru_cache(maxsize=8)

@@ -43,6 +43,7 @@ import tqdm  # noqa: E402
 from mantis_jax import config as config_lib  # noqa: E402
 from mantis_jax.data import factworld  # noqa: E402
 from mantis_jax.memory import encoder as enc  # noqa: E402
+from mantis_jax.memory.pool import HiddenCache, PoolBatches  # noqa: E402
 from mantis_jax.model.args import ModelArgs  # noqa: E402
 from mantis_jax.model.ssm import SSMArgs  # noqa: E402
 from mantis_jax.train.checkpoint import Checkpointer, CheckpointError, checkpoint_dir  # noqa: E402
@@ -114,6 +115,14 @@ def tokenize(tokenizer, texts: list[str], max_len: int) -> tuple[np.ndarray, np.
     return tokens, mask
 
 
+def batch_inputs(batch: tuple[list[str], list[str]], tokenizer, rt, cache: HiddenCache | None) -> tuple:
+    """(questions, their mask, keys, their mask) for the step: token ids, or the cached hidden states."""
+    questions, keys = batch
+    if cache is not None:
+        return (*cache.batch(questions), *cache.batch(keys))
+    return (*tokenize(tokenizer, questions, rt.max_len), *tokenize(tokenizer, keys, rt.max_len))
+
+
 def make_optimizer(rt: ml_collections.ConfigDict) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(0.0, rt.lr, rt.warmup_steps, max(rt.steps, rt.warmup_steps + 1),
                                                   end_value=rt.lr * 0.1)
@@ -133,17 +142,21 @@ def infonce(q_bd: jax.Array, k_kd: jax.Array, temperature: float) -> tuple[jax.A
 
 
 @functools.lru_cache(maxsize=4)
-def make_train_step(model_args: ModelArgs, ssm_args: SSMArgs, rt_key: tuple, temperature: float):
+def make_train_step(model_args: ModelArgs, ssm_args: SSMArgs, rt_key: tuple, temperature: float, cached: bool):
     """The jitted step, built once per (model, encoder, optimizer settings): a resumed run in the same process
-    reuses its compilation."""
+    reuses its compilation. On the fly it takes token ids and runs the frozen LM; `cached` it takes the LM's
+    hidden states ([N, T, D], memory/pool.py) in their place and `lm_params` is unused."""
     tx = make_optimizer(ml_collections.ConfigDict(dict(rt_key)))
 
+    def vectors(p, lm_params, x, mask):
+        if cached:
+            return enc.encode_hidden(ssm_args, p, x, mask)
+        return enc.embed(model_args, ssm_args, p, lm_params, x, mask)
+
     @jax.jit
-    def train_step(state: TrainState, lm_params, q_tok, q_mask, k_tok, k_mask):
+    def train_step(state: TrainState, lm_params, q_x, q_mask, k_x, k_mask):
         def loss_fn(p):
-            q = enc.embed(model_args, ssm_args, p, lm_params, q_tok, q_mask)
-            k = enc.embed(model_args, ssm_args, p, lm_params, k_tok, k_mask)
-            return infonce(q, k, temperature)
+            return infonce(vectors(p, lm_params, q_x, q_mask), vectors(p, lm_params, k_x, k_mask), temperature)
 
         (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -154,9 +167,11 @@ def make_train_step(model_args: ModelArgs, ssm_args: SSMArgs, rt_key: tuple, tem
     return train_step
 
 
-def recall(config, tokenizer, lm_params, enc_params, n_questions: int) -> dict[str, float]:
+def recall(config, tokenizer, lm_params, enc_params, n_questions: int, cache: HiddenCache | None = None
+           ) -> dict[str, float]:
     """Evidence recall@1/@5 of test-split questions against every sentence of their contexts, for the trained
-    encoder (`enc_params`, skipped when None) and the untrained mean-pooled baseline; overall and per wording."""
+    encoder (`enc_params`, skipped when None) and the untrained mean-pooled baseline; overall and per wording.
+    With a `cache` the LM's hidden states of the gallery are computed once and kept there."""
     model_args, ssm_args = ModelArgs.from_config(config), SSMArgs.from_config(config)
     records = factworld.world_from_config(config).qa_records("test", "near", n_questions, distance=0)
     records = list(records)
@@ -169,14 +184,18 @@ def recall(config, tokenizer, lm_params, enc_params, n_questions: int) -> dict[s
         if name == "trained" and params is None:
             continue
         fn = enc.encode_fn(model_args, ssm_args, params is not None)
+        hidden_fn = _encode_hidden_fn(ssm_args, params is not None)
 
         def embed(texts):
             vecs = []
             for i in range(0, len(texts), 64):  # every call [64, max_len]: one compilation
-                chunk = texts[i:i + 64]
-                tok, mask = tokenize(tokenizer, chunk + [""] * (64 - len(chunk)), config.retrieval.max_len)
-                vecs.append(np.asarray(fn(params, lm_params, tok, mask))[:len(chunk)])
-            return np.concatenate(vecs)
+                chunk = texts[i:i + 64] + [""] * (64 - len(texts[i:i + 64]))
+                if cache is not None:
+                    vecs.append(np.asarray(hidden_fn(params, *cache.batch(chunk))))
+                else:
+                    tok, mask = tokenize(tokenizer, chunk, config.retrieval.max_len)
+                    vecs.append(np.asarray(fn(params, lm_params, tok, mask)))
+            return np.concatenate(vecs)[:len(texts)]
 
         scores = embed([r["question"] for r in records]) @ embed(gallery).T
         rank = np.sum(scores > scores[np.arange(len(records)), targets][:, None], axis=1)  # 0 = best
@@ -187,6 +206,13 @@ def recall(config, tokenizer, lm_params, enc_params, n_questions: int) -> dict[s
                     out[f"{name}_recall@{k}_{w}"] = float(np.mean(rank[kinds == w] < k))
     out["gallery"] = len(gallery)
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def _encode_hidden_fn(ssm_args: SSMArgs, trained: bool):
+    if trained:
+        return jax.jit(lambda e, h, m: enc.encode_hidden(ssm_args, e, h, m))
+    return jax.jit(lambda e, h, m: enc.encode_hidden(ssm_args, None, h, m))
 
 
 def _load_stage1(checkpoint: str):
@@ -232,8 +258,19 @@ def train(checkpoint: str, workdir: str, overrides: dict | None = None, *, out=t
     if restored is not None:
         start, state, _, _ = restored
         out(f"resumed Stage 2 from step {start} in {checkpoint_dir(workdir)}")
-    step_fn = make_train_step(model_args, ssm_args, _optimizer_key(rt), rt.temperature)
-    batches = Batches(config)
+    cached = bool(rt.cache_features)
+    step_fn = make_train_step(model_args, ssm_args, _optimizer_key(rt), rt.temperature, cached)
+    batches = PoolBatches(config) if rt.pool else Batches(config)
+    cache = None
+    if cached:  # the LM is frozen: every text a batch can hold goes through it once, here
+        cache = HiddenCache(model_args, lm_params, tokenizer, rt.max_len)
+        texts = batches.texts()
+        t_fill = time.monotonic()
+        with tqdm.tqdm(total=len(texts), desc="stage 2 features", disable=not config.logging.progress,
+                       dynamic_ncols=True) as fill_bar:
+            cache.fill(texts, progress=fill_bar.update)
+        out(f"cached the frozen LM's hidden states of {len(texts)} texts ({len(batches.records)} records, "
+            f"{cache.nbytes / 2**20:.0f} MiB) in {time.monotonic() - t_fill:.0f} s")
     writer = MetricsWriter(workdir, jsonl=config.logging.jsonl, tensorboard=config.logging.tensorboard)
     t0, last, history = time.monotonic(), {}, []
     stopped = "done"
@@ -248,10 +285,7 @@ def train(checkpoint: str, workdir: str, overrides: dict | None = None, *, out=t
             if stop_at is not None and step >= stop_at:
                 stopped = "stop_at"
                 break
-            questions, keys = batches.batch(step)
-            q_tok, q_mask = tokenize(tokenizer, questions, rt.max_len)
-            k_tok, k_mask = tokenize(tokenizer, keys, rt.max_len)
-            state, metrics = step_fn(state, lm_params, q_tok, q_mask, k_tok, k_mask)
+            state, metrics = step_fn(state, lm_params, *batch_inputs(batches.batch(step), tokenizer, rt, cache))
             step += 1
             bar.update(1)
             history.append(metrics)
@@ -261,7 +295,7 @@ def train(checkpoint: str, workdir: str, overrides: dict | None = None, *, out=t
                 writer.write(step, last)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.2f}")
             if step % rt.eval_every == 0 and step < rt.steps:
-                ev = recall(config, tokenizer, lm_params, state.params, rt.eval_questions)
+                ev = recall(config, tokenizer, lm_params, state.params, rt.eval_questions, cache)
                 writer.write(step, ev, prefix="test")
                 out(f"  step {step}: recall@1 {ev['trained_recall@1']:.3f} @5 {ev['trained_recall@5']:.3f} "
                     f"(untrained {ev['baseline_recall@1']:.3f} / {ev['baseline_recall@5']:.3f})")
@@ -275,7 +309,7 @@ def train(checkpoint: str, workdir: str, overrides: dict | None = None, *, out=t
         ckpt.save(step, state, data_states=[json.dumps({"step": step})], config=config, tokenizer=tokenizer,
                   metrics=last)
     ckpt.close()
-    ev = recall(config, tokenizer, lm_params, state.params, rt.eval_questions)
+    ev = recall(config, tokenizer, lm_params, state.params, rt.eval_questions, cache)
     writer.write(step, ev, prefix="test")
     writer.close()
     return {"step": step, "stopped": stopped, "train": last, "recall": ev, "params": state.params,

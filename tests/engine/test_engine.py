@@ -85,6 +85,30 @@ def test_a_fact_beyond_the_window_is_found_and_placed_in_the_prompt(answered, fa
     assert ev not in att.trace.prompt and att.trace.retrieved == []  # attention only: out of reach
 
 
+def test_memory_after_the_window_puts_the_best_span_nearest_the_question(loaded, far_record):
+    """engine.memory_position=after: the same spans and window, the window first and the best span last."""
+    _, config, tok, params = loaded
+    config = config.copy_and_resolve_references()
+    config.engine.window_tokens, config.engine.top_k = 160, 2  # room for the window beside the spans
+    engine = Engine(config, _bag_of_tokens(params), tok)
+    engine.read(far_record["context"])
+    traces = {}
+    for position in ("before", "after"):
+        engine.config.engine.memory_position = position
+        traces[position] = engine.answer(far_record["question"]).trace
+    engine.close()
+    before, after = traces["before"], traces["after"]
+    spans = [h["text"] for h in after.retrieved]
+    assert spans and spans == [h["text"] for h in before.retrieved]
+    window = before.prompt.rsplit("\nQ:", 1)[0].strip()
+    for t in spans:
+        assert window.startswith(t)
+        window = window[len(t):].strip()
+    assert window  # the window's text is in both prompts
+    tail = before.prompt[before.prompt.index("\nQ:"):]
+    assert after.prompt == " " + " ".join([window] + spans[::-1]) + tail
+
+
 def _reference_greedy(config, params, tok, prompt_ids, n_new):
     """A plain loop: a full forward (no cache) per new token."""
     args = ModelArgs.from_config(config)
