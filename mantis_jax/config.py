@@ -8,6 +8,7 @@ fields; the command line overrides fields (`--config.moe.n_experts=8`); `validat
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import ml_collections
@@ -274,6 +275,12 @@ def default_config() -> ml_collections.ConfigDict:
     eng.top_k = 3  # retrieved spans placed in the prompt before the question
     eng.memory_position = "after"  # retrieved spans go after | before the window (after: nearest the question)
     eng.min_score = 0.0  # retrieved spans scoring below this cosine are not placed in the prompt
+    # hybrid retrieval (engine/memory.py rerank): fetch this many spans by cosine, keep the top_k by cosine +
+    # lexical_weight x the idf-weighted overlap of the question's names with the span, dropping spans whose overlap
+    # is below lexical_min x the best candidate's (0 = keep all); search_candidates 0 = the top_k by cosine alone
+    eng.search_candidates = 64
+    eng.lexical_weight = 0.5
+    eng.lexical_min = 0.5
     eng.max_new_tokens = 16
     # greedy | tidal: sample with the knobs a trained decoding head (TIDAL, docs/tidal.md) sets every chunk (Beta
     # mean); tidal reads the head from decoding_policy (python -m mantis_jax.control.train_decoding --workdir=W)
@@ -599,6 +606,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key in ("retrieval.context_negatives", "retrieval.attribute_negatives", "retrieval.warmup_steps",
                 "retrieval.max_minutes"):
         _require(_get(config, key) >= 0, f"config.{key} ({_get(config, key)}) must be >= 0")
+    _require(eng.search_candidates == 0 or eng.search_candidates >= eng.top_k,
+             f"config.engine.search_candidates ({eng.search_candidates}) must be 0 (no rerank) or >= "
+             f"config.engine.top_k ({eng.top_k})")
+    _require(eng.lexical_weight >= 0 and math.isfinite(eng.lexical_weight),
+             f"config.engine.lexical_weight ({eng.lexical_weight}) must be a finite number >= 0")
+    _require(0.0 <= eng.lexical_min <= 1.0,
+             f"config.engine.lexical_min ({eng.lexical_min}) must be in [0, 1] (a share of the best lexical score)")
     _require(config.retrieval.pool == 0 or config.retrieval.pool >= config.retrieval.batch_size,
              f"config.retrieval.pool ({config.retrieval.pool}) must be 0 (no pool) or >= config.retrieval.batch_size "
              f"({config.retrieval.batch_size})")

@@ -4,7 +4,10 @@
 `engine.span`), encodes each with the retrieval encoder (the Stage-2 weights, or the frozen LM's mean-pooled
 hidden states) and writes them to memory (engine/memory.py); the current session's last spans are also kept as
 text, the window the model sees directly. `Engine.answer(question)`:
-  1. encode the question; search memory (its best score is part of the state summary);
+  1. encode the question; search memory (its best score is part of the state summary); with
+     `engine.search_candidates` > 0 the search fetches that many spans and keeps the top_k by dense score +
+     `engine.lexical_weight` x word overlap with the question, dropping spans whose overlap is below
+     `engine.lexical_min` x the best one's (hybrid retrieval, engine/memory.py `rerank`);
   2. prefill the window + question once: the state summary (pooled state, entropy, exit-layer confidence, fills);
   3. the policy decides the gates (`policy.decide(summary) -> Decisions`);
   4. when a memory gate is on and memory holds spans, the retrieved spans' text goes into the prompt beside the
@@ -30,7 +33,7 @@ import numpy as np
 
 from mantis_jax import config as config_lib
 from mantis_jax.engine import decoding, runtime
-from mantis_jax.engine.memory import Memory, Span
+from mantis_jax.engine.memory import Memory, Span, rerank
 from mantis_jax.engine.policy import Decisions, FixedPolicy, StateSummary
 from mantis_jax.engine.trace import Answer, Trace
 from mantis_jax.infer.decode import left_pad, stop_mask
@@ -232,7 +235,10 @@ class Engine:
         t = time.perf_counter()
         counts = self.memory.counts()
         trace.memory = counts
-        hits = self.memory.search(qvec[0], e.top_k) if sum(counts.values()) else []
+        wide = max(e.search_candidates, e.top_k)  # hybrid retrieval: a wider dense search, reranked to top_k
+        hits = self.memory.search(qvec[0], wide) if sum(counts.values()) else []
+        if e.search_candidates:
+            hits = rerank(question, hits, e.top_k, e.lexical_weight, e.lexical_min)
         hits = [h for h in hits if h.score >= e.min_score]
         times["search"] = time.perf_counter() - t
 

@@ -6,6 +6,8 @@ memory (long-term: in-process FAISS by default, the gRPC service when `memory.se
 `memory.episodic.enabled` off, spans go straight to semantic memory; with `memory.semantic.enabled` off, evicted
 spans are forgotten. `Memory.search(query, k, episodic=..., semantic=...)` asks the tiers the policy turned on and
 returns the k best distinct spans, best first, each with its score (the cosine of unit vectors) and its tier.
+`rerank(question, hits, k, weight)` is the hybrid step after a wider search (`engine.search_candidates`): the
+dense score plus `weight` times a lexical match between the question's words and the span's (below).
 Everything here is host side: it runs between device calls.
 """
 
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import re
 
 import ml_collections
 import numpy as np
@@ -22,6 +26,53 @@ from mantis_jax.memory.episodic import EpisodicStore
 from mantis_jax.memory.semantic import Payload, SemanticMemory, SemanticMemoryError
 
 log = logging.getLogger(__name__)
+
+
+_WORD = re.compile(r"[A-Za-z0-9]+")
+
+
+def words(text: str) -> set[str]:
+    """Lower-cased runs of letters and digits: "What is Tavo's job?" -> {what, is, tavo, s, job}."""
+    return {w.lower() for w in _WORD.findall(text)}
+
+
+def key_words(question: str) -> set[str]:
+    """The question's names: its capitalised words after the first ("What is Tavo's job?" -> {tavo}); all its
+    words when it has none (a question without a name still gets the idf-weighted overlap)."""
+    found = _WORD.findall(question)
+    names = {w.lower() for w in found[1:] if w[0].isupper()}
+    return names or {w.lower() for w in found}
+
+
+def lexical_scores(question: str, texts: list[str]) -> list[float]:
+    """For each candidate text, the share of the question's key-word weight it contains, in [0, 1].
+
+    Key words are the question's names (`key_words`: the entity a question asks about is what a dense match to
+    "<another name> lives in <town>" loses). A key word's weight is its rarity among the candidates themselves,
+    idf(w) = log(m / df(w)) with m candidates and df(w) of them containing it (no corpus statistics: the
+    candidate set is the estimate): a word every candidate contains and a word none contains weigh nothing.
+    All-zero when no key word separates the candidates."""
+    q, sets = key_words(question), [words(t) for t in texts]
+    m = len(sets)
+    idf = {w: math.log(m / df) for w in q if (df := sum(w in s for s in sets))}
+    total = sum(idf.values())
+    if not total:
+        return [0.0] * m
+    return [sum(v for w, v in idf.items() if w in s) / total for s in sets]
+
+
+def rerank(question: str, hits: list["Hit"], k: int, weight: float, min_share: float = 0.0) -> list["Hit"]:
+    """The k best of `hits` by dense score + weight * lexical score (stable: equal totals keep the dense order).
+    With `min_share` > 0, hits whose lexical score is below min_share x the best hit's are dropped first (an
+    entity filter: when the asked name is among the candidates, sentences about other names do not reach the
+    prompt). The hits keep their dense score (what `engine.min_score` and the policy's best_score read)."""
+    if weight == 0.0 and min_share == 0.0:
+        return hits[:k]
+    lex = lexical_scores(question, [h.text for h in hits])
+    floor = min_share * max(lex, default=0.0)
+    keep = [i for i in range(len(hits)) if lex[i] >= floor]
+    order = sorted(keep, key=lambda i: -(hits[i].score + weight * lex[i]))
+    return [hits[i] for i in order[:k]]
 
 
 class MemoryUnavailable(RuntimeError):
