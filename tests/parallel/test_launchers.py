@@ -125,8 +125,12 @@ def test_local_sh_forwards_stop_requests_and_waits(tmp_path, child, signals, exp
         """)
     env = dict(os.environ, PYTHON=fake, MANTIS_PORT="23457",
                MANTIS_STOP_TIMEOUT="30" if len(signals) > 1 else "1")
+    # A terminal's Ctrl-C reaches a launcher whose SIGINT is at its default; a job started in the background of a
+    # non-interactive shell (`cmd &`, e.g. a CI runner's) inherits SIGINT ignored, and bash cannot trap a signal
+    # ignored on entry: restore the default so the test sees what a user's Ctrl-C does.
     launcher = subprocess.Popen(["bash", f"{ROOT}/launch/local.sh", "2", "--config.name=x"], env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         up = [launcher.stdout.readline() for _ in range(2)]
         assert sorted(line.split("] ", 1)[-1].strip() for line in up) == ["up 0", "up 1"], up
