@@ -29,8 +29,6 @@ def get_config():
     c.data.batch_size = 8
     mt = c.memory.tokens
     mt.init_from = "runs/demo"
-    mt.n_tokens = 4
-    mt.n_experts = 2
     mt.segment_len = 128
     mt.segments = 3
     mt.bptt = 3
@@ -41,7 +39,6 @@ def get_config():
     mt.proposal = "vocab"  # u = softmax(WRITE logits) @ embedding + tanh(h W_u + b_u): reads start as tokens
     mt.update_scale = 0.0  # W_u = 0: the tanh term starts at 0 and learns a correction
     mt.gate_bias = 1.0  # sigmoid(1) = 0.73 of a write is kept at first
-    mt.eval_questions = 128
     c.train.lr = 1e-3
     c.train.warmup_steps = 20
     c.train.total_steps = 120

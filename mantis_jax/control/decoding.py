@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from mantis_jax.engine.decoding import (SCALARS, DecodingNet, DecodingSpec, Knobs, apply, beta_mean,  # noqa: F401
                                         distinct, features, fixed_knobs, init, knobs, modulate,  # noqa: F401
-                                        normalized_entropy, seen_mask, tail_repeat)  # noqa: F401
+                                        normalised_entropy, seen_mask, tail_repeat)  # noqa: F401
 from mantis_jax.model.args import ModelArgs
 from mantis_jax.model.transformer import forward, init_cache
 
@@ -117,7 +117,7 @@ def _rollout(args: ModelArgs, spec: DecodingSpec, lm_params, head_params, prompt
     logits_btv, aux = forward(args, lm_params, prompt_bt, cache=cache,
                               positions_bt=jnp.broadcast_to(jnp.arange(T), (B, T)))
     hist_bs = jnp.concatenate([prompt_bt, jnp.zeros((B, N), jnp.int32)], axis=1)
-    hidden_bcd, ent_bc = aux["hidden"][:, -C:], normalized_entropy(logits_btv[:, -C:])
+    hidden_bcd, ent_bc = aux["hidden"][:, -C:], normalised_entropy(logits_btv[:, -C:])
 
     def token_step(carry, step):
         cache, logits_bv, hist_bs, kn = carry
@@ -129,7 +129,7 @@ def _rollout(args: ModelArgs, spec: DecodingSpec, lm_params, head_params, prompt
         nxt_b1v, aux = forward(args, lm_params, tok_b[:, None], cache=cache,
                                positions_bt=jnp.full((B, 1), pos, jnp.int32))
         return (aux["cache"], nxt_b1v[:, 0], hist_bs, kn), (logits_bv, tok_b, aux["hidden"][:, 0],
-                                                             normalized_entropy(nxt_b1v[:, 0]))
+                                                             normalised_entropy(nxt_b1v[:, 0]))
 
     def chunk_step(carry, k):
         cache, logits_bv, hist_bs, hidden_bcd, ent_bc = carry

@@ -38,6 +38,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from mantis_jax import config as config_lib
+from mantis_jax.engine.runtime import normalised_entropy
 from mantis_jax.infer.sampling import filter_logits_rows, repetition_penalty
 from mantis_jax.model.args import ModelArgs
 from mantis_jax.model.transformer import forward, logits_from_hidden
@@ -166,12 +167,6 @@ def distinct(tokens_bw: jax.Array, n: int) -> jax.Array:
     return jnp.sum(first_bw, axis=-1) / W
 
 
-def normalized_entropy(logits_xv: jax.Array) -> jax.Array:
-    """Entropy / log V over the last axis ([..., V] -> [...])."""
-    logp = jax.nn.log_softmax(logits_xv.astype(jnp.float32), axis=-1)
-    return -jnp.sum(jnp.exp(logp) * logp, axis=-1) / math.log(logits_xv.shape[-1])
-
-
 def tail_repeat(window_bw: jax.Array, n: int) -> jax.Array:
     """[B] share of the window's last n tokens that occur at an earlier position of the window."""
     W = window_bw.shape[1]
@@ -185,7 +180,7 @@ def features(spec: DecodingSpec, logits_bv, window_bw, hidden_bcd, entropy_bc, p
     chunk's final hidden states [B, C, D] and the normalised next-token entropies after each of them [B, C]."""
     h_bcd = hidden_bcd.astype(jnp.float32)
     B, C = logits_bv.shape[0], h_bcd.shape[1]
-    scalars_bs = jnp.stack([normalized_entropy(logits_bv), jnp.mean(entropy_bc, axis=-1),
+    scalars_bs = jnp.stack([normalised_entropy(logits_bv), jnp.mean(entropy_bc, axis=-1),
                             tail_repeat(window_bw, C), distinct(window_bw, 1), distinct(window_bw, 2),
                             jnp.log1p(jnp.mean(jnp.std(h_bcd, axis=1), axis=-1)),
                             jnp.broadcast_to(jnp.asarray(progress, jnp.float32), (B,))], axis=-1)
@@ -274,7 +269,7 @@ def decode(args: ModelArgs, spec: DecodingSpec, params, head_params, cache: dict
     tail_td = hidden_td[-C:] if hidden_td.shape[0] >= C else jnp.pad(hidden_td, ((C - hidden_td.shape[0], 0), (0, 0)),
                                                                        mode="edge")
     hid_cd = tail_td.astype(jnp.float32)
-    ent_c = normalized_entropy(logits_from_hidden(args, params, tail_td[None].astype(hidden_td.dtype))[0])
+    ent_c = normalised_entropy(logits_from_hidden(args, params, tail_td[None].astype(hidden_td.dtype))[0])
     kn0 = fixed_knobs(1, 1.0)
     m0 = jnp.zeros((K,), jnp.float32)
     state = (jnp.zeros((), jnp.int32), first_logits_v.astype(jnp.float32)[None], jnp.zeros((), bool), hist_s,
@@ -302,7 +297,7 @@ def decode(args: ModelArgs, spec: DecodingSpec, params, head_params, cache: dict
                                   kv_mask_bs=kv_mask_bs, expert_bias_le=expert_bias_le)
         nxt_1v = logits_11v[:, 0].astype(jnp.float32)
         hid_cd = jax.lax.dynamic_update_index_in_dim(hid_cd, aux["hidden"][0, 0].astype(jnp.float32), i % C, 0)
-        ent_c = jax.lax.dynamic_update_index_in_dim(ent_c, normalized_entropy(nxt_1v)[0], i % C, 0)
+        ent_c = jax.lax.dynamic_update_index_in_dim(ent_c, normalised_entropy(nxt_1v)[0], i % C, 0)
         return i + 1, nxt_1v, stop_v[tok], hist_s, hid_cd, ent_c, kn, m_k, kn_k, aux["cache"]
 
     n, _, _, hist_s, _, _, _, m_k, kn_k, cache = jax.lax.while_loop(cond, body, state)

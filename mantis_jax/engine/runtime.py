@@ -44,9 +44,10 @@ class Decoded(NamedTuple):
     cache: dict
 
 
-def normalised_entropy(logits_v: jax.Array) -> jax.Array:
-    logp = jax.nn.log_softmax(logits_v.astype(jnp.float32))
-    return -jnp.sum(jnp.exp(logp) * logp) / jnp.log(logits_v.shape[-1])
+def normalised_entropy(logits_xv: jax.Array) -> jax.Array:
+    """Entropy / log V over the last axis ([..., V] -> [...]): the summary's and the decoding head's."""
+    logp = jax.nn.log_softmax(logits_xv.astype(jnp.float32), axis=-1)
+    return -jnp.sum(jnp.exp(logp) * logp, axis=-1) / jnp.log(logits_xv.shape[-1])
 
 
 @functools.partial(jax.jit, static_argnames=("args", "exit_layer"), donate_argnames=("cache",))

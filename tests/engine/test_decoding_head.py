@@ -61,7 +61,7 @@ def _reference(config, params, tok, spec, head, ids, length, n_new):
         logits, aux = forward(args, params, seq)
         last = jax.lax.dynamic_slice_in_dim(logits, t - 1, 1, axis=1)[:, 0]
         hidden = jax.lax.dynamic_slice_in_dim(aux["hidden"], t - C, C, axis=1)
-        ent = decoding.normalized_entropy(jax.lax.dynamic_slice_in_dim(logits, t - C, C, axis=1))
+        ent = decoding.normalised_entropy(jax.lax.dynamic_slice_in_dim(logits, t - C, C, axis=1))
         out = decoding.apply(spec, head, decoding.features(spec, last, window, hidden, ent, progress))
         return last, decoding.beta_mean(out["alpha"], out["beta"])
 
