@@ -225,6 +225,8 @@ def default_config() -> ml_collections.ConfigDict:
     cr.save_every = 100
     cr.abstain_threshold = 0.5
     cr.engine_episodes = 400  # train-split engine answers (always retrieve) among the examples; val and test get half
+    cr.grounding = True  # the head also reads text features: does an evidence sentence state the answer beside the
+    # question's names (control/critic.py `grounding`); False = the LM's features alone (the ablation)
     cr.max_accuracy_loss = 0.1  # the val threshold: least hallucination at <= this relative accuracy loss
 
     # The decoding policy (TIDAL; engine/decoding.py + control/decoding.py, docs/tidal.md, preset configs/tidal.py):

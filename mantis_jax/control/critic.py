@@ -9,6 +9,10 @@ at real positions):
   h_prompt  [D]  hidden state at the last prompt token (where the LM starts answering)
   lm        [4]  mean and min log-probability the LM gives the answer tokens, its top-1 probability where the
                  answer starts, and the share of answer tokens that occur in the prompt (the copy signal)
+and, from the text alone (host side, the whole evidence, `grounding`; zeros with `critic.grounding` off):
+  ground    [2]  whether an evidence sentence states the answer, and the largest share of the question's names
+                 (engine/memory.key_words) among the sentences that state it: a value copied from a sentence
+                 about another entity, or one stated nowhere, has no sentence naming the asked entity beside it
 The head (LayerNorm on each hidden part → MLP → logit) is all that trains; `features` runs once per example, so
 training the head is a loop over cached features. After training, P(supported) = sigmoid(a·logit + b) with (a, b)
 fitted on the val split (Platt scaling, `fit_platt`), and the abstain threshold is chosen on val's engine answers
@@ -19,17 +23,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mantis_jax.engine.memory import key_words
 from mantis_jax.model import transformer
 from mantis_jax.model.args import ModelArgs
 from mantis_jax.model.summary import flops_per_token
 
 N_LM_FEATURES = 4
+N_GROUND_FEATURES = 2
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+_TOKEN = re.compile(r"[A-Za-z0-9]+")
 
 
 def window(config) -> int:
@@ -64,6 +73,34 @@ def batch_arrays(encoded: list[tuple[list[int], int]], window: int, pad_id: int)
     return tokens, mask, answer
 
 
+def grounding(question: str, answer: str, evidence: list[str]) -> np.ndarray:
+    """[stated, named] in [0, 1] for one example: `stated` = 1 when some evidence sentence contains the answer's
+    words as a contiguous run (case-insensitive); `named` = the largest share of the question's names
+    (`key_words`) contained in such a sentence (0 when none states the answer). E.g. Q "Where does Tavo live?",
+    evidence "Tavo lives in Brisk. Mira lives in Corvel.": "Brisk" -> [1, 1], "Corvel" -> [1, 0], "Dunholt" ->
+    [0, 0]. Sentences end at . ! ? followed by a space, or at a line break."""
+    target = [w.lower() for w in _TOKEN.findall(answer)]
+    names = key_words(question)
+    stated, named = 0.0, 0.0
+    if not target or not names:
+        return np.zeros(N_GROUND_FEATURES, np.float32)
+    n = len(target)
+    for sentence in _SENTENCE_END.split(" ".join(evidence)):
+        toks = [w.lower() for w in _TOKEN.findall(sentence)]
+        if any(toks[i:i + n] == target for i in range(len(toks) - n + 1)):
+            stated = 1.0
+            named = max(named, len(names & set(toks)) / len(names))
+    return np.array([stated, named], np.float32)
+
+
+def grounding_batch(items, enabled: bool = True) -> np.ndarray:
+    """[B, N_GROUND_FEATURES] of (question, answer, evidence) triples; zeros when `enabled` is off (the ablation:
+    the LM's features alone)."""
+    if not enabled or not items:
+        return np.zeros((len(items), N_GROUND_FEATURES), np.float32)
+    return np.stack([grounding(q, a, ev) for q, a, ev in items]).reshape(len(items), N_GROUND_FEATURES)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def features(args: ModelArgs, lm_params, tokens_bt, mask_bt, answer_bt) -> dict:
     """The frozen LM's features of a padded batch (see the module docstring)."""
@@ -95,14 +132,14 @@ class CriticHead(nn.Module):
     def __call__(self, feats: dict) -> jax.Array:
         x = jnp.concatenate([nn.LayerNorm(name="answer_norm")(feats["h_answer"]),
                              nn.LayerNorm(name="prompt_norm")(feats["h_prompt"]),
-                             feats["lm"] / 10.0], axis=-1)
+                             feats["lm"] / 10.0, feats["ground"]], axis=-1)
         x = nn.gelu(nn.Dense(self.d_hidden, name="hidden")(x))
         return nn.Dense(1, name="out")(x)[:, 0]  # [B] logit of P(supported)
 
 
 def init_head(d_model: int, d_hidden: int, key: jax.Array) -> dict:
     dummy = {"h_answer": jnp.zeros((1, d_model)), "h_prompt": jnp.zeros((1, d_model)),
-             "lm": jnp.zeros((1, N_LM_FEATURES))}
+             "lm": jnp.zeros((1, N_LM_FEATURES)), "ground": jnp.zeros((1, N_GROUND_FEATURES))}
     return jax.jit(CriticHead(d_hidden).init)(key, dummy)["params"]
 
 
@@ -215,6 +252,7 @@ class Critic:
     window: int
     d_hidden: int
     calibration: tuple[float, float] = (1.0, 0.0)  # Platt (a, b): P = sigmoid(a·logit + b)
+    grounding: bool = True  # the text features (`grounding`); off = zeros, as the head was trained
 
     @classmethod
     def from_workdir(cls, workdir: str, *, lm=None) -> "Critic":
@@ -229,12 +267,14 @@ class Critic:
         shapes = store.abstract(_head_shapes(config))
         state = store.restore_state(workdir, shapes, step)
         return cls(ModelArgs.from_config(config), lm_params, tokenizer, state["params"], float(meta["threshold"]),
-                   window(config), int(config.critic.d_hidden), tuple(meta.get("calibration", (1.0, 0.0))))
+                   window(config), int(config.critic.d_hidden), tuple(meta.get("calibration", (1.0, 0.0))),
+                   bool(config.critic.get("grounding", True)))
 
     def score_many(self, items: list[tuple[str, str, list[str]]]) -> np.ndarray:
         encoded = [encode(self.tokenizer, q, a, ev, self.window) for q, a, ev in items]
         feats = features(self.args, self.lm_params, *map(jnp.asarray, batch_arrays(encoded, self.window,
                                                                                   self.tokenizer.pad_id)))
+        feats = {**feats, "ground": jnp.asarray(grounding_batch(items, self.grounding))}
         return head_probs(self.d_hidden, self.head_params, feats, self.calibration)
 
     def score(self, question: str, answer: str, evidence: list[str]) -> float:

@@ -1,5 +1,8 @@
 """Train the critic: `python -m mantis_jax.control.train_critic --checkpoint=STAGE1_WORKDIR --workdir=W`.
 
+`--stage2=STAGE2_WORKDIR` gives the engine whose answers are among the examples its trained retrieval encoder
+(train the critic on the engine it will judge).
+
 Examples come from the factworld the LM trained on (control/critic_data.py: train, val and test entities), among
 them the LM's own greedy answers and the engine's answers to Stage-3 episodes (`critic.engine_episodes` on train,
 half as many on val and on test). The frozen LM's features of every example are computed once (and cached in the
@@ -60,8 +63,10 @@ def train_step(d_hidden: int, lr: float, weight_decay: float, state: dict, feats
             "opt_state": opt_state}, loss
 
 
-def lm_features(args: ModelArgs, lm_params, tokenizer, items: list[dict], window: int) -> dict[str, np.ndarray]:
-    """Frozen-LM features of examples, in batches of FEATURE_BATCH (the last one padded with repeats)."""
+def lm_features(args: ModelArgs, lm_params, tokenizer, items: list[dict], window: int,
+                grounding: bool = True) -> dict[str, np.ndarray]:
+    """The critic's features of examples: the frozen LM's, in batches of FEATURE_BATCH (the last one padded with
+    repeats), and the text's (`critic_lib.grounding`; zeros when `grounding` is off)."""
     parts = []
     for start in range(0, len(items), FEATURE_BATCH):
         chunk = items[start:start + FEATURE_BATCH]
@@ -70,7 +75,10 @@ def lm_features(args: ModelArgs, lm_params, tokenizer, items: list[dict], window
         arrays = critic_lib.batch_arrays(encoded, window, tokenizer.pad_id)
         feats = critic_lib.features(args, lm_params, *map(jnp.asarray, arrays))
         parts.append(jax.tree.map(lambda a, n=len(chunk): np.asarray(a)[:n], feats))
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    out["ground"] = critic_lib.grounding_batch([(e["question"], e["answer"], e["evidence"]) for e in items],
+                                               grounding)
+    return out
 
 
 def _answer_fn(config, tokenizer, lm_params, max_new_tokens: int = 8):
@@ -87,7 +95,8 @@ def _answer_fn(config, tokenizer, lm_params, max_new_tokens: int = 8):
     return answer
 
 
-FEATURE_KEYS = ("h_answer", "h_prompt", "lm")
+FEATURE_KEYS = ("h_answer", "h_prompt", "lm")  # cached; "ground" is recomputed from the cached texts on load
+TEXT_KEYS = ("question", "answer", "evidence")
 ARRAY_KEYS = ("labels", "answerable", "kinds")
 ENGINE_KEYS = ("correct", "answerable", "abstained", "episode_kinds")
 
@@ -107,17 +116,27 @@ def _dataset(config, tokenizer, lm_params, workdir: str) -> dict[str, dict]:
     """{split: {"feats", "labels", "answerable", "kinds", "engine"}}, cached in `<workdir>/critic_data.npz`. The
     examples include the engine's answers that are claims (not "unknown"); "engine" holds every engine answer of
     the split (features, correct, answerable, abstained, episode kinds): what the threshold rule and the test
-    figures read."""
+    figures read. The cache holds the LM's features and the texts; the text features ("ground",
+    `critic.grounding`) are computed from the texts on every load, so one cache serves both settings."""
     path = os.path.join(workdir, "critic_data.npz")
     cr = config.critic
     splits = {"train": (cr.examples, cr.engine_episodes), "val": (cr.examples // 4, cr.engine_episodes // 2),
               "test": (cr.examples // 4, cr.engine_episodes // 2)}
     if os.path.exists(path):
         raw = np.load(path, allow_pickle=False)
-        return {s: {"feats": {k: raw[f"{s}/{k}"] for k in FEATURE_KEYS}, **{k: raw[f"{s}/{k}"] for k in ARRAY_KEYS},
-                    "engine": {"feats": {k: raw[f"{s}/engine/{k}"] for k in FEATURE_KEYS},
-                               **{k: raw[f"{s}/engine/{k}"] for k in ENGINE_KEYS}}}
-                for s in splits}
+        if "train/question" not in raw.files:
+            raise store.ControlCheckpointError(f"{path} was written before the critic read text features (it holds no texts): "
+                              "delete it (the examples are recomputed) or train in a new --workdir")
+        data = {}
+        for s in splits:
+            group = {"feats": {k: raw[f"{s}/{k}"] for k in FEATURE_KEYS},
+                     "texts": {k: raw[f"{s}/{k}"] for k in TEXT_KEYS},
+                     **{k: raw[f"{s}/{k}"] for k in ARRAY_KEYS},
+                     "engine": {"feats": {k: raw[f"{s}/engine/{k}"] for k in FEATURE_KEYS},
+                                "texts": {k: raw[f"{s}/engine/{k}"] for k in TEXT_KEYS},
+                                **{k: raw[f"{s}/engine/{k}"] for k in ENGINE_KEYS}}}
+            data[s] = group
+        return _with_grounding(data, bool(cr.grounding))
     world = factworld.world_from_config(config)
     answer_fn = _answer_fn(config, tokenizer, lm_params)
     args = ModelArgs.from_config(config)
@@ -131,11 +150,16 @@ def _dataset(config, tokenizer, lm_params, workdir: str) -> dict[str, dict]:
             answers = critic_data.engine_answers(env, n_engine)
         items += [a for a in answers if not a["abstained"]]  # "unknown" is no claim to judge
         feats = lm_features(args, lm_params, tokenizer, items + answers, critic_lib.window(config))
-        data[split] = {"feats": {k: v[:len(items)] for k, v in feats.items()},
+        texts = {"question": np.array([e["question"] for e in items + answers]),
+                 "answer": np.array([e["answer"] for e in items + answers]),
+                 "evidence": np.array([" ".join(e["evidence"]) for e in items + answers])}
+        data[split] = {"feats": {k: feats[k][:len(items)] for k in FEATURE_KEYS},
+                       "texts": {k: v[:len(items)] for k, v in texts.items()},
                        "labels": np.array([e["label"] for e in items], np.float32),
                        "answerable": np.array([e["answerable"] for e in items], bool),
                        "kinds": np.array([e["kind"] for e in items]),
-                       "engine": {"feats": {k: v[len(items):] for k, v in feats.items()},
+                       "engine": {"feats": {k: feats[k][len(items):] for k in FEATURE_KEYS},
+                                  "texts": {k: v[len(items):] for k, v in texts.items()},
                                   "correct": np.array([a["label"] > 0.5 for a in answers], bool),
                                   "answerable": np.array([a["answerable"] for a in answers], bool),
                                   "abstained": np.array([a["abstained"] for a in answers], bool),
@@ -143,6 +167,9 @@ def _dataset(config, tokenizer, lm_params, workdir: str) -> dict[str, dict]:
         for k in FEATURE_KEYS:
             flat[f"{split}/{k}"] = data[split]["feats"][k]
             flat[f"{split}/engine/{k}"] = data[split]["engine"]["feats"][k]
+        for k in TEXT_KEYS:
+            flat[f"{split}/{k}"] = data[split]["texts"][k]
+            flat[f"{split}/engine/{k}"] = data[split]["engine"]["texts"][k]
         for k in ARRAY_KEYS:
             flat[f"{split}/{k}"] = data[split][k]
         for k in ENGINE_KEYS:
@@ -150,6 +177,16 @@ def _dataset(config, tokenizer, lm_params, workdir: str) -> dict[str, dict]:
     tmp = path + ".tmp.npz"
     np.savez(tmp, **flat)
     os.replace(tmp, path)
+    return _with_grounding(data, bool(cr.grounding))
+
+
+def _with_grounding(data: dict, enabled: bool) -> dict:
+    """Adds each group's text features ("ground") from its texts."""
+    for split in data.values():
+        for group in (split, split["engine"]):
+            t = group["texts"]
+            group["feats"]["ground"] = critic_lib.grounding_batch(
+                [(q, a, [ev]) for q, a, ev in zip(t["question"], t["answer"], t["evidence"])], enabled)
     return data
 
 
@@ -254,13 +291,23 @@ def train(config: ml_collections.ConfigDict, checkpoint: str, workdir: str, *, l
 
 
 def main(argv: list[str] | None = None) -> dict:
+    import argparse  # noqa: PLC0415
+
+    from mantis_jax.memory.train import Stage2Error  # noqa: PLC0415
+
     argv = sys.argv[1:] if argv is None else argv
-    args, overrides = store.parse_args("python -m mantis_jax.control.train_critic", __doc__.splitlines()[0], argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--stage2", default="", help="Stage-2 workdir: the retrieval encoder of the engine whose "
+                     "answers the critic learns from (= --config.engine.encoder; default: none)")
+    known, rest = pre.parse_known_args(argv)
+    args, overrides = store.parse_args("python -m mantis_jax.control.train_critic", __doc__.splitlines()[0], rest)
     try:
         saved_config, tokenizer, lm_params = load_for_inference(args.checkpoint)
         config = store.control_config(saved_config, overrides)
+        if known.stage2:
+            config.engine.encoder = os.path.abspath(known.stage2)
         summary = train(config, args.checkpoint, args.workdir, lm=(config, tokenizer, lm_params))
-    except (CheckpointError, store.ControlCheckpointError, ConfigError) as e:
+    except (CheckpointError, store.ControlCheckpointError, ConfigError, Stage2Error) as e:
         cli.fail(e)
     printable = {k: v for k, v in summary.items() if k != "train_losses"}
     print(json.dumps(printable, indent=1, default=float))

@@ -23,7 +23,8 @@ def test_loss_falls_on_a_tiny_separable_set():
     rng = np.random.default_rng(0)
     feats = {"h_answer": rng.normal(size=(32, 8)).astype(np.float32),
              "h_prompt": rng.normal(size=(32, 8)).astype(np.float32),
-             "lm": rng.normal(size=(32, 4)).astype(np.float32)}
+             "lm": rng.normal(size=(32, 4)).astype(np.float32),
+             "ground": rng.random(size=(32, 2)).astype(np.float32)}
     labels = jnp.asarray((feats["h_answer"][:, 0] - feats["h_prompt"][:, 1] > 0).astype(np.float32))
     feats = jax.tree.map(jnp.asarray, feats)
     state = train_critic.init_state(config, jax.random.key(0))
@@ -117,6 +118,34 @@ def test_abstain_threshold_minimises_hallucination_within_the_accuracy_budget():
     assert hall == pytest.approx(best) and acc >= 0.9 * base - 1e-12
 
 
+def test_grounding_by_hand():
+    q, ev = "Where does Tavo live?", ["Tavo lives in Brisk. Mira lives in", "Corvel!\nMira owns a kite."]
+    g = lambda a, e=ev: critic_lib.grounding(q, a, e).tolist()  # noqa: E731
+    assert g("Brisk") == [1.0, 1.0]  # stated beside the asked name
+    assert g("corvel") == [1.0, 0.0]  # stated (case-insensitive), about another entity: the spans join
+    assert g("Dunholt") == [0.0, 0.0] and g("unknown") == [0.0, 0.0] and g("") == [0.0, 0.0]
+    assert g("a kite") == [1.0, 0.0] and g("kite owns") == [0.0, 0.0]  # a contiguous run of the answer's words
+    assert g("Bris") == [0.0, 0.0]  # whole words only
+    # two names in the question: the share of them in the best sentence that states the answer
+    two = critic_lib.grounding("Is Tavo Mira's friend?", "yes", ["Tavo said yes.", "Tavo and Mira: yes."])
+    assert two.tolist() == [1.0, 1.0]
+    assert critic_lib.grounding("Is Tavo Mira's friend?", "yes", ["Tavo said yes."]).tolist() == [1.0, 0.5]
+    items = [(q, "Brisk", ev), (q, "Corvel", ev)]
+    np.testing.assert_array_equal(critic_lib.grounding_batch(items), [[1, 1], [1, 0]])
+    np.testing.assert_array_equal(critic_lib.grounding_batch(items, enabled=False), np.zeros((2, 2)))
+    assert critic_lib.grounding_batch([]).shape == (0, 2)
+
+
+def test_a_cache_without_texts_is_one_error(critic_runs, lm_workdir, tmp_path, capsys):
+    raw = np.load(os.path.join(critic_runs[0], "critic_data.npz"))
+    np.savez(tmp_path / "critic_data.npz", **{k: raw[k] for k in raw.files if not k.endswith(
+        ("/question", "/answer", "/evidence"))})
+    with pytest.raises(SystemExit) as e:
+        train_critic.main([f"--checkpoint={lm_workdir}", f"--workdir={tmp_path}", "--config.critic.steps=2"])
+    assert e.value.code != 0 and "holds no texts" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["critic_data.npz"]  # nothing else written, the cache kept
+
+
 def test_examples_cover_every_kind():
     ex = critic_data.examples(fw.World(0, 60), "train", 64, answer_fn=lambda recs: ["Brisk"] * len(recs))
     kinds = {e["kind"] for e in ex}
@@ -150,6 +179,9 @@ def test_cli_trains_checkpoints_and_resumes_exactly(critic_runs, lm_workdir):
 
     def logits(prefix):
         feats = {k: jnp.asarray(raw[f"{prefix}/{k}"]) for k in ("h_answer", "h_prompt", "lm")}
+        # the cache keeps the texts; the text features are recomputed from them, one example at a time here
+        texts = zip(*(raw[f"{prefix}/{k}"] for k in ("question", "answer", "evidence")))
+        feats["ground"] = jnp.asarray(np.stack([critic_lib.grounding(q, a, [ev]) for q, a, ev in texts]))
         return np.asarray(critic_lib.head_logits(config.critic.d_hidden, sa["params"], feats), np.float64)
 
     cal = critic_lib.fit_platt(logits("val"), raw["val/labels"])
