@@ -16,56 +16,26 @@ and wall time (from the controller's metrics.jsonl). Writes `<out>.json` and the
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+from mantis_jax.control import compare  # noqa: E402
 from mantis_jax.control import controller as ctl  # noqa: E402
 from mantis_jax.control import reward, store  # noqa: E402
 from mantis_jax.control.critic import Critic  # noqa: E402
 from mantis_jax.control.episodes import EngineEpisodes  # noqa: E402
-from mantis_jax.data import factworld  # noqa: E402
 from mantis_jax.engine.core import Engine  # noqa: E402
-from mantis_jax.engine.policy import Decisions, FixedPolicy  # noqa: E402
+from mantis_jax.engine.policy import FixedPolicy  # noqa: E402
 from mantis_jax.memory.train import load_encoder_params  # noqa: E402
 from mantis_jax.train.checkpoint import load_for_inference  # noqa: E402
 from mantis_jax.train.metrics import read_jsonl  # noqa: E402
 
 DATE = "2026-12-01"
-
-
-@dataclasses.dataclass
-class EntropyPolicy:
-    """Retrieve and verify only when the next-token distribution is uncertain (normalised entropy > threshold)."""
-
-    threshold: float = 0.3
-
-    def decide(self, summary) -> Decisions:
-        unsure = float(summary.entropy) > self.threshold
-        return Decisions(exit_threshold=1.0, episodic=unsure, semantic=unsure, verify=unsure)
-
-
-def evaluate(env: EngineEpisodes, policy, indices: list[int], weights: reward.Weights) -> dict:
-    rows, t0 = [], time.perf_counter()
-    for i in indices:
-        ep = env.run(i, policy)
-        answered = factworld.normalize_answer(ep.info["answer"]) != factworld.UNKNOWN
-        rows.append({"kind": ep.info["kind"], "correct": ep.outcome.correct,
-                     "hallucinated": answered and not ep.outcome.correct, "compute": ep.outcome.compute,
-                     "latency": ep.outcome.latency, "reward": reward.reward(ep.outcome, weights)[0],
-                     "retrieve": ep.decisions.episodic or ep.decisions.semantic, "verify": ep.decisions.verify})
-    mean = lambda key, sel=rows: float(np.mean([r[key] for r in sel]))  # noqa: E731
-    out = {k: mean(k) for k in ("correct", "hallucinated", "compute", "latency", "reward", "retrieve", "verify")}
-    out["accuracy"] = out.pop("correct")
-    out["by_kind"] = {k: mean("correct", [r for r in rows if r["kind"] == k]) for k in factworld.KINDS}
-    out["episodes_per_s"] = len(rows) / (time.perf_counter() - t0)
-    return out
 
 
 def plot(results: dict, path: str, command: str) -> None:
@@ -120,18 +90,16 @@ def main() -> None:
         "never retrieve": FixedPolicy("never", 1.0, False),
         "critic (always retrieve + verify)": FixedPolicy("always", 1.0, True),
         "never retrieve + verify": FixedPolicy("never", 1.0, True),
-        f"entropy > {a.entropy} (retrieve + verify)": EntropyPolicy(a.entropy),
+        f"entropy > {a.entropy} (retrieve + verify)": compare.EntropyPolicy(a.entropy),
     }
     if a.controller:
         policies["PPO controller"] = ctl.Controller.from_workdir(a.controller)
     env.run(indices[0], policies["no critic (always retrieve)"])  # warm-up: compile the engine's shapes
     results = {}
     for name, policy in policies.items():
-        results[name] = evaluate(env, policy, indices, weights)
+        results[name] = compare.evaluate(env, policy, indices, weights)
         r = results[name]
-        print(f"{name:42s} acc {r['accuracy']:.3f}  halluc {r['hallucinated']:.3f}  compute {r['compute']:.3f}  "
-              f"latency {r['latency']:.3f}  reward {r['reward']:.3f}  retrieve {r['retrieve']:.2f}  "
-              f"verify {r['verify']:.2f}  " + " ".join(f"{k} {v:.2f}" for k, v in r["by_kind"].items()), flush=True)
+        print(compare.format_row(name, r), flush=True)
     summary = {"date": DATE, "command": command, "n_per_kind": a.n, "policies": results}
     crit = [r for r in read_jsonl(a.critic) if r.get("split") == "critic_test"]
     if crit:

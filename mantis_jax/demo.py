@@ -77,17 +77,25 @@ def load_config(path: str = DEFAULT_CONFIG, *, minutes: float | None = None,
     return config_lib.validate(config)
 
 
+STAGE_SUFFIXES = ("_stage2", "_critic", "_rl")  # the later stages' folders beside the workdir
+
+
 def prepare_workdir(workdir: str, resume: bool) -> None:
-    """Removes a previous demo run in `workdir` unless resuming; refuses to touch a folder that is not a run."""
-    if resume or not os.path.exists(workdir):
+    """Removes a previous demo run in `workdir` and its stage folders (`<workdir>_stage2`, `_critic`, `_rl`: they
+    were trained on the previous LM) unless resuming; refuses to touch a folder that is not a run (and then removes
+    nothing)."""
+    if resume:
         return
-    entries = set(os.listdir(workdir))
-    if not entries:
-        return
-    if not ({os.path.basename(checkpoint_dir(workdir)), TOKENIZER_FILENAME, "metrics.jsonl"} & entries):
-        raise FileExistsError(f"--workdir {workdir!r} exists and holds no training run ({sorted(entries)[:5]}); "
-                              "pass an empty or new folder, e.g. --workdir=runs/demo")
-    shutil.rmtree(workdir)
+    marks = {os.path.basename(checkpoint_dir(workdir)), TOKENIZER_FILENAME, "metrics.jsonl", stage2.STAGE2_FILE}
+    folders = [workdir] + [workdir.rstrip("/") + suffix for suffix in STAGE_SUFFIXES]
+    for folder in folders:
+        entries = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+        if entries and not marks & entries:
+            raise FileExistsError(f"--workdir {workdir!r}: {folder!r} exists and holds no demo run "
+                                  f"({sorted(entries)[:5]}); pass an empty or new folder, e.g. --workdir=runs/demo")
+    for folder in folders:
+        if os.path.isdir(folder) and os.listdir(folder):
+            shutil.rmtree(folder)
 
 
 def _val_printer(out: Printer, t0: float) -> Callable[[int, str, dict], None]:
@@ -188,8 +196,84 @@ def memory_demo(config, workdir: str, tokenizer: Tokenizer, params: Any, *, stag
     return result
 
 
+# the demo's control stage: small enough to take ~2 minutes on 2 cores (the CLIs' defaults train longer)
+CONTROL_OVERRIDES = {"critic.examples": 1000, "critic.engine_episodes": 160, "critic.steps": 300,
+                     "critic.lr": 1e-3, "critic.weight_decay": 0.5, "controller.updates": 30,
+                     "controller.save_every": 10}
+
+
+def control_demo(config, workdir: str, tokenizer: Tokenizer, params: Any, *, encoder_dir: str | None,
+                 control_questions: int, out: Printer = say, overrides: dict | None = None) -> dict[str, Any]:
+    """The critic and the meta-controller on the demo LM: train the critic in `<workdir>_critic` (factworld
+    examples and the engine's own answers), PPO for the controller in `<workdir>_rl`, then the engine answers
+    `control_questions` test questions of each kind (near, far, cross_session, unanswerable) without a critic,
+    always verifying, and under the controller; prints the figures and two traces with each gate's decision and
+    probability. `overrides` (default CONTROL_OVERRIDES) sets the stage's critic.* and controller.* keys."""
+    from mantis_jax.control import compare, reward, train_critic, train_rl  # noqa: PLC0415
+    from mantis_jax.control.controller import Controller  # noqa: PLC0415
+    from mantis_jax.control.critic import Critic  # noqa: PLC0415
+    from mantis_jax.control.episodes import EngineEpisodes  # noqa: PLC0415
+    from mantis_jax.engine.core import Engine  # noqa: PLC0415
+    from mantis_jax.engine.policy import FixedPolicy  # noqa: PLC0415
+    from mantis_jax.memory.train import load_encoder_params  # noqa: PLC0415
+
+    config = ml_collections.ConfigDict(config.to_dict())
+    for key, value in (CONTROL_OVERRIDES if overrides is None else overrides).items():
+        stage2.set_key(config, key, value)
+    config.engine.encoder = os.path.abspath(encoder_dir) if encoder_dir else ""
+    critic_dir, rl_dir = workdir.rstrip("/") + "_critic", workdir.rstrip("/") + "_rl"
+    lm = (config, tokenizer, params)
+    t0 = time.monotonic()
+    out(f"\n== the critic: a head on the frozen LM, trained on factworld and the engine's own answers, in "
+        f"{critic_dir} ==")
+    summary = train_critic.train(config, workdir, critic_dir, lm=lm)
+    test = summary["test"]
+    out(f"{summary['step']} steps in {(time.monotonic() - t0) / 60:.1f} min; test split: AUROC {test['auroc']:.3f}, "
+        f"ECE {test['ece']:.3f}; abstain below P(supported) {summary['threshold']:.3f} (chosen on val)")
+    critic = Critic.from_workdir(critic_dir, lm=lm)
+    encoder = load_encoder_params(encoder_dir) if encoder_dir else None
+    engine = Engine(config, params, tokenizer, critic=critic, encoder_params=encoder)
+    env = EngineEpisodes(engine, "train", distance=config.controller.distance)
+    t1 = time.monotonic()
+    out(f"\n== Stage 3: PPO for the meta-controller ({config.controller.updates} updates of "
+        f"{config.controller.episodes} episodes) in {rl_dir} ==")
+    rl = train_rl.train(config, rl_dir, env, meta={"checkpoint": os.path.abspath(workdir),
+                                                     "critic": os.path.abspath(critic_dir)})
+    hist = rl["history"]
+    out(f"{rl['updates']} updates in {(time.monotonic() - t1) / 60:.1f} min, {rl['episodes_per_s']:.1f} "
+        f"episodes/s; reward {hist[0]['reward']:.3f} -> {hist[-1]['reward']:.3f}" if hist else
+        f"{rl['updates']} updates (resumed: nothing left to run)")
+    env.split = "test"
+    weights = reward.Weights.from_config(config)
+    indices = list(range(4 * control_questions))
+    controller = Controller.from_workdir(rl_dir)
+    policies = {"no critic (always retrieve)": FixedPolicy("always", 1.0, False),
+                "critic (always retrieve + verify)": FixedPolicy("always", 1.0, True),
+                "PPO controller": controller}
+    out(f"\n== {len(indices)} test questions ({control_questions} of each kind) under three policies ==")
+    results = {}
+    for name, policy in policies.items():
+        results[name] = compare.evaluate(env, policy, indices, weights)
+        out(compare.format_row(name, results[name], width=34))
+    # two traces under the controller: an unanswerable question (the critic's verdict) and a far one
+    for index, what in ((3, "an unanswerable question"), (1, "a far question")):
+        ep = env.run(index, controller)
+        out(f"\n{what} under the controller: Q: {ep.info['trace'].question}   expected {ep.info['expected']!r}, "
+            f"candidate {ep.info['candidate']!r}, answer {ep.info['answer']!r}")
+        out("trace:\n" + "\n".join("  " + line for line in ep.info["trace"].format().split("\n")))
+    engine.close()
+    base, verified = results["no critic (always retrieve)"], results["critic (always retrieve + verify)"]
+    out(f"\nthe critic: hallucination {base['hallucinated']:.1%} -> {verified['hallucinated']:.1%}, accuracy "
+        f"{base['accuracy']:.1%} -> {verified['accuracy']:.1%}; the controller: accuracy "
+        f"{results['PPO controller']['accuracy']:.1%} at compute {results['PPO controller']['compute']:.2f} of the "
+        f"full path (always verify: {verified['compute']:.2f})")
+    return {"control": results, "critic_test": {k: test[k] for k in ("auroc", "ece", "threshold")},
+            "control_minutes": (time.monotonic() - t0) / 60}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, n_questions: int = 50, resume: bool = False,
-        out: Printer = say, stage2_minutes: float = 3.0, far_questions: int = 20) -> dict[str, Any]:
+        out: Printer = say, stage2_minutes: float = 3.0, far_questions: int = 20,
+        control_questions: int = 12, control_overrides: dict | None = None) -> dict[str, Any]:
     """Trains `config` in `workdir`, then evaluates; returns the training summary's figures and the QA metrics."""
     if n_questions < 3:
         raise ValueError(f"--questions ({n_questions}) must be >= 3")
@@ -213,6 +297,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, n_questions: int = 5
     result = evaluate(config, tokenizer, params, n_questions, out)
     result.update(memory_demo(config, workdir, tokenizer, params, stage2_minutes=stage2_minutes,
                               far_questions=far_questions, out=out))
+    if control_questions > 0:
+        encoder_dir = workdir.rstrip("/") + "_stage2" if stage2_minutes > 0 else None
+        result.update(control_demo(config, workdir, tokenizer, params, encoder_dir=encoder_dir,
+                                   control_questions=control_questions, out=out, overrides=control_overrides))
     result.update(step=summary["step"], stopped=summary["stopped"], train_minutes=train_min,
                   tokens_per_s=tps, total_minutes=(time.monotonic() - t0) / 60)
     out(f"demo finished in {result['total_minutes']:.1f} min")
@@ -230,6 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stage2_minutes", type=float, default=3.0,
                    help="Stage-2 (retrieval encoder) budget in minutes; 0 = the untrained mean-pooled encoder")
     p.add_argument("--far_questions", type=int, default=20, help="far questions answered by the engine")
+    p.add_argument("--control_questions", type=int, default=12,
+                   help="test questions of each kind for the critic and controller stage (0 = skip the stage)")
     p.add_argument("--seed", type=int, default=None,
                    help="initialisation and data-order seed (default: the preset's); the test questions stay the same")
     a = p.parse_args(argv)
@@ -239,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     run(config, a.workdir, n_questions=a.questions, resume=a.resume, stage2_minutes=a.stage2_minutes,
-        far_questions=a.far_questions)
+        far_questions=a.far_questions, control_questions=a.control_questions)
 
 
 if __name__ == "__main__":

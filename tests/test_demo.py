@@ -9,6 +9,7 @@ import pytest
 
 from mantis_jax import demo
 from mantis_jax.config import set_shape
+from mantis_jax.control import store
 from mantis_jax.data import factworld
 from mantis_jax.data.tokenizer import Tokenizer
 from mantis_jax.model.args import ModelArgs
@@ -46,8 +47,13 @@ def demo_run(tmp_path_factory):
     os.makedirs(workdir)
     with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:  # a stale earlier run: must be cleared
         f.write("{}\n")
+    for suffix in ("_critic", "_rl"):  # stale stage folders of an earlier run: must be cleared too
+        os.makedirs(workdir + suffix)
+        open(os.path.join(workdir + suffix, "metrics.jsonl"), "w").close()
+    control = {"critic.examples": 32, "critic.engine_episodes": 8, "critic.steps": 4, "critic.save_every": 2,
+               "controller.updates": 2, "controller.episodes": 4, "controller.save_every": 1}
     result = demo.run(config, workdir, n_questions=N_QUESTIONS, out=lines.append, stage2_minutes=5.0,
-                      far_questions=2)
+                      far_questions=2, control_questions=1, control_overrides=control)
     return config, workdir, result, lines
 
 
@@ -69,6 +75,18 @@ def test_demo_prints_accuracies_and_checkpoints(demo_run):
     trace = result["far_trace"]
     assert sum(trace["memory"].values()) > 0 and all(h["text"] in trace["prompt"] for h in trace["retrieved"])
     assert result["far_n"] == 2 and 0.0 <= result["far_engine_em"] <= 1.0
+    # the control stage: critic and PPO in their folders (fresh: the stale ones were cleared), three policies on
+    # the same 4 test questions, and the controller's traces with each gate's decision and probability
+    assert store.steps(workdir + "_critic") == [2, 4] and store.steps(workdir + "_rl") == [1, 2]
+    control = result["control"]
+    assert set(control) == {"no critic (always retrieve)", "critic (always retrieve + verify)", "PPO controller"}
+    assert control["no critic (always retrieve)"]["verify"] == 0.0
+    assert control["critic (always retrieve + verify)"]["verify"] == 1.0
+    for name, r in control.items():
+        assert f"{name:34s} acc {r['accuracy']:.3f}  halluc {r['hallucinated']:.3f}" in text
+    gates = [line for line in lines if "decisions: episodic=" in line]
+    assert len(gates) == 1 + 2 and all("(p: episodic" in g for g in gates[1:])  # far demo + two controller traces
+    assert "the critic: hallucination" in text
     # the run learns: its validation loss falls between the two evaluations of these 4 steps
     val = [m["val_loss"] for m in read_jsonl(workdir, "val")]
     assert len(val) == 2 and val[-1] < val[0]
@@ -108,7 +126,7 @@ def test_bad_input_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="--config"):
         demo.load_config(str(tmp_path / "missing.py"))
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="holds no training run"):
+    with pytest.raises(FileExistsError, match="holds no demo run"):
         demo.prepare_workdir(str(tmp_path), resume=False)
     assert (tmp_path / "notes.txt").exists()
 

@@ -274,7 +274,8 @@ class Critic:
         encoded = [encode(self.tokenizer, q, a, ev, self.window) for q, a, ev in items]
         feats = features(self.args, self.lm_params, *map(jnp.asarray, batch_arrays(encoded, self.window,
                                                                                   self.tokenizer.pad_id)))
-        feats = {**feats, "ground": jnp.asarray(grounding_batch(items, self.grounding))}
+        # to the host: the LM's params may be sharded over a mesh (the demo's), the head's sit on one device
+        feats = {**jax.tree.map(np.asarray, feats), "ground": grounding_batch(items, self.grounding)}
         return head_probs(self.d_hidden, self.head_params, feats, self.calibration)
 
     def score(self, question: str, answer: str, evidence: list[str]) -> float:

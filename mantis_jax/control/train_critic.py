@@ -293,7 +293,7 @@ def train(config: ml_collections.ConfigDict, checkpoint: str, workdir: str, *, l
 def main(argv: list[str] | None = None) -> dict:
     import argparse  # noqa: PLC0415
 
-    from mantis_jax.memory.train import Stage2Error  # noqa: PLC0415
+    from mantis_jax.memory.train import Stage2Error, load_encoder_params  # noqa: PLC0415
 
     argv = sys.argv[1:] if argv is None else argv
     pre = argparse.ArgumentParser(add_help=False)
@@ -305,6 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
         saved_config, tokenizer, lm_params = load_for_inference(args.checkpoint)
         config = store.control_config(saved_config, overrides)
         if known.stage2:
+            load_encoder_params(known.stage2)  # a missing or foreign encoder fails here, before any work
             config.engine.encoder = os.path.abspath(known.stage2)
         summary = train(config, args.checkpoint, args.workdir, lm=(config, tokenizer, lm_params))
     except (CheckpointError, store.ControlCheckpointError, ConfigError, Stage2Error) as e:

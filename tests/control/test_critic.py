@@ -146,6 +146,15 @@ def test_a_cache_without_texts_is_one_error(critic_runs, lm_workdir, tmp_path, c
     assert sorted(os.listdir(tmp_path)) == ["critic_data.npz"]  # nothing else written, the cache kept
 
 
+def test_stage2_without_an_encoder_is_one_error(lm_workdir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_critic.main([f"--checkpoint={lm_workdir}", f"--workdir={tmp_path / 'c'}",
+                           f"--stage2={tmp_path / 'missing'}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "holds no Stage-2 encoder weights" in err and "mantis_jax.memory.train" in err
+    assert not (tmp_path / "c").exists()
+
+
 def test_examples_cover_every_kind():
     ex = critic_data.examples(fw.World(0, 60), "train", 64, answer_fn=lambda recs: ["Brisk"] * len(recs))
     kinds = {e["kind"] for e in ex}
