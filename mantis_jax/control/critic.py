@@ -36,6 +36,7 @@ from mantis_jax.model.args import ModelArgs
 from mantis_jax.model.summary import flops_per_token
 
 N_LM_FEATURES = 4
+BUCKET = 64  # the engine's critic pads a call to a multiple of this (at most its window): one compile per bucket
 N_GROUND_FEATURES = 2
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 _TOKEN = re.compile(r"[A-Za-z0-9]+")
@@ -45,6 +46,11 @@ def window(config) -> int:
     """Tokens the critic reads: config.critic.window, at most the window the LM trained on (data.seq_len; its
     hidden states past that length are out of distribution)."""
     return int(min(config.critic.window, config.data.seq_len, config.model.max_seq_len))
+
+
+def bucket_length(n_tokens: int, window: int) -> int:
+    """The padded length of a critic call over `n_tokens`: the next multiple of BUCKET, at most `window`."""
+    return int(min(window, max(BUCKET, -(-n_tokens // BUCKET) * BUCKET)))
 
 
 def prompt_text(question: str, evidence: list[str]) -> str:
@@ -272,7 +278,9 @@ class Critic:
 
     def score_many(self, items: list[tuple[str, str, list[str]]]) -> np.ndarray:
         encoded = [encode(self.tokenizer, q, a, ev, self.window) for q, a, ev in items]
-        feats = features(self.args, self.lm_params, *map(jnp.asarray, batch_arrays(encoded, self.window,
+        # padded to the bucket of the longest input, not the whole window: features never read the padding
+        length = bucket_length(max(len(ids) for ids, _ in encoded), self.window)
+        feats = features(self.args, self.lm_params, *map(jnp.asarray, batch_arrays(encoded, length,
                                                                                   self.tokenizer.pad_id)))
         # to the host: the LM's params may be sharded over a mesh (the demo's), the head's sit on one device
         feats = {**jax.tree.map(np.asarray, feats), "ground": grounding_batch(items, self.grounding)}
@@ -282,10 +290,13 @@ class Critic:
         return float(self.score_many([(question, answer, evidence)])[0])
 
     def flops(self, question: str = "", answer: str = "", evidence: list[str] | None = None) -> float:
-        """FLOPs of one call: a forward pass of the LM over the padded window, whatever the text (the head is
-        negligible)."""
-        del question, answer, evidence
-        return flops_per_token(self.args, self.window, training=False)["active"] * self.window
+        """FLOPs of one call on this input: a forward pass of the LM over its padded length (`bucket_length` of
+        the encoded text; the whole window when no text is given); the head is negligible."""
+        length = self.window
+        if question or answer or evidence:
+            ids, _ = encode(self.tokenizer, question, answer, evidence or [], self.window)
+            length = bucket_length(len(ids), self.window)
+        return flops_per_token(self.args, length, training=False)["active"] * length
 
 
 def _head_shapes(config) -> dict:

@@ -1,6 +1,7 @@
 """The critic: its loss falls on a tiny separable set; inputs are truncated to its window with padding masked;
 `python -m mantis_jax.control.train_critic` trains, checkpoints and resumes exactly on a tiny LM; metrics."""
 
+import dataclasses
 import json
 import os
 
@@ -14,6 +15,7 @@ from mantis_jax.control import critic as critic_lib
 from mantis_jax.control import critic_data, store, train_critic
 from mantis_jax.data import factworld as fw
 from mantis_jax.model.args import ModelArgs
+from mantis_jax.model.summary import flops_per_token
 
 def test_loss_falls_on_a_tiny_separable_set():
     """Labels are the sign of one feature direction: the head must drive the loss well down."""
@@ -219,6 +221,23 @@ def test_critic_scores_like_the_batched_features(critic_runs, lm):
     assert critic.calibration == pytest.approx(tuple(critic_runs[2]["calibration"])) != (1.0, 0.0)
     assert critic.score(q, ans, ev) == pytest.approx(expect, rel=1e-4)
     assert critic.threshold == pytest.approx(critic_runs[2]["threshold"]) and critic.flops() > 0
+
+
+def test_a_call_is_padded_to_its_bucket_not_the_window(critic_runs, lm):
+    """The engine's critic pads a call to the next multiple of 64 tokens: the score does not depend on it (a short
+    input alone = beside a long one) and the FLOPs are those of the bucket, by hand."""
+    critic = dataclasses.replace(critic_lib.Critic.from_workdir(critic_runs[0], lm=lm), window=128)
+    short = ("How old is Bo?", "54", ["Bo is 54 years old."])
+    long = ("Where does Al live?", "Brisk", ["Al lives in Brisk. Al owns a kite. " * 8])
+    n_short = len(critic_lib.encode(critic.tokenizer, *short, 128)[0])
+    n_long = len(critic_lib.encode(critic.tokenizer, *long, 128)[0])
+    assert n_short <= 64 < n_long <= 128
+    alone, both = critic.score_many([short]), critic.score_many([short, long])
+    np.testing.assert_allclose(alone[0], both[0], rtol=1e-4)
+    fpt = lambda n: flops_per_token(critic.args, n, training=False)["active"] * n  # noqa: E731
+    assert critic.flops(*short) == pytest.approx(fpt(64)) and critic.flops(*long) == pytest.approx(fpt(128))
+    assert critic.flops() == pytest.approx(fpt(128))  # no text: the whole window
+    assert [critic_lib.bucket_length(n, 128) for n in (1, 64, 65, 128, 300)] == [64, 64, 128, 128, 128]
 
 
 def test_missing_critic_names_the_command(tmp_path):

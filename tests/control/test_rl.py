@@ -15,6 +15,7 @@ from mantis_jax.control import critic as critic_lib
 from mantis_jax.control import episodes, reward, store, train_rl
 from mantis_jax.engine.core import Engine
 from mantis_jax.engine.policy import FixedPolicy, StateSummary
+from mantis_jax.model.summary import flops_per_token
 
 
 class Synthetic:
@@ -90,6 +91,7 @@ class Counting:
         return self.critic.score(*a)
 
     def flops(self, *a):
+        self.flops_args = a
         return self.critic.flops(*a)
 
 
@@ -121,10 +123,15 @@ def test_never_verify_makes_no_critic_call(engine_env):
     ep2 = env.run(0, _gated(spec, verify=True))
     tr2 = ep2.info["trace"]
     assert critic.calls == 1 and tr2.critic_score is not None
-    assert tr2.flops["critic"] == pytest.approx(critic.critic.flops()) and tr2.flops_total > tr.flops_total
+    # the call's FLOPs: a forward over its input padded to the next multiple of 64 tokens (at most the window)
+    ids, _ = critic_lib.encode(critic.critic.tokenizer, tr2.question, tr2.candidate, [tr2.prompt.rsplit("\nQ:", 1)[0].strip()],
+                               critic.critic.window)
+    length = min(critic.critic.window, -(-len(ids) // 64) * 64)
+    by_hand = flops_per_token(critic.critic.args, length, training=False)["active"] * length
+    assert tr2.flops["critic"] == pytest.approx(by_hand) and tr2.flops_total > tr.flops_total
     assert ep2.outcome.latency > ep.outcome.latency and ep2.outcome.compute > ep.outcome.compute
     assert tr.flops_full == tr2.flops_full >= tr2.flops_total  # the full path has a critic call either way
-    assert tr.flops_full - tr.flops_total == pytest.approx(tr2.flops_full - tr2.flops_total + critic.critic.flops())
+    assert tr.flops_full - tr.flops_total == pytest.approx(tr2.flops_full - tr2.flops_total + tr2.flops["critic"])
     assert ep2.outcome.confidence == pytest.approx(tr2.critic_score)
     fixed = env.run(1, FixedPolicy(retrieve="never", verify=False))
     assert fixed.info["trace"].retrieved == [] and critic.calls == 1
