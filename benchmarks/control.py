@@ -49,7 +49,9 @@ def plot(results: dict, path: str, command: str) -> None:
         learned = name.startswith("PPO")
         ax.scatter(r["compute"], r["accuracy"], marker="*" if learned else "o", s=160 if learned else 60,
                    color="crimson" if learned else "steelblue")
-        ax.annotate(name, (r["compute"], r["accuracy"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        # the controller's label below its star: it often sits on a fixed policy's point
+        ax.annotate(name, (r["compute"], r["accuracy"]), textcoords="offset points",
+                    xytext=(-60, -16) if learned else (6, 4), fontsize=8, color="crimson" if learned else "black")
     fixed = sorted((r["compute"], r["accuracy"]) for n, r in results.items() if not n.startswith("PPO"))
     front, best = [], -1.0
     for c, a in fixed:
@@ -57,6 +59,7 @@ def plot(results: dict, path: str, command: str) -> None:
             front.append((c, a))
             best = a
     ax.plot(*zip(*front), color="steelblue", alpha=0.4, linestyle="--", label="front of the fixed policies")
+    ax.margins(x=0.15, y=0.08)
     ax.set_xlabel("compute (FLOPs / full path)")
     ax.set_ylabel("accuracy (exact match)")
     ax.set_title(f"accuracy vs compute, factworld test, {DATE}", fontsize=10)

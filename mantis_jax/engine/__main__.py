@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import TextIO
+from typing import Callable, TextIO
 
 from mantis_jax import cli
 
@@ -65,10 +65,17 @@ def interactive(engine: Engine, inp: TextIO, out: TextIO) -> None:
         out.flush()
 
 
-def main(argv: list[str] | None = None, inp: TextIO | None = None, out: TextIO | None = None) -> None:
+def main(argv: list[str] | None = None, inp: TextIO | None = None, out: TextIO | None = None, *,
+         prog: str = "python -m mantis_jax.engine", description: str | None = None,
+         add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+         build: Callable[[argparse.Namespace, dict], Engine] | None = None,
+         errors: tuple[type[Exception], ...] = ()) -> None:
+    """The CLI. A layer above the engine (control/__main__.py: the critic and the controller) reuses it with
+    `add_arguments` (its flags), `build(flags, config overrides) -> Engine` (default: `Engine.from_workdir` of
+    --checkpoint and --stage2) and `errors` (its exceptions, reported as one line like the engine's)."""
     argv = sys.argv[1:] if argv is None else argv
     inp, out = inp or sys.stdin, out or sys.stdout
-    p = argparse.ArgumentParser(prog="python -m mantis_jax.engine", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=prog, description=description or __doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="Stage-1 workdir")
     p.add_argument("--stage2", default=None, help="Stage-2 workdir (trained retrieval encoder)")
     p.add_argument("--context_file", default=None, help="text to read before answering")
@@ -77,6 +84,8 @@ def main(argv: list[str] | None = None, inp: TextIO | None = None, out: TextIO |
     p.add_argument("--json", action="store_true", help="one-shot: print the answer and trace as JSON")
     p.add_argument("--decoding_policy", default=None, help="decoding-policy workdir (python -m mantis_jax.control."
                    "train_decoding): sample with its knobs (= --config.engine.decoding=tidal + decoding_policy)")
+    if add_arguments is not None:
+        add_arguments(p)
     engine = None
     try:
         rest, overrides = parse_overrides(argv)
@@ -86,7 +95,10 @@ def main(argv: list[str] | None = None, inp: TextIO | None = None, out: TextIO |
         if a.decoding_policy is not None:
             overrides = {**overrides, "engine.decoding": "tidal", "engine.decoding_policy": a.decoding_policy}
         context = read_context_file(a.context_file) if a.context_file else None
-        engine = Engine.from_workdir(a.checkpoint, stage2=a.stage2, overrides=overrides)
+        if build is None:
+            engine = Engine.from_workdir(a.checkpoint, stage2=a.stage2, overrides=overrides)
+        else:
+            engine = build(a, overrides)
         if context is not None:
             engine.read(context)
         if a.interactive:
@@ -97,7 +109,7 @@ def main(argv: list[str] | None = None, inp: TextIO | None = None, out: TextIO |
             out.write(json.dumps(answer.to_dict(), indent=1) + "\n")
         else:
             out.write(f"answer: {answer.text}\n{answer.trace.format()}\n")
-    except ERRORS as e:
+    except ERRORS + errors as e:
         cli.fail(e)
     finally:
         if engine is not None:

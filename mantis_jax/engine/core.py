@@ -100,12 +100,13 @@ class Engine:
     @classmethod
     def from_workdir(cls, workdir: str, *, policy=None, critic=None, stage2: str | None = None,
                      overrides: dict | None = None, memory: Memory | None = None,
-                     decoder: decoding.DecodingHead | None = None) -> "Engine":
+                     decoder: decoding.DecodingHead | None = None, lm: tuple | None = None) -> "Engine":
         """An engine from a Stage-1 workdir (its best checkpoint); `stage2` (default `engine.encoder`) names the
-        Stage-2 workdir whose trained retrieval encoder to use."""
+        Stage-2 workdir whose trained retrieval encoder to use; `lm` = what `load_for_inference(workdir)`
+        returned, when the caller already loaded it (a critic on the same LM)."""
         from mantis_jax.train.checkpoint import load_for_inference  # noqa: PLC0415
 
-        saved, tokenizer, params = load_for_inference(workdir)
+        saved, tokenizer, params = lm if lm is not None else load_for_inference(workdir)
         config = complete_config(saved)
         for key, value in (overrides or {}).items():
             set_key(config, key, value)

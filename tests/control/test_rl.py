@@ -1,6 +1,7 @@
 """Stage 3: PPO through `train_rl.train` learns a retrieval-only reward and resumes exactly; the controller's gates
 change what the engine runs (a never-verify policy makes no critic call); the CLI on a tiny engine."""
 
+import io
 import json
 import os
 
@@ -12,10 +13,12 @@ import pytest
 from mantis_jax.config import default_config, set_shape, validate
 from mantis_jax.control import controller as ctl
 from mantis_jax.control import critic as critic_lib
+from mantis_jax.control import __main__ as control_cli
 from mantis_jax.control import episodes, reward, store, train_rl
 from mantis_jax.engine.core import Engine
 from mantis_jax.engine.policy import FixedPolicy, StateSummary
 from mantis_jax.model.summary import flops_per_token
+from mantis_jax.train.checkpoint import load_for_inference
 
 
 class Synthetic:
@@ -148,6 +151,40 @@ def test_cli_runs_ppo_on_the_engine(lm_workdir, critic_runs, engine_env, tmp_pat
     assert summary["episodes_per_s"] > 0 and -1.0 <= summary["history"][0]["reward"] <= 1.5
     meta = store.read_json(w, store.CONTROLLER_COMMAND)[2]
     assert meta["critic"] == os.path.abspath(critic_runs[0])
+    # the user's entry point: `python -m mantis_jax.control` answers like the engine built by hand with the same
+    # critic and controller, and its trace shows each gate's decision and probability
+    context = tmp_path / "story.txt"
+    context.write_text("Bo is 54 years old. Bo lives in Brisk. The road to the mill was cold.")
+    out = io.StringIO()
+    control_cli.main([f"--checkpoint={lm_workdir}", f"--critic={critic_runs[0]}", f"--controller={w}",
+                      f"--context_file={context}", "--question=How old is Bo?", "--json"], out=out)
+    got = json.loads(out.getvalue())
+    config, tokenizer, params = load_for_inference(lm_workdir)
+    engine = Engine(store.control_config(config, []), params, tokenizer, policy=ctl.Controller.from_workdir(w),
+                    critic=critic_lib.Critic.from_workdir(critic_runs[0]))
+    engine.read(context.read_text())
+    ref = engine.answer("How old is Bo?")
+    assert got["text"] == ref.text and got["trace"]["candidate"] == ref.trace.candidate
+    dec = got["trace"]["decisions"]
+    assert {k: dec[k] for k in ("episodic", "semantic", "verify", "exit_threshold")} == {
+        k: ref.trace.decisions[k] for k in ("episodic", "semantic", "verify", "exit_threshold")}
+    assert set(dec["probs"]) >= {"episodic", "semantic", "verify"}
+    assert dec["probs"] == pytest.approx(ref.trace.decisions["probs"], rel=1e-5)
+    if dec["verify"]:
+        assert got["trace"]["critic_score"] == pytest.approx(ref.trace.critic_score, rel=1e-4)
+
+
+def test_control_cli_refuses_a_critic_of_another_lm(lm_workdir, critic_runs, tmp_path, capsys):
+    lm_config = load_for_inference(lm_workdir)[0]
+    other = store.read_json(critic_runs[0], store.CRITIC_COMMAND)[1]
+    other.model.d_model = lm_config.model.d_model * 2
+    with pytest.raises(store.ControlCheckpointError, match=r"model.d_model 64 vs 32.*train_critic --checkpoint=L"):
+        control_cli.check_same_lm("critic", "C", other, lm_config, "python -m mantis_jax.control.train_critic "
+                                  "--checkpoint=L --workdir=NEW_DIR")
+    control_cli.check_same_lm("critic", "C", store.read_json(critic_runs[0], store.CRITIC_COMMAND)[1], lm_config, "")
+    with pytest.raises(SystemExit) as e:  # a controller folder that holds none: one line naming the command
+        control_cli.main([f"--checkpoint={lm_workdir}", f"--controller={tmp_path}", "--question=How old is Bo?"])
+    assert e.value.code == 2 and "python -m mantis_jax.control.train_rl" in capsys.readouterr().err
 
 
 def test_cli_without_critic_names_the_command(lm_workdir, tmp_path, capsys):
