@@ -1,7 +1,7 @@
 """`make demo`: train the micro model on factworld under a wall-clock budget, then generate and answer questions.
 
     python -m mantis_jax.demo [--minutes=14] [--workdir=runs/demo] [--questions=50] [--config=configs/demo.py]
-                              [--stage2_minutes=3] [--far_questions=20]
+                              [--stage2_minutes=3] [--far_questions=20] [--control_questions=12] [--seed=S]
 
 What goes in: the `configs/demo.py` preset (the micro shape, a 1024-token BPE, QA-dense documents, answer tokens
 weighted in the loss; see docs/perf/demo.md for why). What happens: `train.trainer.train` runs with its progress
@@ -15,9 +15,14 @@ Stage 2 trains the retrieval encoder for `--stage2_minutes` in `<workdir>_stage2
 untrained encoder), the engine reads a long test document (a far question's context: the evidence is
 FAR_DISTANCE tokens before the question, far outside the window), answers from memory and prints its trace,
 beside the attention-only answer; then EM over `--far_questions` such questions, attention-only vs engine.
-`run()` returns every figure as a dict.
+Then the deciders (`control_demo`, ~1.5 min): the critic trains in `<workdir>_critic` on factworld examples and
+the engine's own answers, PPO trains the meta-controller in `<workdir>_rl`, and `--control_questions` test
+questions of each kind (near, far, cross_session, unanswerable) are answered without a critic, always verifying,
+and under the controller (accuracy, hallucination, compute), with two of the controller's traces (each gate's
+decision and probability, the critic's verdict). `run()` returns every figure as a dict.
 
-`--workdir` is started afresh (a previous demo run there is removed) unless `--resume` is given.
+`--workdir` and its stage folders are started afresh (a previous demo run there is removed) unless `--resume`
+is given.
 """
 
 from __future__ import annotations
