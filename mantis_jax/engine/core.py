@@ -75,8 +75,8 @@ class Engine:
         self.critic = critic
         if config.engine.verify and critic is None:
             raise ValueError(f"config.engine.verify is set but the engine has no critic; train one with "
-                             f"`{TRAIN_CRITIC}` and pass it (Engine(..., critic=...)), or set "
-                             "--config.engine.verify=False")
+                             f"`{TRAIN_CRITIC}` and pass it (Engine(..., critic=...), or --critic=DIR to "
+                             "`python -m mantis_jax.control`), or set --config.engine.verify=False")
         if decoder is None and config.engine.decoding == "tidal":
             decoder = decoding.load(config.engine.decoding_policy)
         self.decoder = None if decoder is None else decoder.check(self.args.d_model, self.args.vocab_size)
