@@ -201,8 +201,9 @@ def memory_demo(config, workdir: str, tokenizer: Tokenizer, params: Any, *, stag
     return result
 
 
-# the demo's control stage: small enough to take ~2 minutes on 2 cores (the CLIs' defaults train longer)
-CONTROL_OVERRIDES = {"critic.examples": 1000, "critic.engine_episodes": 160, "critic.steps": 300,
+# the demo's control stage (~2 minutes on 2 idle cores): the critic as in docs/perf/control.md with 320 engine
+# answers (160 on val choose the threshold), 30 PPO updates (the reward plateaus after ~15)
+CONTROL_OVERRIDES = {"critic.examples": 2000, "critic.engine_episodes": 320, "critic.steps": 600,
                      "critic.lr": 1e-3, "critic.weight_decay": 0.5, "controller.updates": 30,
                      "controller.save_every": 10}
 
