@@ -125,17 +125,16 @@ def _dataset(config, tokenizer, lm_params, workdir: str) -> dict[str, dict]:
     if os.path.exists(path):
         raw = np.load(path, allow_pickle=False)
         if "train/question" not in raw.files:
-            raise store.ControlCheckpointError(f"{path} was written before the critic read text features (it holds no texts): "
-                              "delete it (the examples are recomputed) or train in a new --workdir")
-        data = {}
-        for s in splits:
-            group = {"feats": {k: raw[f"{s}/{k}"] for k in FEATURE_KEYS},
-                     "texts": {k: raw[f"{s}/{k}"] for k in TEXT_KEYS},
-                     **{k: raw[f"{s}/{k}"] for k in ARRAY_KEYS},
-                     "engine": {"feats": {k: raw[f"{s}/engine/{k}"] for k in FEATURE_KEYS},
-                                "texts": {k: raw[f"{s}/engine/{k}"] for k in TEXT_KEYS},
-                                **{k: raw[f"{s}/engine/{k}"] for k in ENGINE_KEYS}}}
-            data[s] = group
+            raise store.ControlCheckpointError(
+                f"{path} was written before the critic read text features (it holds no texts): delete it (the "
+                "examples are recomputed) or train in a new --workdir")
+        data = {s: {"feats": {k: raw[f"{s}/{k}"] for k in FEATURE_KEYS},
+                    "texts": {k: raw[f"{s}/{k}"] for k in TEXT_KEYS},
+                    **{k: raw[f"{s}/{k}"] for k in ARRAY_KEYS},
+                    "engine": {"feats": {k: raw[f"{s}/engine/{k}"] for k in FEATURE_KEYS},
+                               "texts": {k: raw[f"{s}/engine/{k}"] for k in TEXT_KEYS},
+                               **{k: raw[f"{s}/engine/{k}"] for k in ENGINE_KEYS}}}
+                for s in splits}
         return _with_grounding(data, bool(cr.grounding))
     world = factworld.world_from_config(config)
     answer_fn = _answer_fn(config, tokenizer, lm_params)

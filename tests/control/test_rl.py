@@ -127,8 +127,8 @@ def test_never_verify_makes_no_critic_call(engine_env):
     tr2 = ep2.info["trace"]
     assert critic.calls == 1 and tr2.critic_score is not None
     # the call's FLOPs: a forward over its input padded to the next multiple of 64 tokens (at most the window)
-    ids, _ = critic_lib.encode(critic.critic.tokenizer, tr2.question, tr2.candidate, [tr2.prompt.rsplit("\nQ:", 1)[0].strip()],
-                               critic.critic.window)
+    evidence = [tr2.prompt.rsplit("\nQ:", 1)[0].strip()]
+    ids, _ = critic_lib.encode(critic.critic.tokenizer, tr2.question, tr2.candidate, evidence, critic.critic.window)
     length = min(critic.critic.window, -(-len(ids) // 64) * 64)
     by_hand = flops_per_token(critic.critic.args, length, training=False)["active"] * length
     assert tr2.flops["critic"] == pytest.approx(by_hand) and tr2.flops_total > tr.flops_total
