@@ -50,8 +50,8 @@ def demo_run(tmp_path_factory):
     for suffix in ("_critic", "_rl"):  # stale stage folders of an earlier run: must be cleared too
         os.makedirs(workdir + suffix)
         open(os.path.join(workdir + suffix, "metrics.jsonl"), "w").close()
-    control = {"critic.examples": 32, "critic.engine_episodes": 8, "critic.steps": 4, "critic.save_every": 2,
-               "controller.updates": 2, "controller.episodes": 4, "controller.save_every": 1}
+    control = {"critic.examples": 16, "critic.engine_episodes": 4, "critic.steps": 2, "critic.save_every": 1,
+               "controller.updates": 1, "controller.episodes": 4, "controller.save_every": 1}
     result = demo.run(config, workdir, n_questions=N_QUESTIONS, out=lines.append, stage2_minutes=5.0,
                       far_questions=2, control_questions=1, control_overrides=control)
     return config, workdir, result, lines
@@ -77,7 +77,7 @@ def test_demo_prints_accuracies_and_checkpoints(demo_run):
     assert result["far_n"] == 2 and 0.0 <= result["far_engine_em"] <= 1.0
     # the control stage: critic and PPO in their folders (fresh: the stale ones were cleared), three policies on
     # the same 4 test questions, and the controller's traces with each gate's decision and probability
-    assert store.steps(workdir + "_critic") == [2, 4] and store.steps(workdir + "_rl") == [1, 2]
+    assert store.steps(workdir + "_critic") == [1, 2] and store.steps(workdir + "_rl") == [1]
     control = result["control"]
     assert set(control) == {"no critic (always retrieve)", "critic (always retrieve + verify)", "PPO controller"}
     assert control["no critic (always retrieve)"]["verify"] == 0.0
