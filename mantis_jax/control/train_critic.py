@@ -148,16 +148,17 @@ def _dataset(config, tokenizer, lm_params, workdir: str) -> dict[str, dict]:
             env.split = split
             answers = critic_data.engine_answers(env, n_engine)
         items += [a for a in answers if not a["abstained"]]  # "unknown" is no claim to judge
-        feats = lm_features(args, lm_params, tokenizer, items + answers, critic_lib.window(config))
+        feats = lm_features(args, lm_params, tokenizer, items + answers, critic_lib.window(config),
+                            bool(cr.grounding))
         texts = {"question": np.array([e["question"] for e in items + answers]),
                  "answer": np.array([e["answer"] for e in items + answers]),
                  "evidence": np.array([" ".join(e["evidence"]) for e in items + answers])}
-        data[split] = {"feats": {k: feats[k][:len(items)] for k in FEATURE_KEYS},
+        data[split] = {"feats": {k: v[:len(items)] for k, v in feats.items()},
                        "texts": {k: v[:len(items)] for k, v in texts.items()},
                        "labels": np.array([e["label"] for e in items], np.float32),
                        "answerable": np.array([e["answerable"] for e in items], bool),
                        "kinds": np.array([e["kind"] for e in items]),
-                       "engine": {"feats": {k: feats[k][len(items):] for k in FEATURE_KEYS},
+                       "engine": {"feats": {k: v[len(items):] for k, v in feats.items()},
                                   "texts": {k: v[len(items):] for k, v in texts.items()},
                                   "correct": np.array([a["label"] > 0.5 for a in answers], bool),
                                   "answerable": np.array([a["answerable"] for a in answers], bool),
@@ -176,11 +177,12 @@ def _dataset(config, tokenizer, lm_params, workdir: str) -> dict[str, dict]:
     tmp = path + ".tmp.npz"
     np.savez(tmp, **flat)
     os.replace(tmp, path)
-    return _with_grounding(data, bool(cr.grounding))
+    return data
 
 
 def _with_grounding(data: dict, enabled: bool) -> dict:
-    """Adds each group's text features ("ground") from its texts."""
+    """Adds each group's text features ("ground") from its cached texts (a freshly built set has them from
+    `lm_features`)."""
     for split in data.values():
         for group in (split, split["engine"]):
             t = group["texts"]
